@@ -1,0 +1,24 @@
+"""The posterior search engine: exact and approximate top-k by log q(z|x)."""
+
+from latentsearch.engine.approx import ApproxIndex
+from latentsearch.engine.bank import PosteriorBank
+from latentsearch.engine.config import EngineConfig, SearchMode
+from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine
+from latentsearch.engine.exact import ExactIndex
+from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
+from latentsearch.engine.results import Neighbor, SearchResult
+
+__all__ = [
+    "MAX_ABS_COORDINATE",
+    "ApproxIndex",
+    "EngineConfig",
+    "ExactIndex",
+    "Neighbor",
+    "PosteriorBank",
+    "SearchEngine",
+    "SearchMode",
+    "SearchResult",
+    "lift_distributions",
+    "lift_items",
+    "lift_points",
+]

@@ -1,0 +1,80 @@
+"""Typed configuration of the search engine."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal
+
+from latentsearch.errors import InvalidArgumentError
+
+__all__ = ["EngineConfig", "SearchMode"]
+
+SearchMode = Literal["auto", "exact", "approx"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    """Every knob of :class:`~latentsearch.engine.SearchEngine`, with its default.
+
+    FAISS choices are data: the factory strings and the metric are recorded in the saved manifest.
+    """
+
+    # Default search mode. "auto" answers exactly below `approx_min_items` items, approximately above.
+    mode: SearchMode = "auto"
+    # Bank size from which "auto" means "approx" (and from which an approximate index is built).
+    approx_min_items: int = 100_000
+    # Largest k a caller may ask for; k above the bank size simply returns the whole bank.
+    max_k: int = 1000
+    # FAISS factory string of each exact scale group and its metric (lifted inner product).
+    exact_factory: str = "Flat"
+    metric: Literal["inner_product"] = "inner_product"
+    # Exact mode screens k + max(k, exact_extra) float32 candidates per scale group before the
+    # certified float64 rerank; a larger value means fewer fallbacks, more rerank work.
+    exact_extra: int = 16
+    # Items are grouped by the magnitude of their lifted vector (powers of this base) so tiny-sigma
+    # items, whose float32 scores carry large error bounds, do not loosen everyone's bound.
+    scale_group_base: float = 64.0
+    # Approximate mode: number of partitions (None: about 12 * sqrt(N), ~80 items each at 1M).
+    approx_nlist: int | None = None
+    # Partitions scanned per query, best centroid posterior first (None: about 3% of them).
+    approx_nprobe: int | None = None
+    # Candidates from the approximate scan that are reranked exactly in float64.
+    approx_rerank: int = 64
+    # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
+    approx_certify: bool = False
+    # k-means iterations and the training sample size used to build the partitions.
+    kmeans_iters: int = 20
+    kmeans_sample: int = 262_144
+    # Seed for every random choice made while building.
+    seed: int = 0
+    # FAISS / BLAS threads (None: leave the library default, all cores).
+    num_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "exact", "approx"):
+            raise InvalidArgumentError(f"mode must be auto, exact or approx, got {self.mode!r}", field="mode")
+        for name in ("approx_min_items", "max_k", "approx_rerank", "kmeans_iters", "kmeans_sample"):
+            _check_int(self, name, minimum=1)
+        for name in ("approx_nlist", "approx_nprobe"):
+            if getattr(self, name) is not None:
+                _check_int(self, name, minimum=1)
+        _check_int(self, "exact_extra", minimum=0)
+        if not self.scale_group_base > 1.0:
+            raise InvalidArgumentError("scale_group_base must be > 1", field="scale_group_base")
+        if self.metric != "inner_product":
+            raise InvalidArgumentError("only the lifted inner_product metric is supported", field="metric")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EngineConfig:
+        """Rebuild from :meth:`to_dict` output, ignoring keys this version does not know."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _check_int(config: EngineConfig, name: str, *, minimum: int) -> None:
+    value = getattr(config, name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}", field=name)

@@ -1,0 +1,403 @@
+"""The search engine: top-k items by exact log q(z|x) over a bank of diagonal-Gaussian posteriors."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from latentsearch.engine.approx import ApproxIndex
+from latentsearch.engine.bank import PosteriorBank
+from latentsearch.engine.config import EngineConfig, SearchMode
+from latentsearch.engine.exact import ExactIndex, Rescore, Selection, _rescore_padded, _topk
+from latentsearch.engine.lifting import lift_distributions, lift_points
+from latentsearch.engine.results import SearchResult
+from latentsearch.errors import InvalidArgumentError
+from model.posterior import LOG_2PI, DiagonalGaussian
+
+__all__ = ["MAX_ABS_COORDINATE", "SearchEngine"]
+
+log = logging.getLogger(__name__)
+
+# Query coordinates beyond this are rejected: they are no latent point a VAE produces, and their
+# squares would overflow the float32 screening.
+MAX_ABS_COORDINATE = 1e6
+_SELECTION_CACHE = 32
+
+
+class SearchEngine:
+    """Top-k search over a :class:`PosteriorBank` ranked by exact float64 ``log q(z|x)``.
+
+    * ``mode="exact"``: certified float32 screening over scale groups plus float64 rerank; the
+      top-k is identical to the float64 brute force, ties broken by ascending row.
+    * ``mode="approx"``: partitions scanned in order of a rigorous per-partition upper bound on
+      log q(z|x), then an exact float64 rerank (see :mod:`latentsearch.engine.approx`).
+    * ``mode="auto"`` (default): approx when the bank has an approximate index, else exact.
+
+    Build with :meth:`build`; persist with :meth:`save` / :meth:`load`. Searches are thread-safe.
+    """
+
+    def __init__(
+        self,
+        bank: PosteriorBank,
+        config: EngineConfig | None = None,
+        *,
+        exact: ExactIndex | None = None,
+        approx: ApproxIndex | None = None,
+    ) -> None:
+        self.bank = bank
+        self.config = config or EngineConfig()
+        if self.config.num_threads is not None:
+            faiss.omp_set_num_threads(self.config.num_threads)
+        self.exact = exact or ExactIndex.build(
+            bank.mu, bank.log_sigma, base=self.config.scale_group_base, factory=self.config.exact_factory
+        )
+        self.approx = approx
+        self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # -- construction -------------------------------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        mu: Any,
+        *,
+        log_sigma: Any = None,
+        logvar: Any = None,
+        sigma: Any = None,
+        ids: Sequence[Any] | np.ndarray | None = None,
+        labels: Sequence[int] | np.ndarray | None = None,
+        config: EngineConfig | None = None,
+        build_approx: bool | None = None,
+    ) -> SearchEngine:
+        """Validate ``(N, d)`` posteriors and build the indexes.
+
+        Args:
+            mu: ``(N, d)`` means; give exactly one of ``log_sigma``, ``logvar`` or ``sigma`` (N, d).
+            ids: ``(N,)`` unique external ids (strings or integers); default the row number.
+            labels: ``(N,)`` integer labels for filtered search.
+            build_approx: build the approximate index; default when N >= ``config.approx_min_items``
+                or ``config.mode == "approx"``.
+        """
+        config = config or EngineConfig()
+        bank = PosteriorBank.from_arrays(
+            mu, log_sigma=log_sigma, logvar=logvar, sigma=sigma, ids=ids, labels=labels
+        )
+        return cls.from_bank(bank, config, build_approx=build_approx)
+
+    @classmethod
+    def from_bank(
+        cls, bank: PosteriorBank, config: EngineConfig | None = None, *, build_approx: bool | None = None
+    ) -> SearchEngine:
+        config = config or EngineConfig()
+        if build_approx is None:
+            build_approx = len(bank) >= config.approx_min_items or config.mode == "approx"
+        engine = cls(bank, config)
+        if build_approx:
+            engine.approx = ApproxIndex.build(bank.mu, bank.log_sigma, config, groups=engine.exact.groups)
+        return engine
+
+    @classmethod
+    def from_posterior(cls, posterior: DiagonalGaussian, **kwargs: Any) -> SearchEngine:
+        p = posterior.numpy()
+        return cls.build(p.mean, log_sigma=p.log_sigma, **kwargs)
+
+    # -- properties ---------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.bank)
+
+    @property
+    def dim(self) -> int:
+        return self.bank.dim
+
+    def info(self) -> dict[str, Any]:
+        """Counts and parameters, for logs, manifests and the server's Info call."""
+        return {
+            "items": len(self.bank),
+            "latent_dim": self.dim,
+            "has_labels": self.bank.labels is not None,
+            "scale_groups": [len(g) for g in self.exact.groups],
+            "approx": None if self.approx is None else self.approx.info(),
+            "config": self.config.to_dict(),
+            "faiss_version": faiss.__version__,
+        }
+
+    # -- search -------------------------------------------------------------------------------
+    def search(
+        self,
+        z: Any,
+        k: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        labels: Iterable[int] | None = None,
+        nprobe: int | None = None,
+    ) -> SearchResult:
+        """Top-k items for one latent point ``z (d,)``.
+
+        Args:
+            z: ``(d,)`` latent point.
+            k: number of results, 1..``config.max_k`` (above the bank size: the whole bank).
+            mode: "exact", "approx" or "auto" (default ``config.mode``).
+            labels: only items whose label is in this set (inside the search, not after).
+            nprobe: approximate mode only: partitions to scan (default: the index's, ~3% of them).
+        """
+        z_arr = self._check_points(z, "z", single=True)
+        return self._search(z_arr, None, k, mode, labels, nprobe)[0]
+
+    def search_batch(
+        self,
+        z: Any,
+        k: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        labels: Iterable[int] | None = None,
+        nprobe: int | None = None,
+    ) -> list[SearchResult]:
+        """Top-k items for each of B latent points ``z (B, d)``; one result per query, in order."""
+        z_arr = self._check_points(z, "z", single=False)
+        return self._search(z_arr, None, k, mode, labels, nprobe)
+
+    def search_distribution(
+        self,
+        mean: Any,
+        std: Any,
+        k: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        labels: Iterable[int] | None = None,
+        nprobe: int | None = None,
+    ) -> SearchResult:
+        """Top-k items for a query Gaussian ``N(mean, diag(std^2))`` (each ``(d,)``).
+
+        Ranks by ``E_{z ~ N(mean, std^2)} log q(z|x)``, equivalently by smallest
+        ``KL(N(mean, std^2) || q(z|x))``, which the result reports in ``kl`` when std > 0.
+        """
+        m = self._check_points(mean, "mean", single=True)
+        s = self._check_std(std, m.shape)
+        return self._search(m, s, k, mode, labels, nprobe)[0]
+
+    def search_distribution_batch(
+        self,
+        mean: Any,
+        std: Any,
+        k: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        labels: Iterable[int] | None = None,
+        nprobe: int | None = None,
+    ) -> list[SearchResult]:
+        """Batched :meth:`search_distribution`: ``mean`` and ``std`` are ``(B, d)``."""
+        m = self._check_points(mean, "mean", single=False)
+        s = self._check_std(std, m.shape)
+        return self._search(m, s, k, mode, labels, nprobe)
+
+    def brute_force(self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None) -> list[SearchResult]:
+        """Reference float64 scan of the whole bank for ``z (B, d)`` (slow; for checks and benchmarks)."""
+        z_arr = self._check_points(z, "z", single=False)
+        k_eff = self._check_k(k)
+        selection = self._selection(labels)
+        rescore = self._rescorer(z_arr, None)
+        rows, scores = self.exact._brute(
+            np.arange(z_arr.shape[0]), k_eff, rescore, selection, groups=range(len(self.exact.groups))
+        )
+        return [self._result(rows[b], scores[b], "exact", True, None, None) for b in range(z_arr.shape[0])]
+
+    # -- internals ----------------------------------------------------------------------------
+    def _search(
+        self,
+        points: np.ndarray,
+        std: np.ndarray | None,
+        k: int,
+        mode: SearchMode | None,
+        labels: Iterable[int] | None,
+        nprobe: int | None,
+    ) -> list[SearchResult]:
+        k_eff = self._check_k(k)
+        if nprobe is not None and (
+            isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1
+        ):
+            raise InvalidArgumentError(f"nprobe must be a positive integer, got {nprobe!r}", field="nprobe")
+        resolved = self._resolve_mode(mode)
+        selection = self._selection(labels)
+        queries = lift_points(points) if std is None else lift_distributions(points, std)
+        rescore = self._rescorer(points, std)
+        if resolved == "approx":
+            assert self.approx is not None
+            cand, missed = self.approx.candidates(
+                points,
+                std,
+                k=k_eff,
+                rerank=max(self.config.approx_rerank, k_eff),
+                nprobe=self.approx.nprobe if nprobe is None else nprobe,
+                queries=queries,
+                exact_index=self.exact,
+                extra=self.config.exact_extra,
+                rescore=rescore,
+                selection=selection,
+                certify=self.config.approx_certify,
+            )
+            scores = _rescore_padded(rescore, np.arange(points.shape[0]), cand)
+            rows, scores = _topk(cand, scores, k_eff)
+            certified = missed < scores[:, k_eff - 1]
+        else:
+            rows, scores = self.exact.search(
+                queries, k_eff, extra=self.config.exact_extra, rescore=rescore, selection=selection
+            )
+            certified = np.ones(points.shape[0], dtype=bool)
+        entropy = None
+        if std is not None and np.all(std > 0):
+            entropy = np.log(std).sum(axis=1) + 0.5 * self.dim * (1.0 + LOG_2PI)  # (B,)
+        return [
+            self._result(
+                rows[b], scores[b], resolved, bool(certified[b]), None if entropy is None else entropy[b], std
+            )
+            for b in range(points.shape[0])
+        ]
+
+    def _result(
+        self,
+        rows: np.ndarray,
+        scores: np.ndarray,
+        mode: str,
+        certified: bool,
+        entropy: float | None,
+        std: np.ndarray | None,
+    ) -> SearchResult:
+        keep = rows >= 0
+        rows, scores = rows[keep], scores[keep]
+        labels = None if self.bank.labels is None else np.asarray(self.bank.labels[rows], dtype=np.int64)
+        kl = None if entropy is None else -entropy - scores
+        return SearchResult(
+            ids=self.bank.id_of(rows),
+            rows=rows,
+            scores=scores,
+            labels=labels,
+            mode=mode,
+            certified=certified,
+            kl=kl,
+        )
+
+    def _rescorer(self, points: np.ndarray, std: np.ndarray | None) -> Rescore:
+        bank = self.bank
+        if std is None:
+            return lambda qi, rows: bank.log_prob_rows(points[qi], rows)
+        return lambda qi, rows: bank.expected_log_prob_rows(points[qi], std[qi], rows)
+
+    def _resolve_mode(self, mode: SearchMode | None) -> str:
+        mode = mode or self.config.mode
+        if mode not in ("auto", "exact", "approx"):
+            raise InvalidArgumentError(f"mode must be auto, exact or approx, got {mode!r}", field="mode")
+        if mode == "exact" or self.approx is None:
+            return "exact"
+        if mode == "auto" and len(self.bank) < self.config.approx_min_items:
+            return "exact"
+        return "approx"
+
+    def _check_k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise InvalidArgumentError(f"k must be an integer, got {type(k).__name__}", field="k")
+        if k < 1 or k > self.config.max_k:
+            raise InvalidArgumentError(f"k must be in [1, {self.config.max_k}], got {k}", field="k")
+        return int(min(k, len(self.bank)))
+
+    def _check_points(self, value: Any, field: str, *, single: bool) -> np.ndarray:
+        arr = _real_array(value, field)
+        d = self.dim
+        if single:
+            if arr.shape != (d,):
+                raise InvalidArgumentError(f"{field} must have shape ({d},), got {arr.shape}", field=field)
+            arr = arr[None, :]
+        elif arr.ndim != 2 or arr.shape[1] != d or arr.shape[0] < 1:
+            raise InvalidArgumentError(
+                f"{field} must have shape (B, {d}) with B >= 1, got {arr.shape}", field=field
+            )
+        if not np.isfinite(arr).all():
+            raise InvalidArgumentError(f"{field} contains NaN or inf", field=field)
+        if (np.abs(arr) > MAX_ABS_COORDINATE).any():
+            raise InvalidArgumentError(
+                f"{field} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=field
+            )
+        return arr
+
+    def _check_std(self, std: Any, shape: tuple[int, ...]) -> np.ndarray:
+        arr = _real_array(std, "std")
+        if arr.ndim == 1 and shape[0] == 1:
+            arr = arr[None, :]
+        if arr.shape != shape:
+            raise InvalidArgumentError(
+                f"std must have the shape of mean {shape}, got {arr.shape}", field="std"
+            )
+        if not (np.isfinite(arr).all() and (arr >= 0).all()):
+            raise InvalidArgumentError("std must be finite and >= 0", field="std")
+        if (arr > MAX_ABS_COORDINATE).any():
+            raise InvalidArgumentError(f"std must be <= {MAX_ABS_COORDINATE:g}", field="std")
+        return arr
+
+    def _selection(self, labels: Iterable[int] | None) -> Selection | None:
+        if labels is None:
+            return None
+        if self.bank.labels is None:
+            raise InvalidArgumentError("this bank has no labels to filter on", field="labels")
+        try:
+            values = list(labels)
+            if any(isinstance(v, (str, bytes)) for v in values):
+                raise TypeError("strings are not labels")
+            wanted = frozenset(int(v) for v in values)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise InvalidArgumentError(f"labels must be integers: {exc}", field="labels") from exc
+        if any(isinstance(v, (float, np.floating)) and v != int(v) for v in values):
+            raise InvalidArgumentError(f"labels must be integers, got {values[:10]}", field="labels")
+        if not wanted:
+            raise InvalidArgumentError("labels filter is empty", field="labels")
+        unknown = sorted(wanted - self.bank.label_set)
+        if unknown:
+            raise InvalidArgumentError(f"unknown label(s) {unknown[:10]}", field="labels")
+        with self._lock:
+            sel = self._selections.get(wanted)
+            if sel is not None:
+                self._selections.move_to_end(wanted)
+                return sel
+        mask = np.isin(self.bank.labels, np.fromiter(wanted, dtype=np.int64))
+        sel = Selection(mask, self.exact.groups)
+        with self._lock:
+            self._selections[wanted] = sel
+            while len(self._selections) > _SELECTION_CACHE:
+                self._selections.popitem(last=False)
+        return sel
+
+    # -- persistence --------------------------------------------------------------------------
+    def save(self, path: str | Path, *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
+        """Write the engine to directory ``path`` (atomically; see :mod:`latentsearch.engine.storage`).
+
+        ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
+        """
+        from latentsearch.engine.storage import save_engine
+
+        return save_engine(self, Path(path), overwrite=overwrite, extra=extra)
+
+    @classmethod
+    def load(cls, path: str | Path, *, mmap: bool = True, verify: bool = False) -> SearchEngine:
+        """Load a saved engine; arrays are memory-mapped unless ``mmap=False``.
+
+        ``verify=True`` checks every file's sha256 against the manifest (sizes are always checked).
+        """
+        from latentsearch.engine.storage import load_engine
+
+        return load_engine(Path(path), mmap=mmap, verify=verify)
+
+
+def _real_array(value: Any, field: str) -> np.ndarray:
+    """``value`` as a float64 array; only real numbers (int, uint, float) are accepted."""
+    try:
+        arr = np.asarray(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgumentError(f"{field} must be an array of real numbers: {exc}", field=field) from exc
+    if arr.dtype.kind not in "iuf":
+        raise InvalidArgumentError(f"{field} must hold real numbers, got dtype {arr.dtype}", field=field)
+    return arr.astype(np.float64, copy=False)

@@ -1,0 +1,282 @@
+"""Exact top-k by certified float32 screening plus float64 rerank.
+
+Items are lifted to ``x = [-1/(2 sigma^2), mu/sigma^2, c]`` and split into *scale groups* by the
+magnitude of ``x`` (powers of ``EngineConfig.scale_group_base``). Each group is a FAISS flat
+inner-product index over float32 lifted vectors. For a query ``q = [z^2, z, 1]`` the float32 score
+of any item of group g differs from the true log q(z|x) by at most
+
+    E_g(q) = kappa * sum_j |q_j| * max_{i in g} |x_ij|     (see lifting.error_coefficient)
+
+so after reranking the screened candidates exactly, with T the k-th best exact score, an item left
+out of group g can only matter if its float32 score is >= T - E_g(q). When the best left-out float32
+score of a group is below that, the group is certified; otherwise the group is range-searched with
+that radius and the extra items are reranked. The result is the exact float64 top-k, for any sigma.
+Grouping keeps one tiny-sigma item from loosening the bound of every other item.
+
+Groups whose float32 lifted vectors would overflow are kept in float64 and always scored exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from latentsearch.engine.lifting import error_coefficient, lift_items
+
+__all__ = ["ExactIndex", "Rescore", "ScaleGroup", "Selection"]
+
+# Exact float64 scorer: rescore(query_idx (B',), rows (B', C)) -> (B', C) log q for those pairs.
+Rescore = Callable[[np.ndarray, np.ndarray], np.ndarray]
+
+log = logging.getLogger(__name__)
+
+_FLOAT32_SAFE = 1e30  # lifted magnitudes above this are scored in float64 only
+_LIFT_CHUNK = 262_144
+
+
+@dataclass
+class ScaleGroup:
+    """Items whose lifted vectors have similar magnitude.
+
+    Attributes:
+        rows: ``(n_g,)`` int64 bank rows, ascending.
+        absmax: ``(n,)`` float64 ``max_i |x_ij|`` over the group's lifted vectors.
+        index: FAISS inner-product index over the float32 lifted vectors (local ids 0..n_g-1), or
+            ``None`` for a float64-only group.
+    """
+
+    rows: np.ndarray
+    absmax: np.ndarray
+    index: faiss.Index | None
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+def _factory_index(factory: str, n: int) -> faiss.Index:
+    index = faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        raise ValueError(f"exact factory {factory!r} needs training; exact groups must be untrained-flat")
+    return index
+
+
+class ExactIndex:
+    """Scale groups over a bank's lifted vectors; see the module docstring."""
+
+    def __init__(self, groups: list[ScaleGroup], n_lifted: int) -> None:
+        self.groups = groups
+        self.n_lifted = n_lifted
+        self.kappa = error_coefficient(n_lifted)
+        self.absmax = np.stack([g.absmax for g in groups], axis=1)  # (n, G)
+
+    @classmethod
+    def build(
+        cls, mu: np.ndarray, log_sigma: np.ndarray, *, base: float = 64.0, factory: str = "Flat"
+    ) -> ExactIndex:
+        """Lift ``(N, d)`` posteriors chunk by chunk and group them by lifted L1 magnitude."""
+        n_items, d = mu.shape
+        n = 2 * d + 1
+        keys = np.empty(n_items, dtype=np.int64)
+        for start in range(0, n_items, _LIFT_CHUNK):
+            stop = min(start + _LIFT_CHUNK, n_items)
+            lifted = lift_items(mu[start:stop], log_sigma[start:stop])
+            l1 = np.abs(lifted).sum(axis=1)
+            keys[start:stop] = np.floor(np.log(l1) / math.log(base)).astype(np.int64)
+            overflow = np.abs(lifted).max(axis=1) > _FLOAT32_SAFE
+            keys[start:stop][overflow] = np.iinfo(np.int64).max  # one float64-only group
+        groups: list[ScaleGroup] = []
+        for key in np.unique(keys):
+            rows = np.flatnonzero(keys == key).astype(np.int64)
+            direct = key == np.iinfo(np.int64).max
+            index = None if direct else _factory_index(factory, n)
+            absmax = np.zeros(n, dtype=np.float64)
+            for start in range(0, rows.size, _LIFT_CHUNK):
+                chunk = rows[start : start + _LIFT_CHUNK]
+                lifted = lift_items(mu[chunk], log_sigma[chunk])
+                np.maximum(absmax, np.abs(lifted).max(axis=0), out=absmax)
+                if index is not None:
+                    index.add(np.ascontiguousarray(lifted, dtype=np.float32))
+            groups.append(ScaleGroup(rows=rows, absmax=absmax, index=index))
+        log.debug(
+            "exact index: %d items in %d scale groups %s", n_items, len(groups), [len(g) for g in groups]
+        )
+        return cls(groups, n)
+
+    def error_bounds(self, queries: np.ndarray) -> np.ndarray:
+        """``(B, G)`` float64 bound on the float32 score error of every item of each group."""
+        return self.kappa * (np.abs(queries) @ self.absmax)
+
+    # -- search -------------------------------------------------------------------------------
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        extra: int,
+        rescore: Rescore,
+        selection: Selection | None = None,
+        only: Iterable[int] | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k (over the scale groups ``only``, default all).
+
+        Args:
+            queries: ``(B, n)`` float64 lifted queries.
+            k: results per query (>= 1; may exceed the number of selected items).
+            extra: screened candidates per group beyond k (``k + max(k, extra)`` in all).
+            rescore: exact float64 scorer, ``rescore(query_idx (B',), rows (B', C)) -> (B', C)``.
+            selection: restrict to a subset of rows (label filter), applied inside FAISS.
+
+        Returns:
+            ``rows (B, k)`` int64 and ``scores (B, k)`` float64, best first, ties by row; rows are
+            -1 and scores -inf past the number of selected items.
+        """
+        nq = queries.shape[0]
+        active = list(range(len(self.groups))) if only is None else list(only)
+        q32 = queries.astype(np.float32)
+        bounds = self.error_bounds(queries)  # (B, G)
+        finite = np.isfinite(bounds).all(axis=1) & np.isfinite(q32).all(axis=1)
+        finite &= (bounds < _FLOAT32_SAFE).all(axis=1)
+        if not finite.all():
+            rows, scores = np.full((nq, k), -1, np.int64), np.full((nq, k), -np.inf)
+            bad = np.flatnonzero(~finite)
+            rows[bad], scores[bad] = self._brute(bad, k, rescore, selection, groups=active)
+            good = np.flatnonzero(finite)
+            if good.size:
+                sub = lambda qi, r: rescore(good[qi], r)  # noqa: E731 - re-index into the caller's batch
+                rows[good], scores[good] = self.search(
+                    queries[good], k, extra=extra, rescore=sub, selection=selection, only=only
+                )
+            return rows, scores
+
+        screen = k + max(k, extra)
+        cands: list[np.ndarray] = []
+        pending: list[tuple[int, np.ndarray]] = []  # (group, kth float32 score per query)
+        direct = []
+        for gi in active:
+            group = self.groups[gi]
+            count, params = (len(group), None) if selection is None else selection.group(gi)
+            kg = min(screen, count)
+            if kg == 0:
+                continue
+            if group.index is None:
+                direct.append(gi)
+                continue
+            dist, local = group.index.search(q32, kg, params=params)
+            cands.append(np.where(local >= 0, group.rows[np.maximum(local, 0)], -1))
+            if kg < count:
+                pending.append((gi, dist[:, kg - 1].astype(np.float64)))
+        if direct:
+            cands.append(self._brute(np.arange(nq), k, rescore, selection, groups=direct)[0])
+        cand = np.concatenate(cands, axis=1) if cands else np.full((nq, 1), -1, np.int64)
+        scores = _rescore_padded(rescore, np.arange(nq), cand)
+        rows, top = _topk(cand, scores, k)
+
+        threshold = top[:, k - 1]  # k-th best exact score (-inf when fewer than k candidates)
+        extra_rows: dict[int, list[np.ndarray]] = {}
+        for gi, kth in pending:
+            group = self.groups[gi]
+            params = None if selection is None else selection.group(gi)[1]
+            unsure = np.flatnonzero(kth + bounds[:, gi] >= threshold)
+            for b in unsure.tolist():
+                radius = _float32_below(threshold[b] - bounds[b, gi])
+                _, _, local = group.index.range_search(q32[b : b + 1], radius, params=params)
+                extra_rows.setdefault(b, []).append(group.rows[local])
+        if extra_rows:
+            log.debug("exact search: %d of %d queries needed a range fallback", len(extra_rows), nq)
+        for b, more in extra_rows.items():
+            merged = np.unique(np.concatenate([cand[b][cand[b] >= 0], *more]))[None, :]
+            s = rescore(np.array([b]), merged)
+            rows[b], top[b] = (a[0] for a in _topk(merged, s, k))
+        return rows, top
+
+    def _brute(
+        self,
+        query_idx: np.ndarray,
+        k: int,
+        rescore: Rescore,
+        selection: Selection | None,
+        groups: Iterable[int],
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Float64 scan of the (selected) rows of ``groups`` for queries ``query_idx``."""
+        all_rows = np.concatenate([self.groups[g].rows for g in groups])
+        if selection is not None:
+            all_rows = all_rows[selection.mask[all_rows]]
+        all_rows.sort()
+        nq = query_idx.size
+        best_rows = np.full((nq, k), -1, np.int64)
+        best = np.full((nq, k), -np.inf)
+        step = max(1, 4_000_000 // max(1, nq * self.n_lifted))
+        for start in range(0, all_rows.size, step):
+            chunk = np.broadcast_to(all_rows[start : start + step], (nq, min(step, all_rows.size - start)))
+            s = rescore(query_idx, chunk)
+            best_rows, best = _topk(np.concatenate([best_rows, chunk], 1), np.concatenate([best, s], 1), k)
+        return best_rows, best
+
+
+class Selection:
+    """A subset of bank rows as FAISS bitmap selectors, one per scale group.
+
+    Args:
+        mask: ``(N,)`` bool, True for rows that may be returned.
+        groups: the groups whose local ids the bitmaps address.
+    """
+
+    def __init__(self, mask: np.ndarray, groups: list[ScaleGroup]) -> None:
+        self.mask = mask
+        self.count = int(mask.sum())
+        self._keep: list[object] = []  # FAISS holds raw pointers: keep the buffers alive
+        # One selector over bank rows, for indexes whose ids are bank rows (the approximate index).
+        bitmap = np.packbits(mask, bitorder="little")
+        sel = faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bitmap))
+        self.row_params = faiss.SearchParameters(sel=sel)
+        self._keep.extend((bitmap, sel))
+        self._per_group: list[tuple[int, faiss.SearchParameters]] = []
+        for group in groups:
+            local = mask[group.rows]
+            bitmap = np.packbits(local, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(group), faiss.swig_ptr(bitmap))
+            params = faiss.SearchParameters(sel=sel)
+            self._keep.extend((bitmap, sel))
+            self._per_group.append((int(local.sum()), params))
+
+    def group(self, gi: int) -> tuple[int, faiss.SearchParameters]:
+        """(number of selected items, FAISS search parameters) of group ``gi``."""
+        return self._per_group[gi]
+
+
+def _float32_below(value: float) -> float:
+    """The largest float32 strictly below ``value`` (FAISS range search keeps scores > radius)."""
+    r = np.float32(value)
+    if float(r) >= value:
+        r = np.nextafter(r, np.float32(-np.inf))
+    return float(np.nextafter(r, np.float32(-np.inf)))
+
+
+def _rescore_padded(rescore: Rescore, query_idx: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Rescore ``rows (B, C)`` where -1 marks padding (scored -inf)."""
+    pad = rows < 0
+    scores = rescore(query_idx, np.where(pad, 0, rows))
+    scores[pad] = -np.inf
+    return scores
+
+
+def _topk(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best k of each row of ``(B, C)`` candidates: score descending, then row ascending.
+
+    Padding (row -1, score -inf) sorts last. Returns ``(B, k)`` rows and scores, padded.
+    """
+    nq, c = rows.shape
+    key_rows = np.where(rows < 0, np.iinfo(np.int64).max, rows)
+    order = np.lexsort((key_rows, -scores), axis=-1)[:, :k]
+    out_rows = np.take_along_axis(rows, order, 1)
+    out_scores = np.take_along_axis(scores, order, 1)
+    if c < k:
+        out_rows = np.concatenate([out_rows, np.full((nq, k - c), -1, np.int64)], 1)
+        out_scores = np.concatenate([out_scores, np.full((nq, k - c), -np.inf)], 1)
+    out_rows = np.where(np.isneginf(out_scores), -1, out_rows)
+    return out_rows, out_scores

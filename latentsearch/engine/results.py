@@ -1,0 +1,60 @@
+"""Named search results."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Neighbor", "SearchResult"]
+
+
+@dataclass(frozen=True)
+class Neighbor:
+    """One ranked item: ``rank`` 0 is the best."""
+
+    rank: int
+    id: str
+    row: int
+    score: float
+    label: int | None
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The top-k of one query, best first (score descending, ties by ascending row).
+
+    Attributes:
+        ids: ``k`` external ids.
+        rows: ``(k,)`` int64 bank rows.
+        scores: ``(k,)`` float64 exact ``log q(z|x)``; for distribution queries the expected
+            log-likelihood ``E_{z ~ N(m, s^2)} log q(z|x)``.
+        labels: ``(k,)`` int64 labels, or ``None`` when the bank has none.
+        mode: ``"exact"`` or ``"approx"``: how the candidates were found (scores are always exact).
+        certified: True when the top-k is proven identical to the float64 brute force.
+        kl: ``(k,)`` float64 ``KL(N(m, s^2) || q(z|x))`` for distribution queries with s > 0.
+        index_version: the index version that answered, when the engine knows it.
+    """
+
+    ids: list[str]
+    rows: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray | None
+    mode: str
+    certified: bool
+    kl: np.ndarray | None = None
+    index_version: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __iter__(self) -> Iterator[Neighbor]:
+        for i, item_id in enumerate(self.ids):
+            yield Neighbor(
+                rank=i,
+                id=item_id,
+                row=int(self.rows[i]),
+                score=float(self.scores[i]),
+                label=None if self.labels is None else int(self.labels[i]),
+            )

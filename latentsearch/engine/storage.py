@@ -1,0 +1,255 @@
+"""Save and load a search engine as one directory: numpy arrays, a FAISS index, a JSON manifest.
+
+Layout (``FORMAT_VERSION`` 1)::
+
+    manifest.json        format, counts, engine config, FAISS parameters, size + sha256 of every file
+    mu.npy               (N, d) float64
+    log_sigma.npy        (N, d) float64
+    ids.npy              (N,) unicode, only when ids are not the row numbers
+    labels.npy           (N,) int64, only when the bank has labels
+    approx.faiss         IVF inner-product index, only when an approximate index was built
+    approx_boxes.npy     (4, L, d) float64: mu lo/hi and sigma lo/hi of every partition
+    approx_lists.npy     (N,) int32 partition of every row (-1: on the exact path)
+    approx_features.npy  (2, 2d) float64 centre and scale of the partitioning features
+
+Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
+exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
+them. The directory is written under a temporary name beside the target and renamed into place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import faiss
+import numpy as np
+
+from latentsearch.engine.approx import ApproxIndex
+from latentsearch.engine.bank import PosteriorBank
+from latentsearch.engine.config import EngineConfig
+from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
+
+if TYPE_CHECKING:
+    from latentsearch.engine.engine import SearchEngine
+
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "file_digest", "load_engine", "read_manifest", "save_engine"]
+
+log = logging.getLogger(__name__)
+
+FORMAT_NAME = "latentsearch.engine"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def file_digest(path: Path, chunk: int = 1 << 22) -> str:
+    """sha256 hex digest of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _save_npy(directory: Path, name: str, array: np.ndarray) -> None:
+    with open(directory / name, "wb") as fh:
+        np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def save_engine(
+    engine: SearchEngine, path: Path, *, overwrite: bool = False, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``engine`` to directory ``path``; see the module docstring for the layout.
+
+    Args:
+        overwrite: replace an existing directory (the old one is removed only after the new one
+            is in place).
+        extra: JSON-serialisable metadata stored under ``manifest["extra"]``.
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise InvalidArgumentError(f"{path} already exists (pass overwrite=True to replace it)", field="path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        bank = engine.bank
+        _save_npy(tmp, "mu.npy", np.asarray(bank.mu, dtype=np.float64))
+        _save_npy(tmp, "log_sigma.npy", np.asarray(bank.log_sigma, dtype=np.float64))
+        if bank.ids is not None:
+            _save_npy(tmp, "ids.npy", bank.ids)
+        if bank.labels is not None:
+            _save_npy(tmp, "labels.npy", np.asarray(bank.labels, dtype=np.int64))
+        approx = engine.approx
+        if approx is not None:
+            faiss.write_index(approx.ivf, str(tmp / "approx.faiss"))
+            _save_npy(tmp, "approx_boxes.npy", np.stack([approx.lo, approx.hi, approx.slo, approx.shi]))
+            _save_npy(tmp, "approx_lists.npy", approx.list_of_row)
+            _save_npy(tmp, "approx_features.npy", approx.features)
+        files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(tmp.iterdir())}
+        manifest = {
+            "format": FORMAT_NAME,
+            "format_version": FORMAT_VERSION,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "items": len(bank),
+            "latent_dim": bank.dim,
+            "has_ids": bank.ids is not None,
+            "has_labels": bank.labels is not None,
+            "config": engine.config.to_dict(),
+            "exact": {
+                "factory": engine.config.exact_factory,
+                "metric": "inner_product",
+                "scale_groups": [len(g) for g in engine.exact.groups],
+            },
+            "approx": None if approx is None else {**approx.info(), "exact_groups": approx.exact_groups},
+            "versions": {"faiss": faiss.__version__, "numpy": np.__version__},
+            "files": files,
+            "extra": extra or {},
+        }
+        with open(tmp / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
+            os.replace(path, old)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("saved engine (%d items, d=%d) to %s", len(engine.bank), engine.dim, path)
+    return path
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Read and sanity-check ``path/manifest.json``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise NotFoundError(f"no engine directory at {path}", field="path")
+    mpath = path / MANIFEST
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CorruptIndexError(f"{mpath} is missing (half-written or not an engine directory)") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptIndexError(f"{mpath} is unreadable: {exc}") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
+        raise CorruptIndexError(f"{mpath} is not a {FORMAT_NAME} manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise CorruptIndexError(
+            f"{mpath} has format_version {manifest.get('format_version')!r}; "
+            f"this build reads {FORMAT_VERSION}"
+        )
+    return manifest
+
+
+def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
+    for name, meta in manifest.get("files", {}).items():
+        fpath = path / name
+        try:
+            size = fpath.stat().st_size
+        except FileNotFoundError as exc:
+            raise CorruptIndexError(f"{fpath} is missing") from exc
+        if size != meta["bytes"]:
+            raise CorruptIndexError(f"{fpath} has {size} bytes, manifest says {meta['bytes']} (truncated?)")
+        if verify and file_digest(fpath) != meta["sha256"]:
+            raise CorruptIndexError(f"{fpath} fails its sha256 checksum")
+
+
+def _load_npy(path: Path, name: str, mmap: bool, dtype: Any, shape: tuple[int, ...] | None) -> np.ndarray:
+    fpath = path / name
+    try:
+        arr = np.load(fpath, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise CorruptIndexError(f"{fpath} is unreadable: {exc}") from exc
+    if dtype is not None and arr.dtype != np.dtype(dtype):
+        raise CorruptIndexError(f"{fpath} has dtype {arr.dtype}, expected {np.dtype(dtype)}")
+    if shape is not None and arr.shape != shape:
+        raise CorruptIndexError(f"{fpath} has shape {arr.shape}, expected {shape}")
+    return arr
+
+
+def load_engine(path: Path, *, mmap: bool = True, verify: bool = False) -> SearchEngine:
+    """Load an engine saved by :func:`save_engine`.
+
+    Raises:
+        NotFoundError: no directory at ``path``.
+        CorruptIndexError: missing, truncated, mistyped or (with ``verify``) altered files.
+    """
+    from latentsearch.engine.engine import SearchEngine
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_files(path, manifest, verify)
+    try:
+        n, d = int(manifest["items"]), int(manifest["latent_dim"])
+        config = EngineConfig.from_dict(manifest["config"])
+    except (KeyError, TypeError, ValueError, InvalidArgumentError) as exc:
+        raise CorruptIndexError(f"{path / MANIFEST} has bad fields: {exc}") from exc
+    mu = _load_npy(path, "mu.npy", mmap, np.float64, (n, d))
+    log_sigma = _load_npy(path, "log_sigma.npy", mmap, np.float64, (n, d))
+    ids = _load_npy(path, "ids.npy", mmap, None, (n,)) if manifest.get("has_ids") else None
+    if ids is not None and ids.dtype.kind != "U":
+        raise CorruptIndexError(f"{path / 'ids.npy'} must hold unicode strings, has {ids.dtype}")
+    labels = _load_npy(path, "labels.npy", mmap, np.int64, (n,)) if manifest.get("has_labels") else None
+    try:
+        bank = PosteriorBank(mu, log_sigma, ids=ids, labels=labels, validate=verify)
+    except InvalidArgumentError as exc:
+        raise CorruptIndexError(f"{path} holds invalid posteriors: {exc}") from exc
+    engine = SearchEngine(bank, config)
+    if manifest.get("approx") is not None:
+        engine.approx = _load_approx(path, mmap, n, d, manifest["approx"])
+    log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
+    return engine
+
+
+def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -> ApproxIndex:
+    try:
+        ivf = faiss.read_index(str(path / "approx.faiss"))
+    except RuntimeError as exc:
+        raise CorruptIndexError(f"{path / 'approx.faiss'} is unreadable: {exc}") from exc
+    nlist = int(meta["nlist"])
+    if ivf.d != 2 * d + 1 or ivf.nlist != nlist:
+        raise CorruptIndexError(
+            f"{path / 'approx.faiss'} does not match the bank (d={ivf.d}, nlist={ivf.nlist})"
+        )
+    boxes = _load_npy(path, "approx_boxes.npy", False, np.float64, (4, nlist, d))
+    lists = _load_npy(path, "approx_lists.npy", False, np.int32, (n,))
+    features = _load_npy(path, "approx_features.npy", False, np.float64, (2, 2 * d))
+    return ApproxIndex(
+        ivf=ivf,
+        lo=boxes[0],
+        hi=boxes[1],
+        slo=boxes[2],
+        shi=boxes[3],
+        list_of_row=lists,
+        exact_groups=[int(g) for g in meta["exact_groups"]],
+        factory=str(meta["factory"]),
+        nprobe=int(meta["nprobe"]),
+        features=features,
+    )
