@@ -14,8 +14,9 @@ after load is measured in a fresh subprocess that loads the saved engine and ans
 
 Usage::
 
-    python -m bench.bench_engine --n 1000000 --d 10            # synthetic VAE-like bank
+    python -m bench.bench_engine --model MODEL_DIR --n 1000000  # posteriors sampled from a trained VAE
     python -m bench.bench_engine --posteriors bank.npz          # your posteriors (mu + logvar)
+    python -m bench.bench_engine --n 1000000 --d 32             # synthetic VAE-like stress bank
 
 Writes ``bench/results/engine-<date>-n<N>-d<d>.json`` and ``.md``.
 """
@@ -149,7 +150,18 @@ def machine() -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    if args.posteriors:
+    if args.model:
+        from bench.model_bank import model_bank
+
+        t = time.perf_counter()
+        sampled = model_bank(args.model, args.n, seed=args.seed)
+        mu = sampled["mu"].astype(np.float64)
+        log_sigma = 0.5 * sampled["logvar"].astype(np.float64)
+        source = (
+            f"posteriors of {args.n} items sampled from the VAE in {args.model} "
+            f"(decode z ~ N(0, I), binarise, encode; {time.perf_counter() - t:.0f} s)"
+        )
+    elif args.posteriors:
         data = np.load(args.posteriors)
         mu = data["mu"].astype(np.float64)
         log_sigma = 0.5 * data["logvar"] if "logvar" in data else data["log_sigma"]
@@ -286,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=1_000_000, help="bank size for synthetic posteriors")
     parser.add_argument("--d", type=int, default=10, help="latent dimension for synthetic posteriors")
     parser.add_argument("--posteriors", help="npz with mu and logvar (or log_sigma) instead of synthetic")
+    parser.add_argument("--model", help="model directory: sample --n posteriors from it (model_bank.py)")
     parser.add_argument("--queries", type=int, default=200, help="queries per family")
     parser.add_argument("--single", type=int, default=30, help="queries timed one at a time")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the batched timing")

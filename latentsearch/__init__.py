@@ -1,6 +1,14 @@
-"""latentsearch: vector search over VAE latent posteriors, ranked by exact log q(z|x)."""
+"""latentsearch: vector search over VAE latent posteriors, ranked by exact log q(z|x).
 
-from latentsearch.engine import EngineConfig, PosteriorBank, SearchEngine, SearchResult
+The exception tree loads eagerly; the engine loads on first use (PEP 562), so that importing
+``latentsearch.errors`` (as ``model`` does) never pulls the engine in mid-import.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from latentsearch.errors import (
     CorruptIndexError,
     FailedPreconditionError,
@@ -12,6 +20,13 @@ from latentsearch.errors import (
 )
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "EngineConfig": "latentsearch.engine",
+    "PosteriorBank": "latentsearch.engine",
+    "SearchEngine": "latentsearch.engine",
+    "SearchResult": "latentsearch.engine",
+}
 
 __all__ = [
     "CorruptIndexError",
@@ -27,3 +42,16 @@ __all__ = [
     "UnavailableError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'latentsearch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -46,7 +46,8 @@ import faiss
 import numpy as np
 
 from latentsearch.engine.config import EngineConfig
-from latentsearch.engine.lifting import lift_items
+from latentsearch.engine.exact import _rescore_padded, _topk
+from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
 from model.posterior import LOG_2PI
 
 __all__ = ["ApproxIndex", "default_nlist", "default_nprobe"]
@@ -79,6 +80,11 @@ class ApproxIndex:
         nprobe: default partitions scanned per query.
         features: ``(2, 2d)`` float64 centre and scale of the ``[mu, log sigma]`` clustering
             features (kept so items can later be assigned the same way).
+        lifted_box: ``(2, L, 2d + 1)`` float64 per-partition min and max of the lifted vectors.
+        centred: ``(3, L, d)`` float64 per partition: its mean mu ``m`` and the box of
+            ``(mu - m) / sigma^2``; ``centred_c``: ``(L,)`` max over members of
+            ``-sum((mu - m)^2 / (2 sigma^2)) - sum(log sigma) - d/2 log 2 pi``. Together with the
+            sigma box they give the partition-centred bound (see :meth:`_needed`).
     """
 
     def __init__(
@@ -94,6 +100,9 @@ class ApproxIndex:
         factory: str,
         nprobe: int,
         features: np.ndarray,
+        lifted_box: np.ndarray,
+        centred: np.ndarray,
+        centred_c: np.ndarray,
     ) -> None:
         self.ivf = ivf
         self.lo, self.hi, self.slo, self.shi = lo, hi, slo, shi
@@ -103,6 +112,20 @@ class ApproxIndex:
         self.factory = factory
         self.nprobe = nprobe
         self.features = features
+        self.lifted_box = lifted_box
+        self.lifted_mid = 0.5 * (lifted_box[0] + lifted_box[1])
+        self.lifted_rad = 0.5 * (lifted_box[1] - lifted_box[0])
+        self.centred, self.centred_c = centred, centred_c
+        # Partition-centred bound in lifted form: with u = z - m,
+        #   sum_j [u_j^2 ahi_j + u_j bmid_j + |u_j| brad_j] + c_hi,  ahi = -1/(2 shi^2),
+        # whose |u| part is computed elementwise and the rest as one matrix product.
+        m, blo, bhi = centred
+        ahi = -0.5 / (shi * shi)
+        bmid, self.centred_rad = 0.5 * (blo + bhi), 0.5 * (bhi - blo)
+        self.centred_w = np.concatenate(
+            [ahi, bmid - 2.0 * ahi * m, ((ahi * m - bmid) * m).sum(1, keepdims=True) + centred_c[:, None]],
+            axis=1,
+        )  # (L, 2d + 1)
         self.list_sizes = np.bincount(list_of_row[list_of_row >= 0], minlength=lo.shape[0])
 
     @property
@@ -158,9 +181,6 @@ class ApproxIndex:
             f = np.concatenate([mu[r], log_sigma[r]], axis=1)
             return np.ascontiguousarray((f - center) / scale, dtype=np.float32)
 
-        def lifted32(r: np.ndarray) -> np.ndarray:
-            return np.ascontiguousarray(lift_items(mu[r], log_sigma[r]), dtype=np.float32)
-
         assigner = faiss.IndexFlatL2(2 * d)
         if rows.size:
             sample = rows
@@ -209,10 +229,28 @@ class ApproxIndex:
         ivf = faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT)
         ivf.quantizer.add(np.ascontiguousarray(lift_items(centre_mu, centre_ls), dtype=np.float32))
         ivf.is_trained = True
+        llo = np.full((nlist, n), np.inf)
+        lhi = np.full((nlist, n), -np.inf)
         for start, a in zip(range(0, rows.size, _CHUNK), assigns, strict=True):
             r = np.ascontiguousarray(rows[start : start + _CHUNK], dtype=np.int64)
-            x = lifted32(r)
+            lifted = lift_items(mu[r], log_sigma[r])
+            np.minimum.at(llo, a, lifted)
+            np.maximum.at(lhi, a, lifted)
+            x = np.ascontiguousarray(lifted, dtype=np.float32)
             ivf.add_core(r.size, faiss.swig_ptr(x), faiss.swig_ptr(r), faiss.swig_ptr(a))
+        llo[empty], lhi[empty] = 0.0, 0.0
+        blo = np.full((nlist, d), np.inf)
+        bhi = np.full((nlist, d), -np.inf)
+        c_hi = np.full(nlist, -np.inf)
+        for start, a in zip(range(0, rows.size, _CHUNK), assigns, strict=True):
+            r = rows[start : start + _CHUNK]
+            delta = mu[r] - centre_mu[a]
+            inv_var = np.exp(-2.0 * log_sigma[r])
+            np.minimum.at(blo, a, delta * inv_var)
+            np.maximum.at(bhi, a, delta * inv_var)
+            c = -0.5 * (delta * delta * inv_var).sum(1) - log_sigma[r].sum(1) - 0.5 * d * LOG_2PI
+            np.maximum.at(c_hi, a, c)
+        blo[empty], bhi[empty], c_hi[empty] = 0.0, 0.0, 0.0
         log.info(
             "approx index: %d items in %d partitions (%s), %d outlier scale groups on the exact path",
             rows.size,
@@ -231,32 +269,90 @@ class ApproxIndex:
             factory=factory,
             nprobe=config.approx_nprobe or default_nprobe(nlist),
             features=np.stack([center, scale]),
+            lifted_box=np.stack([llo, lhi]),
+            centred=np.stack([centre_mu, blo, bhi]),
+            centred_c=c_hi,
         )
 
     # -- search -------------------------------------------------------------------------------
     def upper_bounds(self, points: np.ndarray, std: np.ndarray | None) -> np.ndarray:
-        """``(B, L)`` upper bound of log q(z|x) (or its expectation) over each partition.
+        """``(B, L)`` rigorous upper bound of log q(z|x) (or its expectation) over each partition.
 
         Args:
             points: ``(B, d)`` query points or query means.
             std: ``(B, d)`` query standard deviations, or None for point queries.
         """
-        nq, d = points.shape
-        out = np.empty((nq, self.nlist))
-        step = max(1, 2_000_000 // max(1, self.nlist * d))
-        for s in range(0, nq, step):
-            z = points[s : s + step, None, :]  # (b, 1, d)
-            dist = np.maximum(np.maximum(self.lo - z, z - self.hi), 0.0)  # (b, L, d)
-            d2 = dist * dist
-            if std is not None:
-                d2 += (std[s : s + step] ** 2)[:, None, :]
-            # sigma* = clip(sqrt(d2), slo, shi); term = -d2/(2 sigma*^2) - log sigma*
-            sig = np.clip(np.sqrt(d2), self.slo, self.shi)
-            term = -0.5 * d2 / (sig * sig) - np.log(sig)
-            out[s : s + step] = term.sum(-1) - 0.5 * d * LOG_2PI
+        queries = lift_points(points) if std is None else lift_distributions(points, std)
+        out = np.empty((points.shape[0], self.nlist))
+        step = max(1, 2_000_000 // max(1, self.nlist * points.shape[1]))
+        for s in range(0, points.shape[0], step):
+            sl = slice(s, s + step)
+            out[sl] = _box_bound(
+                queries[sl, None, :],
+                points[sl, None, :],
+                None if std is None else std[sl, None, :],
+                self.lifted_mid,
+                self.lifted_rad,
+                self.lo,
+                self.hi,
+                self.slo,
+                self.shi,
+            )
         return out
 
-    def candidates(
+    def _needed(
+        self,
+        points: np.ndarray,
+        std: np.ndarray | None,
+        queries: np.ndarray,
+        threshold: np.ndarray,
+        scanned: np.ndarray,
+        counts: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Unscanned partitions whose rigorous upper bound reaches the query's threshold.
+
+        Three bounds, cheapest first, each applied only where the previous ones did not prune:
+        the lifted box (two matrix products), the partition-centred bound (one matrix product plus
+        ``sum_j |z_j - m_j| brad_j``; tight for queries near the data) and the per-dimension
+        (mu, sigma) box (:func:`_box_bound`). Returns ``(query, partition, bound)`` as ``(M,)``
+        arrays.
+        """
+        absq = np.abs(queries)
+        bound = queries @ self.lifted_mid.T + absq @ self.lifted_rad.T  # (B, L)
+        bound += 1e-12 * (absq @ (np.abs(self.lifted_mid) + self.lifted_rad).T)
+        centred = queries @ self.centred_w.T  # (B, L)
+        m = self.centred[0]
+        step = max(1, 4_000_000 // max(1, self.nlist * points.shape[1]))
+        for s in range(0, points.shape[0], step):
+            u = np.abs(points[s : s + step, None, :] - m[None, :, :])  # (b, L, d)
+            centred[s : s + step] += np.einsum("bld,ld->bl", u, self.centred_rad)
+        if std is not None:  # E|z - m| <= |mean - m| + std: add the std part of the |u| term
+            centred += std @ self.centred_rad.T
+        np.minimum(bound, centred, out=bound)
+        bound += 1e-9 * (1.0 + np.abs(bound))
+        bound[scanned] = -np.inf
+        bound[:, counts == 0] = -np.inf
+        q, part = np.nonzero(bound >= threshold[:, None])
+        if q.size == 0:
+            return q, part, np.zeros(0)
+        box = np.empty(q.size)
+        for s in range(0, q.size, 1 << 18):
+            qs, ps = q[s : s + (1 << 18)], part[s : s + (1 << 18)]
+            box[s : s + qs.size] = _box_bound(
+                queries[qs],
+                points[qs],
+                None if std is None else std[qs],
+                self.lifted_mid[ps],
+                self.lifted_rad[ps],
+                self.lo[ps],
+                self.hi[ps],
+                self.slo[ps],
+                self.shi[ps],
+            )
+        keep = box >= threshold[q]
+        return q[keep], part[keep], box[keep]
+
+    def search(
         self,
         points: np.ndarray,
         std: np.ndarray | None,
@@ -269,78 +365,132 @@ class ApproxIndex:
         extra: int,
         rescore: Any,
         selection: Any = None,
+        exact: bool = False,
         certify: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate rows for an exact rerank, and a bound on what was not looked at.
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k by scanning the best partitions, reranked exactly; with ``exact``, certified.
+
+        Pass 1 scans the ``nprobe`` partitions with the best centroid posterior and keeps the
+        ``rerank`` best float32 candidates, rescored in float64: its k-th score T is a lower bound
+        on the true k-th score. With ``exact=True``, pass 2 scans every other partition whose
+        rigorous upper bound (:meth:`partition_bounds`) reaches T; items left out of a scanned
+        partition score at most its last float32 candidate plus the float32 error bound, and a
+        query where that could reach T falls back to the exact flat scan. The result is then the
+        float64 brute force's top-k (ties by row).
 
         Args:
             points, std: ``(B, d)`` query points (or means) and stds (None for point queries).
-            k: results wanted; rerank: float32 candidates kept from the partitions.
+            k: results wanted; rerank: float32 candidates kept per scan.
             queries: ``(B, 2d + 1)`` float64 lifted queries.
-            exact_index, extra, rescore, selection: the exact path for outlier groups.
+            exact_index, extra, rescore, selection: the exact path (outlier groups, fallback).
+            certify: without ``exact``, compute whether each answer is provably exact (costs
+                the partition bounds).
 
         Returns:
-            ``cand (B, C)`` int64 rows (-1 padding) and ``missed (B,)`` float64: no item outside
-            ``cand`` has a score above it (compare with the k-th exact score to certify); +inf
-            unless ``certify``.
+            ``rows (B, k)``, ``scores (B, k)`` (padded with -1 / -inf past the selected items) and
+            ``certified (B,)`` bool.
         """
         nq = points.shape[0]
         q32 = np.ascontiguousarray(queries, dtype=np.float32)
         nprobe = max(1, min(nprobe, self.nlist))
-        params = faiss.SearchParametersIVF()
-        params.nprobe = nprobe
-        if selection is not None:
-            params.sel = selection.row_params.sel
-            params.quantizer_params = self._selected_lists(selection)
-        dist, labels = self.ivf.search(q32, rerank, params=params)
-        # The probed partitions may hold fewer than k (selected) items, e.g. small partitions or a
-        # label filter on class-clustered partitions: widen those queries' probe until they hold k.
-        short = np.flatnonzero(labels[:, min(k, rerank) - 1] < 0)
-        probe = nprobe
-        while short.size and probe < self.nlist:
-            probe = min(self.nlist, 2 * probe)
-            params.nprobe = probe
-            d2, l2 = self.ivf.search(q32[short], rerank, params=params)
-            dist[short], labels[short] = d2, l2
-            short = short[l2[:, min(k, rerank) - 1] < 0]
-        missed = np.full(nq, np.inf)
-        if certify:
-            missed = self._missed_bound(points, std, queries, dist, labels, nprobe, exact_index, selection)
+        lists = self._probe(q32, nprobe, selection)
+        dist, labels = self._scan(q32, lists, rerank, selection)
+        scanned = np.zeros((nq, self.nlist), dtype=bool)
+        _mark(scanned, np.arange(nq), lists)
+        if not exact:
+            # The probed partitions may hold fewer than k (selected) items: widen those queries.
+            need = min(k, rerank) - 1
+            short = np.flatnonzero(labels[:, need] < 0)
+            probe = nprobe
+            while short.size and probe < self.nlist:
+                probe = min(self.nlist, 2 * probe)
+                more = self._probe(q32[short], probe, selection)
+                dist[short], labels[short] = self._scan(q32[short], more, rerank, selection)
+                _mark(scanned, short, more)
+                short = short[labels[short, need] < 0]
         cand = labels
         if self.exact_groups:
-            rows, _ = exact_index.search(
+            outliers, _ = exact_index.search(
                 queries, k, extra=extra, rescore=rescore, selection=selection, only=self.exact_groups
             )
-            cand = np.concatenate([cand, rows], axis=1)
-        return cand, missed
+            cand = np.concatenate([cand, outliers], axis=1)
+        rows, top = _topk(cand, _rescore_padded(rescore, np.arange(nq), cand), k)
+        if not (exact or certify):
+            return rows, top, np.zeros(nq, dtype=bool)
 
-    def _missed_bound(
-        self,
-        points: np.ndarray,
-        std: np.ndarray | None,
-        queries: np.ndarray,
-        dist: np.ndarray,
-        labels: np.ndarray,
-        nprobe: int,
-        exact_index: Any,
-        selection: Any,
-    ) -> np.ndarray:
-        """``(B,)`` bound on the score of every item the partition scan did not return."""
-        nq = points.shape[0]
-        ub = self.upper_bounds(points, std)  # (B, L)
+        threshold = top[:, k - 1]  # k-th exact score so far: a lower bound on the true one
+        err = self._error(exact_index, queries)
         counts = self.list_sizes if selection is None else self._selected_counts(selection)
-        ub[:, counts == 0] = -np.inf
-        if nprobe < self.nlist:
-            _, probed = self.ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), nprobe)
-            np.put_along_axis(ub, np.maximum(probed, 0), -np.inf, axis=1)
-            ub_next = ub.max(axis=1)
-        else:
-            ub_next = np.full(nq, -np.inf)
+        # Items of a scanned partition that the scan dropped score at most its last candidate.
+        hidden = np.where(labels[:, -1] >= 0, dist[:, -1].astype(np.float64) + err, -np.inf)
+        q, part, ub = self._needed(points, std, queries, threshold, scanned, counts)
+        if not exact:
+            certified = hidden < threshold
+            certified[q] = False
+            return rows, top, certified
+
+        fallback = hidden >= threshold
+        keep = ~fallback[q]
+        q, part, ub = q[keep], part[keep], ub[keep]
+        if q.size:
+            todo, inv, cnt = np.unique(q, return_inverse=True, return_counts=True)
+            order = np.lexsort((-ub, inv))  # by query, best bound first
+            pos = np.arange(q.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+            pick = np.full((todo.size, int(cnt.max())), -1, dtype=np.int64)
+            pick[inv[order], pos] = part[order]
+            d2, l2 = self._scan(q32[todo], pick, rerank, selection)
+            hidden2 = np.where(l2[:, -1] >= 0, d2[:, -1].astype(np.float64) + err[todo], -np.inf)
+            fallback[todo[hidden2 >= threshold[todo]]] = True
+            merged = np.concatenate([rows[todo], l2], axis=1)
+            rows[todo], top[todo] = _topk(merged, _rescore_padded(rescore, todo, merged), k)
+        bad = np.flatnonzero(fallback)
+        if bad.size:
+            log.debug("exact search: %d of %d queries fell back to the flat scan", bad.size, nq)
+            rows[bad], top[bad] = exact_index.search(
+                queries[bad], k, extra=extra, rescore=lambda qi, r: rescore(bad[qi], r), selection=selection
+            )
+        return rows, top, np.ones(nq, dtype=bool)
+
+    def _probe(self, q32: np.ndarray, nprobe: int, selection: Any) -> np.ndarray:
+        """``(B, nprobe)`` partitions with the best centroid posterior (-1 where none is left)."""
+        params = None if selection is None else self._selected_lists(selection)
+        _, lists = self.ivf.quantizer.search(q32, min(nprobe, self.nlist), params=params)
+        return np.ascontiguousarray(lists, dtype=np.int64)
+
+    def _scan(
+        self, q32: np.ndarray, lists: np.ndarray, rerank: int, selection: Any
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``rerank`` float32 scores and rows in the given partitions (``(B, m)``, -1 = skip)."""
+        nq, m = lists.shape
+        dist = np.empty((nq, rerank), dtype=np.float32)
+        labels = np.empty((nq, rerank), dtype=np.int64)
+        if m == 0:
+            dist.fill(-np.inf)
+            labels.fill(-1)
+            return dist, labels
+        params = faiss.SearchParametersIVF()
+        params.nprobe = m
+        if selection is not None:
+            params.sel = selection.row_params.sel
+        coarse = np.zeros((nq, m), dtype=np.float32)  # unused by the flat inverted lists
+        self.ivf.search_preassigned_c(
+            nq,
+            faiss.swig_ptr(q32),
+            rerank,
+            faiss.swig_ptr(lists),
+            faiss.swig_ptr(coarse),
+            faiss.swig_ptr(dist),
+            faiss.swig_ptr(labels),
+            False,
+            params,
+        )
+        return dist, labels
+
+    def _error(self, exact_index: Any, queries: np.ndarray) -> np.ndarray:
+        """``(B,)`` float32 score error bound for the partitioned items."""
         bounds = exact_index.error_bounds(queries)
         in_parts = [g for g in range(bounds.shape[1]) if g not in self.exact_groups]
-        err = bounds[:, in_parts].max(axis=1) if in_parts else np.zeros(nq)
-        dropped = np.where(labels[:, -1] >= 0, dist[:, -1].astype(np.float64) + err, -np.inf)
-        return np.maximum(ub_next, dropped)
+        return bounds[:, in_parts].max(axis=1) if in_parts else np.zeros(queries.shape[0])
 
     def _selected_lists(self, selection: Any) -> faiss.SearchParameters:
         """Quantizer parameters that skip partitions holding no selected item (cached)."""
@@ -361,3 +511,47 @@ class ApproxIndex:
             counts = np.bincount(rows[rows >= 0], minlength=self.nlist)
             selection._approx_counts = counts
         return counts
+
+
+def _mark(mask: np.ndarray, query_rows: np.ndarray, lists: np.ndarray) -> None:
+    """Set ``mask[query_rows[b], lists[b, j]]`` for every valid (>= 0) partition id."""
+    b, j = np.nonzero(lists >= 0)
+    mask[query_rows[b], lists[b, j]] = True
+
+
+def _box_bound(
+    queries: np.ndarray,
+    points: np.ndarray,
+    std: np.ndarray | None,
+    mid: np.ndarray,
+    rad: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    slo: np.ndarray,
+    shi: np.ndarray,
+) -> np.ndarray:
+    """Rigorous upper bound of log q(z|x) over boxes, broadcasting over leading axes.
+
+    The smaller of (a) the lifted-space box bound ``<q, mid> + <|q|, rad>`` and (b) the
+    per-dimension (mu, sigma) box bound of the module docstring, plus a margin for float64
+    rounding.
+
+    Args:
+        queries: ``(..., 2d + 1)`` lifted queries; points, std: ``(..., d)`` (std None for points).
+        mid, rad: ``(..., 2d + 1)`` lifted box centre and half-width.
+        lo, hi, slo, shi: ``(..., d)`` mu and sigma boxes.
+    """
+    lifted = (queries * mid).sum(-1) + (np.abs(queries) * rad).sum(-1)
+    slack = 1e-12 * (np.abs(queries) * (np.abs(mid) + rad)).sum(-1)
+    dist = np.maximum(np.maximum(lo - points, points - hi), 0.0)
+    d2 = dist * dist
+    if std is not None:
+        d2 = d2 + std * std
+    slo2, shi2 = slo * slo, shi * shi
+    at_lo = -0.5 * d2 / slo2 - np.log(slo)
+    at_hi = -0.5 * d2 / shi2 - np.log(shi)
+    inside = -0.5 - 0.5 * np.log(np.maximum(d2, 1e-300))
+    term = np.where(d2 <= slo2, at_lo, np.where(d2 >= shi2, at_hi, inside))
+    box = term.sum(-1) - 0.5 * points.shape[-1] * LOG_2PI
+    bound = np.minimum(lifted, box)
+    return bound + slack + 1e-9 * (1.0 + np.abs(bound))

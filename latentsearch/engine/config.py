@@ -40,6 +40,10 @@ class EngineConfig:
     approx_nprobe: int | None = None
     # Candidates from the approximate scan that are reranked exactly in float64.
     approx_rerank: int = 64
+    # How exact mode finds the exact top-k when an approximate index exists: "partitions" scans the
+    # best partitions, then every partition whose rigorous upper bound reaches the k-th score found
+    # (branch and bound, typically a few % of the bank); "flat" screens every item.
+    exact_strategy: Literal["partitions", "flat"] = "partitions"
     # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
     approx_certify: bool = False
     # k-means iterations and the training sample size used to build the partitions.
@@ -61,6 +65,11 @@ class EngineConfig:
         _check_int(self, "exact_extra", minimum=0)
         if not self.scale_group_base > 1.0:
             raise InvalidArgumentError("scale_group_base must be > 1", field="scale_group_base")
+        if self.exact_strategy not in ("partitions", "flat"):
+            raise InvalidArgumentError(
+                f"exact_strategy must be partitions or flat, got {self.exact_strategy!r}",
+                field="exact_strategy",
+            )
         if self.metric != "inner_product":
             raise InvalidArgumentError("only the lifted inner_product metric is supported", field="metric")
 

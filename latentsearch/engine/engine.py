@@ -15,7 +15,7 @@ import numpy as np
 from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.config import EngineConfig, SearchMode
-from latentsearch.engine.exact import ExactIndex, Rescore, Selection, _rescore_padded, _topk
+from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.results import SearchResult
 from latentsearch.errors import InvalidArgumentError
@@ -227,9 +227,12 @@ class SearchEngine:
         selection = self._selection(labels)
         queries = lift_points(points) if std is None else lift_distributions(points, std)
         rescore = self._rescorer(points, std)
-        if resolved == "approx":
+        use_partitions = self.approx is not None and (
+            resolved == "approx" or self.config.exact_strategy == "partitions"
+        )
+        if use_partitions:
             assert self.approx is not None
-            cand, missed = self.approx.candidates(
+            rows, scores, certified = self.approx.search(
                 points,
                 std,
                 k=k_eff,
@@ -240,11 +243,9 @@ class SearchEngine:
                 extra=self.config.exact_extra,
                 rescore=rescore,
                 selection=selection,
+                exact=resolved == "exact",
                 certify=self.config.approx_certify,
             )
-            scores = _rescore_padded(rescore, np.arange(points.shape[0]), cand)
-            rows, scores = _topk(cand, scores, k_eff)
-            certified = missed < scores[:, k_eff - 1]
         else:
             rows, scores = self.exact.search(
                 queries, k_eff, extra=self.config.exact_extra, rescore=rescore, selection=selection

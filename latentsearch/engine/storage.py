@@ -11,6 +11,9 @@ Layout (``FORMAT_VERSION`` 1)::
     approx_boxes.npy     (4, L, d) float64: mu lo/hi and sigma lo/hi of every partition
     approx_lists.npy     (N,) int32 partition of every row (-1: on the exact path)
     approx_features.npy  (2, 2d) float64 centre and scale of the partitioning features
+    approx_lifted_boxes.npy (2, L, 2d + 1) float64 min and max lifted vector of every partition
+    approx_centred.npy   (3, L, d) float64 mean mu and box of (mu - mean) / sigma^2 per partition
+    approx_centred_c.npy (L,) float64 max centred constant per partition (see approx.py)
 
 Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
 exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
@@ -106,6 +109,9 @@ def save_engine(
             _save_npy(tmp, "approx_boxes.npy", np.stack([approx.lo, approx.hi, approx.slo, approx.shi]))
             _save_npy(tmp, "approx_lists.npy", approx.list_of_row)
             _save_npy(tmp, "approx_features.npy", approx.features)
+            _save_npy(tmp, "approx_lifted_boxes.npy", approx.lifted_box)
+            _save_npy(tmp, "approx_centred.npy", approx.centred)
+            _save_npy(tmp, "approx_centred_c.npy", approx.centred_c)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,
@@ -241,6 +247,9 @@ def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -
     boxes = _load_npy(path, "approx_boxes.npy", False, np.float64, (4, nlist, d))
     lists = _load_npy(path, "approx_lists.npy", False, np.int32, (n,))
     features = _load_npy(path, "approx_features.npy", False, np.float64, (2, 2 * d))
+    lifted_box = _load_npy(path, "approx_lifted_boxes.npy", False, np.float64, (2, nlist, 2 * d + 1))
+    centred = _load_npy(path, "approx_centred.npy", False, np.float64, (3, nlist, d))
+    centred_c = _load_npy(path, "approx_centred_c.npy", False, np.float64, (nlist,))
     return ApproxIndex(
         ivf=ivf,
         lo=boxes[0],
@@ -252,4 +261,7 @@ def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -
         factory=str(meta["factory"]),
         nprobe=int(meta["nprobe"]),
         features=features,
+        lifted_box=lifted_box,
+        centred=centred,
+        centred_c=centred_c,
     )

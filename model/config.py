@@ -1,0 +1,189 @@
+"""Typed configuration of the VAE and of its training, with every default in one place.
+
+Both configs are frozen keyword-only dataclasses that round-trip through plain JSON
+(:meth:`to_dict` / :meth:`from_dict`), so a checkpoint's ``config.json`` is the config itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from latentsearch.errors import InvalidArgumentError
+
+__all__ = [
+    "Architecture",
+    "Likelihood",
+    "Normalization",
+    "TrainConfig",
+    "VAEConfig",
+]
+
+Architecture = Literal["conv", "mlp"]
+Likelihood = Literal["bernoulli", "gaussian"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Normalization:
+    """How raw data units become the network's input: ``x_norm = (x - shift) * scale``.
+
+    ``shift`` and ``scale`` are scalars (images: ``shift=0, scale=1/255`` for uint8 pixels, ``1``
+    for float pixels already in [0, 1]) or per-feature lists of length D (feature vectors:
+    standardisation by the training mean and standard deviation).
+    """
+
+    # "scale": images, x / 255 (or x / 1); "standardize": per-feature (x - mean) / std.
+    kind: Literal["scale", "standardize"] = "scale"
+    # Subtracted first; a scalar or one value per feature.
+    shift: float | list[float] = 0.0
+    # Multiplied second; a scalar or one value per feature.
+    scale: float | list[float] = 1.0 / 255.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Normalization:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class VAEConfig:
+    """Architecture of a :class:`model.vae.VAE`. Defaults fit 28x28 grayscale images (Fashion-MNIST).
+
+    ``input_shape`` is one item in reader layout: ``(H, W, C)`` for images, ``(D,)`` for feature
+    vectors.
+    """
+
+    # "conv" for images (H, W, C), "mlp" for feature vectors (D,) (or flattened images).
+    arch: Architecture = "conv"
+    # One item's shape in reader layout: (H, W, C) images or (D,) features.
+    input_shape: tuple[int, ...] = (28, 28, 1)
+    # Latent dimension d.
+    latent_dim: int = 10
+    # Conv encoder channels per stride-2 stage (the decoder mirrors them).
+    channels: tuple[int, ...] = (16, 32)
+    # Width of the fully connected layers (conv: after the conv stack; mlp: every hidden layer).
+    hidden: int = 256
+    # Number of hidden layers of the MLP encoder/decoder (arch="mlp" only).
+    mlp_layers: int = 2
+    # "bernoulli" (BCE; data in [0, 1]) for images, "gaussian" (MSE-like, learned per-feature
+    # scale) for real-valued features.
+    likelihood: Likelihood = "bernoulli"
+    # Raw data units -> network input.
+    normalization: Normalization = field(default_factory=Normalization)
+    # Log-variance outputs are clamped to this range for numerical safety.
+    logvar_min: float = -12.0
+    logvar_max: float = 8.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "input_shape", tuple(int(s) for s in self.input_shape))
+        object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if isinstance(self.normalization, dict):
+            object.__setattr__(self, "normalization", Normalization.from_dict(self.normalization))
+        if self.arch not in ("conv", "mlp"):
+            raise InvalidArgumentError(f"arch must be 'conv' or 'mlp', got {self.arch!r}", field="arch")
+        if self.likelihood not in ("bernoulli", "gaussian"):
+            raise InvalidArgumentError(
+                f"likelihood must be 'bernoulli' or 'gaussian', got {self.likelihood!r}", field="likelihood"
+            )
+        if self.latent_dim < 1:
+            raise InvalidArgumentError(f"latent_dim must be >= 1, got {self.latent_dim}", field="latent_dim")
+        if not self.input_shape or any(s < 1 for s in self.input_shape):
+            raise InvalidArgumentError(f"bad input_shape {self.input_shape}", field="input_shape")
+        if self.arch == "conv":
+            if len(self.input_shape) != 3:
+                raise InvalidArgumentError(
+                    f"arch='conv' needs input_shape (H, W, C), got {self.input_shape}", field="input_shape"
+                )
+            if not self.channels:
+                raise InvalidArgumentError("arch='conv' needs at least one channel stage", field="channels")
+        if self.hidden < 1 or self.mlp_layers < 1:
+            raise InvalidArgumentError("hidden and mlp_layers must be >= 1", field="hidden")
+
+    @property
+    def input_size(self) -> int:
+        """Number of scalars in one item."""
+        n = 1
+        for s in self.input_shape:
+            n *= s
+        return n
+
+    def replace(self, **changes: Any) -> VAEConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["channels"] = list(self.channels)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VAEConfig:
+        return _from_dict(cls, d)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """Every knob of :func:`model.train.train`, with its default."""
+
+    # Passes over the training split (early stopping may end sooner).
+    epochs: int = 40
+    # Items per optimisation step.
+    batch_size: int = 64
+    # Adam learning rate at the peak of the schedule.
+    lr: float = 2e-3
+    # Decoupled weight decay (AdamW).
+    weight_decay: float = 0.0
+    # "cosine": warm start then cosine decay to lr * lr_min_ratio over `epochs`; "constant".
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    lr_min_ratio: float = 0.05
+    # Fraction of items held out for validation (chosen by seed; at least one item).
+    val_fraction: float = 0.15
+    # Weight of the KL term (beta-VAE); 1.0 is the standard ELBO.
+    beta: float = 1.0
+    # Epochs over which the KL weight ramps linearly from 0 to beta (0: no warm-up).
+    kl_warmup_epochs: int = 0
+    # Stop when validation -ELBO has not improved by `min_delta` nats for `patience` epochs.
+    patience: int = 8
+    min_delta: float = 0.05
+    # "auto": cuda when available, else cpu.
+    device: str = "auto"
+    # Seed of the split, initialisation, shuffling and sampling (CPU training is bit-reproducible).
+    seed: int = 0
+    # bf16 autocast on CUDA (ignored on CPU).
+    amp: bool = True
+    # Clip the global gradient norm (0: off).
+    grad_clip: float = 0.0
+    # Show a tqdm progress bar.
+    progress: bool = True
+    # Cap on wall-clock training seconds (None: no cap); checked between epochs.
+    time_limit_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InvalidArgumentError("epochs and batch_size must be >= 1", field="epochs")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise InvalidArgumentError(
+                f"val_fraction must be in (0, 1), got {self.val_fraction}", field="val_fraction"
+            )
+        if self.lr <= 0 or self.beta < 0:
+            raise InvalidArgumentError("lr must be > 0 and beta >= 0", field="lr")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return _from_dict(cls, d)
+
+
+def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
+    names = {f.name for f in fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise InvalidArgumentError(f"unknown {cls.__name__} fields: {', '.join(unknown)}")
+    return cls(**d)

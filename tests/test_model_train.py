@@ -1,0 +1,112 @@
+"""Training: loss falls, CPU determinism, resume, early stop, the CLI without --data."""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from latentsearch.errors import FailedPreconditionError
+from model import cli as model_cli
+from model.checkpoint import WEIGHTS_FILE, load_checkpoint
+from model.config import TrainConfig, VAEConfig
+from model.readers import ArrayDataset
+from model.synthetic import NOTICE
+from model.train import TRAIN_STATE, default_vae_config, split_indices, train
+from tests.model_fixtures import tiny_images
+
+TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = {"epochs": 3, "batch_size": 16, "lr": 5e-3, "progress": False, "patience": 100}
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data() -> ArrayDataset:
+    return ArrayDataset(tiny_images(80, (12, 10, 1)), labels=np.arange(80) % 2)
+
+
+def test_tiny_model_loss_falls(data, tmp_path) -> None:
+    res = train(data, tmp_path / "m", config=_cfg(epochs=4), vae_config=TINY)
+    losses = [h["loss"] for h in res.history]
+    assert losses[-1] < losses[0]
+    assert res.history[-1]["val_neg_elbo"] < res.history[0]["val_neg_elbo"]
+    ck = load_checkpoint(tmp_path / "m")
+    assert ck.model_hash == res.model_hash
+    assert ck.config["data"]["fingerprint"] == data.fingerprint()
+    assert ck.config["data"]["n_val"] == 12 and ck.config["metrics"]["epoch"] == res.best_epoch
+
+
+def test_same_seed_same_weights(data, tmp_path) -> None:
+    a = train(data, tmp_path / "a", config=_cfg(seed=3), vae_config=TINY)
+    b = train(data, tmp_path / "b", config=_cfg(seed=3), vae_config=TINY)
+    assert (tmp_path / "a" / WEIGHTS_FILE).read_bytes() == (tmp_path / "b" / WEIGHTS_FILE).read_bytes()
+    assert a.model_hash == b.model_hash
+    c = train(data, tmp_path / "c", config=_cfg(seed=4), vae_config=TINY)
+    assert c.model_hash != a.model_hash
+
+
+def test_resume_continues_exactly(data, tmp_path) -> None:
+    full = train(data, tmp_path / "full", config=_cfg(), vae_config=TINY)
+    part = train(data, tmp_path / "part", config=_cfg(time_limit_s=0.0), vae_config=TINY)
+    assert part.epochs_run == 1 and part.stopped_early
+    with pytest.raises(FailedPreconditionError, match="--resume"):
+        train(data, tmp_path / "part", config=_cfg(), vae_config=TINY)
+    rest = train(data, tmp_path / "part", config=_cfg(), vae_config=TINY, resume=True)
+    assert rest.epochs_run == 3
+    assert [h["val_neg_elbo"] for h in rest.history] == [h["val_neg_elbo"] for h in full.history]
+    wa = load_file(str(tmp_path / "full" / WEIGHTS_FILE))
+    wb = load_file(str(tmp_path / "part" / WEIGHTS_FILE))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=0)
+    # resuming a finished run does nothing; --overwrite starts over
+    again = train(data, tmp_path / "part", config=_cfg(), vae_config=TINY, resume=True)
+    assert again.epochs_run == 3 and again.model_hash == rest.model_hash
+    more = train(data, tmp_path / "part", config=_cfg(epochs=4), vae_config=TINY, resume=True)
+    assert more.epochs_run == 4 and len(more.history) == 4
+    train(data, tmp_path / "part", config=_cfg(epochs=1), vae_config=TINY, overwrite=True)
+    assert torch.load(tmp_path / "part" / TRAIN_STATE, weights_only=True)["epoch"] == 1
+
+
+def test_early_stop_on_plateau(data, tmp_path) -> None:
+    res = train(data, tmp_path / "m", config=_cfg(epochs=20, patience=1, min_delta=1e9), vae_config=TINY)
+    assert res.stopped_early and res.epochs_run == 2 and res.best_epoch == 1
+
+
+def test_features_get_mlp_gaussian(tmp_path) -> None:
+    x = np.random.default_rng(0).standard_normal((60, 5)) * 3 + 7
+    ds = ArrayDataset(x.astype(np.float32))
+    tr, va = split_indices(len(ds), 0.15, 0)
+    assert len(va) == 9 and len(np.intersect1d(tr, va)) == 0
+    cfg = default_vae_config(ds, latent_dim=2, train_rows=tr)
+    assert cfg.arch == "mlp" and cfg.likelihood == "gaussian"
+    np.testing.assert_allclose(cfg.normalization.shift, x[tr].mean(0), rtol=1e-5)
+    res = train(ds, tmp_path / "f", config=_cfg(epochs=2), vae_config=cfg.replace(hidden=16))
+    assert np.isfinite(res.best_val_neg_elbo)
+
+
+def test_cli_train_without_data_uses_generated_garments(tmp_path, capsys) -> None:
+    parser = argparse.ArgumentParser()
+    model_cli.register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(
+        ["train", "--out", str(tmp_path / "m"), "--epochs", "1", "--max-items", "120", "--no-progress"]
+    )
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert NOTICE in out and "model written to" in out
+    ck = load_checkpoint(tmp_path / "m")
+    assert ck.config["data"]["source"].startswith("generated:garments")
+    assert ck.model.latent_dim == 10 and ck.model.input_shape == (28, 28, 1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_training_bf16(data, tmp_path) -> None:
+    res = train(data, tmp_path / "g", config=_cfg(device="cuda", epochs=2), vae_config=TINY)
+    assert np.isfinite(res.best_val_neg_elbo)
