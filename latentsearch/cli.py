@@ -31,6 +31,9 @@ def build_parser() -> argparse.ArgumentParser:
         model_cli = None
     if model_cli is not None:
         model_cli.register_cli(sub)
+    from indexer import cli as indexer_cli
+
+    indexer_cli.register_cli(sub)
     return parser
 
 

@@ -46,9 +46,10 @@ class EngineConfig:
     exact_strategy: Literal["partitions", "flat"] = "partitions"
     # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
     approx_certify: bool = False
-    # k-means iterations and the training sample size used to build the partitions.
-    kmeans_iters: int = 20
-    kmeans_sample: int = 262_144
+    # k-means iterations and training sample used to build the partitions. At 1M items these
+    # build in ~20 s; 2x the sample and iterations took 2.5x longer for no measurable recall gain.
+    kmeans_iters: int = 10
+    kmeans_sample: int = 131_072
     # Seed for every random choice made while building.
     seed: int = 0
     # FAISS / BLAS threads (None: leave the library default, all cores).

@@ -1,0 +1,519 @@
+"""A versioned index root: immutable versions, an atomically swapped ``CURRENT`` pointer.
+
+Layout::
+
+    INDEX_ROOT/
+      CURRENT                      the current version id + newline (replaced atomically)
+      .lock                        flock held by writers (publish, rollback, prune, cleanup)
+      versions/<version>/          one immutable directory per published version
+        engine/                    SearchEngine.save() output (its own manifest and checksums)
+        manifest.json              version manifest: counts, model hash, dataset fingerprint,
+                                   engine/FAISS parameters, size + sha256 of every file
+        manifest.sha256            sha256 of manifest.json
+      .tmp-<random>/               a job's staging directory (same filesystem), renamed into
+                                   versions/ when complete; ``.owner.lock`` is flocked by its job
+      .trash-<version>-<random>/   a version being deleted by retention
+
+Version ids are ``YYYYmmddTHHMMSS.ffffffZ-<6 hex>`` (UTC), assigned at publish time under the
+lock, so sorting by name is publish order.
+
+Crash safety: a version is complete before it is renamed into ``versions/`` (every file and the
+directories fsynced), and ``CURRENT`` is only replaced after that rename (write temp, fsync,
+``os.replace``, fsync the root). A job killed at any moment leaves the previous ``CURRENT`` and its
+version intact; its staging directory is removed by the next writer (its ``.owner.lock`` is no
+longer held: flock locks die with their process). Readers take no lock. flock needs a local
+filesystem (or one with working flock, e.g. NFSv4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+from latentsearch.engine.storage import file_digest, read_manifest
+from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError, UnavailableError
+
+if TYPE_CHECKING:
+    from latentsearch.engine.engine import SearchEngine
+
+__all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo"]
+
+log = logging.getLogger(__name__)
+
+VERSION_FORMAT = "latentsearch.index-version"
+VERSION_FORMAT_VERSION = 1
+CURRENT_FILE = "CURRENT"
+LOCK_FILE = ".lock"
+VERSIONS_DIR = "versions"
+ENGINE_DIR = "engine"
+MANIFEST = "manifest.json"
+MANIFEST_SHA = "manifest.sha256"
+OWNER_LOCK = ".owner.lock"
+_VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _new_version_id(after: str | None) -> str:
+    now = dt.datetime.now(dt.timezone.utc)
+    if after is not None:
+        last = dt.datetime.strptime(after[:22], "%Y%m%dT%H%M%S.%f").replace(tzinfo=dt.timezone.utc)
+        now = max(now, last + dt.timedelta(microseconds=1))
+    return f"{now:%Y%m%dT%H%M%S.%f}Z-{secrets.token_hex(3)}"
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One row of :meth:`IndexRoot.list`."""
+
+    version: str
+    current: bool
+    created: str | None
+    items: int | None
+    latent_dim: int | None
+    bytes: int
+    model_hash: str | None
+
+
+class Staging:
+    """A job's private staging directory under the root (see :meth:`IndexRoot.staging`).
+
+    Write the engine to :attr:`engine_dir` (``engine.save(staging.engine_dir)``); put scratch files
+    anywhere else under :attr:`path` (they are removed before publishing).
+    """
+
+    def __init__(self, path: Path, lock: IO[bytes]) -> None:
+        self.path = path
+        self._lock = lock
+        self.published: str | None = None
+
+    @property
+    def engine_dir(self) -> Path:
+        return self.path / ENGINE_DIR
+
+    def close(self) -> None:
+        if self.published is None:
+            shutil.rmtree(self.path, ignore_errors=True)
+        if not self._lock.closed:
+            self._lock.close()
+
+
+class IndexRoot:
+    """A directory of immutable index versions and a pointer to the current one.
+
+    The server calls :meth:`load_current` at start and polls :meth:`current` (one small file read)
+    to hot-reload when it changes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, create: bool = False) -> None:
+        self.path = Path(path)
+        if create:
+            (self.path / VERSIONS_DIR).mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_dir():
+            raise NotFoundError(f"{self.path}: no such index root", field="out")
+
+    def __repr__(self) -> str:
+        return f"IndexRoot({str(self.path)!r})"
+
+    # -- reading ------------------------------------------------------------------------------
+    @property
+    def versions_dir(self) -> Path:
+        return self.path / VERSIONS_DIR
+
+    def current(self) -> str | None:
+        """The current version id, or ``None`` when nothing has been published."""
+        try:
+            text = (self.path / CURRENT_FILE).read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CorruptIndexError(f"{self.path / CURRENT_FILE} is unreadable: {exc}") from exc
+        if not _VERSION_RE.match(text):
+            raise CorruptIndexError(f"{self.path / CURRENT_FILE} holds {text[:80]!r}, not a version id")
+        return text
+
+    def versions(self) -> list[str]:
+        """Published version ids, oldest first."""
+        try:
+            names = [p.name for p in self.versions_dir.iterdir() if p.is_dir() and _VERSION_RE.match(p.name)]
+        except FileNotFoundError:
+            return []
+        return sorted(names)
+
+    def version_dir(self, version: str) -> Path:
+        if not isinstance(version, str) or not _VERSION_RE.match(version):
+            raise InvalidArgumentError(f"{version!r} is not a version id", field="version")
+        path = self.versions_dir / version
+        if not path.is_dir():
+            raise NotFoundError(f"{self.path}: no version {version}", field="version")
+        return path
+
+    def manifest(self, version: str) -> dict[str, Any]:
+        """The version's manifest.json (raises CorruptIndexError when unreadable)."""
+        mpath = self.version_dir(version) / MANIFEST
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise CorruptIndexError(f"{mpath} is missing") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CorruptIndexError(f"{mpath} is unreadable: {exc}") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != VERSION_FORMAT:
+            raise CorruptIndexError(f"{mpath} is not a {VERSION_FORMAT} manifest")
+        if manifest.get("format_version") != VERSION_FORMAT_VERSION:
+            raise CorruptIndexError(
+                f"{mpath} has format_version {manifest.get('format_version')!r}; "
+                f"this build reads {VERSION_FORMAT_VERSION}"
+            )
+        return manifest
+
+    def list(self) -> list[VersionInfo]:
+        """Every version, oldest first, with its manifest summary (``None`` fields when unreadable)."""
+        cur = self.current()
+        rows = []
+        for v in self.versions():
+            try:
+                m = self.manifest(v)
+            except (CorruptIndexError, NotFoundError):
+                m = {}
+            rows.append(
+                VersionInfo(
+                    version=v,
+                    current=v == cur,
+                    created=m.get("created"),
+                    items=m.get("items"),
+                    latent_dim=m.get("latent_dim"),
+                    bytes=_dir_bytes(self.versions_dir / v),
+                    model_hash=m.get("model_hash"),
+                )
+            )
+        return rows
+
+    def check(self, version: str) -> list[str]:
+        """Every integrity problem of ``version`` (empty when it verifies): one line per bad file."""
+        vdir = self.version_dir(version)
+        problems: list[str] = []
+        mpath = vdir / MANIFEST
+        try:
+            expected = (vdir / MANIFEST_SHA).read_text(encoding="utf-8").split()[0]
+            if file_digest(mpath) != expected:
+                problems.append(f"{mpath}: fails its sha256 checksum ({MANIFEST_SHA})")
+                return problems
+        except (OSError, IndexError) as exc:
+            problems.append(f"{vdir / MANIFEST_SHA}: unreadable or missing ({exc})")
+            return problems
+        try:
+            manifest = self.manifest(version)
+        except CorruptIndexError as exc:
+            return [str(exc)]
+        files: dict[str, dict[str, Any]] = manifest.get("files", {})
+        for name, meta in sorted(files.items()):
+            fpath = vdir / name
+            try:
+                size = fpath.stat().st_size
+            except FileNotFoundError:
+                problems.append(f"{fpath}: missing")
+                continue
+            if size != meta.get("bytes"):
+                problems.append(f"{fpath}: {size} bytes, manifest says {meta.get('bytes')} (truncated?)")
+            elif file_digest(fpath) != meta.get("sha256"):
+                problems.append(f"{fpath}: fails its sha256 checksum")
+        listed = set(files) | {MANIFEST, MANIFEST_SHA}
+        for p in sorted(vdir.rglob("*")):
+            rel = p.relative_to(vdir).as_posix()
+            if p.is_file() and rel not in listed:
+                problems.append(f"{p}: not listed in the manifest")
+        return problems
+
+    def verify(self, version: str | None = None) -> str:
+        """Check every checksum of ``version`` (default: the current one); returns the version.
+
+        Raises:
+            CorruptIndexError: naming each bad file.
+            UnavailableError: no version given and nothing published.
+        """
+        version = version or self._require_current()
+        problems = self.check(version)
+        if problems:
+            raise CorruptIndexError(f"version {version} fails verification: " + "; ".join(problems))
+        return version
+
+    def load(self, version: str, *, verify: bool = False, mmap: bool = True) -> SearchEngine:
+        """Load ``version``'s engine (memory-mapped unless ``mmap=False``).
+
+        ``verify`` re-hashes every file of the version first.
+        """
+        from latentsearch.engine.engine import SearchEngine
+
+        vdir = self.version_dir(version)
+        if verify:
+            self.verify(version)
+        return SearchEngine.load(vdir / ENGINE_DIR, mmap=mmap, verify=False)
+
+    def load_current(self, *, verify: bool = False, mmap: bool = True) -> tuple[str, SearchEngine]:
+        """``(version, engine)`` of the current version.
+
+        Safe against a concurrent publish: when the version read from ``CURRENT`` disappears
+        (retention) while loading, the new current one is loaded instead.
+
+        Raises:
+            UnavailableError: nothing published yet.
+            CorruptIndexError: the current version's files are damaged.
+        """
+        for _ in range(5):
+            version = self._require_current()
+            try:
+                return version, self.load(version, verify=verify, mmap=mmap)
+            except (NotFoundError, CorruptIndexError):
+                if self.current() == version:
+                    raise
+                log.info("current version changed while loading %s; retrying", version)
+        version = self._require_current()
+        return version, self.load(version, verify=verify, mmap=mmap)
+
+    def _require_current(self) -> str:
+        version = self.current()
+        if version is None:
+            raise UnavailableError(f"{self.path}: no index version published yet")
+        return version
+
+    # -- writing ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.path / LOCK_FILE, "a+b") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Staging]:
+        """A private staging directory ``.tmp-<random>`` on the root's filesystem.
+
+        Removed on exit unless it was published. Stale staging directories of dead jobs are
+        removed first.
+        """
+        self.clean_stale()
+        with self._locked():
+            path = self.path / f".tmp-{secrets.token_hex(6)}"
+            path.mkdir()
+            lock = open(path / OWNER_LOCK, "wb")  # noqa: SIM115 - held for the staging's lifetime
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        staging = Staging(path, lock)
+        try:
+            yield staging
+        finally:
+            staging.close()
+
+    def clean_stale(self) -> list[Path]:
+        """Remove staging/trash directories and temp files left by dead jobs; returns what was removed."""
+        removed: list[Path] = []
+        if not self.path.is_dir():
+            return removed
+        with self._locked():
+            for p in sorted(self.path.iterdir()):
+                if p.name.startswith(".tmp-") and p.is_dir():
+                    if self._owner_alive(p):
+                        continue
+                elif p.name.startswith(".trash-") and p.is_dir():
+                    pass
+                elif p.name.startswith(f"{CURRENT_FILE}.tmp-") and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+                    continue
+                else:
+                    continue
+                shutil.rmtree(p, ignore_errors=True)
+                removed.append(p)
+        if removed:
+            log.info("removed %d stale temporary entries from %s", len(removed), self.path)
+        return removed
+
+    @staticmethod
+    def _owner_alive(path: Path) -> bool:
+        try:
+            fh = open(path / OWNER_LOCK, "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return False
+        with fh:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            return False
+
+    def _swap_current(self, version: str) -> None:
+        """Point ``CURRENT`` at ``version`` atomically (caller holds the lock)."""
+        tmp = self.path / f"{CURRENT_FILE}.tmp-{secrets.token_hex(6)}"
+        try:
+            _write_durable(tmp, (version + "\n").encode())
+            os.replace(tmp, self.path / CURRENT_FILE)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.path)
+
+    def publish_staged(
+        self, staging: Staging, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
+    ) -> str:
+        """Publish the engine saved in ``staging.engine_dir`` as a new version and make it current.
+
+        Scratch files under ``staging.path`` are removed, every file is hashed into the version
+        manifest, the directory is fsynced and renamed into ``versions/``, then ``CURRENT`` is
+        swapped. ``metadata`` (JSON) is stored in the manifest; its ``model_hash`` and
+        ``dataset_fingerprint`` keys are also promoted to the top level. ``keep``: retention
+        (``None``: keep everything).
+
+        Returns:
+            The new version id.
+        """
+        metadata = dict(metadata or {})
+        engine_manifest = read_manifest(staging.engine_dir)
+        for p in list(staging.path.iterdir()):
+            if p.name not in (ENGINE_DIR, OWNER_LOCK):
+                if p.is_dir():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+        files = {}
+        for p in sorted(staging.engine_dir.rglob("*")):
+            if p.is_file():
+                files[p.relative_to(staging.path).as_posix()] = {
+                    "bytes": p.stat().st_size,
+                    "sha256": file_digest(p),
+                }
+        _fsync_dir(staging.engine_dir)
+        with self._locked():
+            version = _new_version_id(self.versions()[-1] if self.versions() else None)
+            now = time.time()
+            approx = engine_manifest.get("approx")
+            manifest = {
+                "format": VERSION_FORMAT,
+                "format_version": VERSION_FORMAT_VERSION,
+                "version": version,
+                "created": dt.datetime.fromtimestamp(now, dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+                "created_unix": now,
+                "items": engine_manifest["items"],
+                "latent_dim": engine_manifest["latent_dim"],
+                "has_ids": engine_manifest.get("has_ids"),
+                "has_labels": engine_manifest.get("has_labels"),
+                "model_hash": metadata.get("model_hash"),
+                "dataset_fingerprint": metadata.get("dataset_fingerprint"),
+                "engine": {
+                    "config": engine_manifest.get("config"),
+                    "exact": engine_manifest.get("exact"),
+                    "approx": approx,
+                },
+                "faiss": {
+                    "version": engine_manifest.get("versions", {}).get("faiss"),
+                    "metric": "inner_product",
+                    "exact_factory": engine_manifest.get("exact", {}).get("factory"),
+                    "approx_factory": None if approx is None else approx.get("factory"),
+                    "nlist": None if approx is None else approx.get("nlist"),
+                    "nprobe": None if approx is None else approx.get("nprobe"),
+                },
+                "metadata": metadata,
+                "files": files,
+            }
+            data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+            (staging.path / OWNER_LOCK).unlink(missing_ok=True)
+            _write_durable(staging.path / MANIFEST, data)
+            digest = file_digest(staging.path / MANIFEST)
+            _write_durable(staging.path / MANIFEST_SHA, f"{digest}  {MANIFEST}\n".encode())
+            _fsync_dir(staging.path)
+            self.versions_dir.mkdir(parents=True, exist_ok=True)
+            os.replace(staging.path, self.versions_dir / version)
+            staging.published = version
+            _fsync_dir(self.versions_dir)
+            self._swap_current(version)
+            log.info("published version %s (%d items) in %s", version, manifest["items"], self.path)
+            if keep is not None:
+                self._prune_locked(keep)
+        return version
+
+    def publish_engine(
+        self, engine: SearchEngine, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
+    ) -> str:
+        """Save ``engine`` and publish it as the new current version; returns the version id."""
+        with self.staging() as staging:
+            engine.save(staging.engine_dir, extra=metadata)
+            return self.publish_staged(staging, metadata, keep=keep)
+
+    def rollback(self, version: str | None = None, *, verify: bool = True) -> str:
+        """Point ``CURRENT`` at ``version`` (default: the newest version older than the current one).
+
+        The target is verified first (``verify=False``: only its manifest is read).
+
+        Raises:
+            NotFoundError: no such version / no older version.
+            CorruptIndexError: the target fails verification.
+        """
+        with self._locked():
+            cur = self.current()
+            if version is None:
+                older = [v for v in self.versions() if cur is None or v < cur]
+                if not older:
+                    raise NotFoundError(f"{self.path}: no version older than {cur} to roll back to")
+                version = older[-1]
+            if verify:
+                self.verify(version)
+            else:
+                self.manifest(version)
+            if version != cur:
+                self._swap_current(version)
+            log.info("current version of %s is now %s (was %s)", self.path, version, cur)
+        return version
+
+    def prune(self, keep: int = 3) -> list[str]:
+        """Delete all but the ``keep`` newest versions (never the current one); returns the deleted ids."""
+        with self._locked():
+            return self._prune_locked(keep)
+
+    def _prune_locked(self, keep: int) -> list[str]:
+        if keep < 1:
+            raise InvalidArgumentError(f"keep must be >= 1, got {keep}", field="keep")
+        versions = self.versions()
+        cur = self.current()
+        doomed = [v for v in versions[:-keep] if v != cur]
+        for v in doomed:
+            trash = self.path / f".trash-{v}-{secrets.token_hex(4)}"
+            os.replace(self.versions_dir / v, trash)
+            _fsync_dir(self.versions_dir)
+            shutil.rmtree(trash, ignore_errors=True)
+            log.info("retention: deleted version %s", v)
+        return doomed
+
+    def disk_bytes(self, version: str) -> int:
+        """Bytes on disk of ``version``'s directory."""
+        return _dir_bytes(self.version_dir(version))
