@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from latentsearch.engine.storage import file_digest, read_manifest
+from latentsearch.engine.storage import file_digest, fsync_dir, read_json_manifest, read_manifest
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError, UnavailableError
 
 if TYPE_CHECKING:
@@ -62,14 +62,6 @@ MANIFEST = "manifest.json"
 MANIFEST_SHA = "manifest.sha256"
 OWNER_LOCK = ".owner.lock"
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_durable(path: Path, data: bytes) -> None:
@@ -179,21 +171,9 @@ class IndexRoot:
 
     def manifest(self, version: str) -> dict[str, Any]:
         """The version's manifest.json (raises CorruptIndexError when unreadable)."""
-        mpath = self.version_dir(version) / MANIFEST
-        try:
-            manifest = json.loads(mpath.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise CorruptIndexError(f"{mpath} is missing") from exc
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CorruptIndexError(f"{mpath} is unreadable: {exc}") from exc
-        if not isinstance(manifest, dict) or manifest.get("format") != VERSION_FORMAT:
-            raise CorruptIndexError(f"{mpath} is not a {VERSION_FORMAT} manifest")
-        if manifest.get("format_version") != VERSION_FORMAT_VERSION:
-            raise CorruptIndexError(
-                f"{mpath} has format_version {manifest.get('format_version')!r}; "
-                f"this build reads {VERSION_FORMAT_VERSION}"
-            )
-        return manifest
+        return read_json_manifest(
+            self.version_dir(version) / MANIFEST, VERSION_FORMAT, VERSION_FORMAT_VERSION
+        )
 
     def list(self) -> list[VersionInfo]:
         """Every version, oldest first, with its manifest summary (``None`` fields when unreadable)."""
@@ -382,7 +362,7 @@ class IndexRoot:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.path)
+        fsync_dir(self.path)
 
     def publish_staged(
         self, staging: Staging, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
@@ -413,7 +393,7 @@ class IndexRoot:
                     "bytes": p.stat().st_size,
                     "sha256": file_digest(p),
                 }
-        _fsync_dir(staging.engine_dir)
+        fsync_dir(staging.engine_dir)
         with self._locked():
             version = _new_version_id(self.versions()[-1] if self.versions() else None)
             now = time.time()
@@ -451,11 +431,11 @@ class IndexRoot:
             _write_durable(staging.path / MANIFEST, data)
             digest = file_digest(staging.path / MANIFEST)
             _write_durable(staging.path / MANIFEST_SHA, f"{digest}  {MANIFEST}\n".encode())
-            _fsync_dir(staging.path)
+            fsync_dir(staging.path)
             self.versions_dir.mkdir(parents=True, exist_ok=True)
             os.replace(staging.path, self.versions_dir / version)
             staging.published = version
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
             self._swap_current(version)
             log.info("published version %s (%d items) in %s", version, manifest["items"], self.path)
             if keep is not None:
@@ -509,7 +489,7 @@ class IndexRoot:
         for v in doomed:
             trash = self.path / f".trash-{v}-{secrets.token_hex(4)}"
             os.replace(self.versions_dir / v, trash)
-            _fsync_dir(self.versions_dir)
+            fsync_dir(self.versions_dir)
             shutil.rmtree(trash, ignore_errors=True)
             log.info("retention: deleted version %s", v)
         return doomed

@@ -43,7 +43,16 @@ from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoun
 if TYPE_CHECKING:
     from latentsearch.engine.engine import SearchEngine
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "file_digest", "load_engine", "read_manifest", "save_engine"]
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "file_digest",
+    "fsync_dir",
+    "load_engine",
+    "read_json_manifest",
+    "read_manifest",
+    "save_engine",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +70,8 @@ def file_digest(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """fsync a directory so renames and new entries in it are durable."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -136,13 +146,13 @@ def save_engine(
             json.dump(manifest, fh, indent=2, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if path.exists():
             old = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:12]}"
             os.replace(path, old)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
@@ -157,19 +167,28 @@ def read_manifest(path: Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_dir():
         raise NotFoundError(f"no engine directory at {path}", field="path")
-    mpath = path / MANIFEST
+    return read_json_manifest(
+        path / MANIFEST, FORMAT_NAME, FORMAT_VERSION, missing="half-written or not an engine directory"
+    )
+
+
+def read_json_manifest(mpath: Path, fmt: str, version: int, *, missing: str = "") -> dict[str, Any]:
+    """Parse a JSON manifest and check its ``format`` and ``format_version`` fields.
+
+    Raises:
+        CorruptIndexError: missing, unreadable, another format, or another format version.
+    """
     try:
         manifest = json.loads(mpath.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
-        raise CorruptIndexError(f"{mpath} is missing (half-written or not an engine directory)") from exc
+        raise CorruptIndexError(f"{mpath} is missing" + (f" ({missing})" if missing else "")) from exc
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptIndexError(f"{mpath} is unreadable: {exc}") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT_NAME:
-        raise CorruptIndexError(f"{mpath} is not a {FORMAT_NAME} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        raise CorruptIndexError(f"{mpath} is not a {fmt} manifest")
+    if manifest.get("format_version") != version:
         raise CorruptIndexError(
-            f"{mpath} has format_version {manifest.get('format_version')!r}; "
-            f"this build reads {FORMAT_VERSION}"
+            f"{mpath} has format_version {manifest.get('format_version')!r}; this build reads {version}"
         )
     return manifest
 
