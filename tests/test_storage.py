@@ -83,7 +83,7 @@ def test_flipped_byte_is_caught_by_verify(saved: Path) -> None:
         SearchEngine.load(saved, verify=True)
 
 
-@pytest.mark.parametrize("name", ["mu.npy", "labels.npy", "approx.faiss", "ids.npy"])
+@pytest.mark.parametrize("name", ["mu.npy", "labels.npy", "approx.faiss", "ids.npy", "exact_groups.npy"])
 def test_truncated_file(saved: Path, name: str) -> None:
     path = saved / name
     os.truncate(path, path.stat().st_size // 2)
@@ -149,3 +149,16 @@ def test_exact_only_engine_round_trip(tmp_path: Path) -> None:
     assert loaded.approx is None and loaded.bank.ids is None and loaded.bank.labels is None
     z = rng.normal(size=(5, 3))
     assert _same(engine.search_batch(z, 50), loaded.search_batch(z, 50))
+
+
+def test_exact_groups_are_restored_without_building_flat_indexes(engine: SearchEngine, saved: Path) -> None:
+    loaded = SearchEngine.load(saved)
+    assert [len(g) for g in loaded.exact.groups] == [len(g) for g in engine.exact.groups]
+    for a, b in zip(loaded.exact.groups, engine.exact.groups, strict=True):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.absmax, b.absmax)
+        assert a.direct == b.direct
+    # Exact search over the partitions only touches the flat index of the outlier group.
+    loaded.search_batch(_queries(engine), 5, mode="exact")
+    big = max(range(len(loaded.exact.groups)), key=lambda g: len(loaded.exact.groups[g]))
+    assert not loaded.exact.groups[big].built

@@ -159,9 +159,7 @@ class ApproxIndex:
         n_items, d = mu.shape
         n = 2 * d + 1
         big = [
-            i
-            for i, g in enumerate(groups)
-            if g.index is not None and (len(g) >= 65_536 or len(g) >= 0.01 * n_items)
+            i for i, g in enumerate(groups) if not g.direct and (len(g) >= 65_536 or len(g) >= 0.01 * n_items)
         ]
         exact_groups = [i for i in range(len(groups)) if i not in big]
         rows = np.sort(np.concatenate([groups[i].rows for i in big])) if big else np.zeros(0, np.int64)

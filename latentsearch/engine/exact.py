@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -39,23 +39,59 @@ _FLOAT32_SAFE = 1e30  # lifted magnitudes above this are scored in float64 only
 _LIFT_CHUNK = 262_144
 
 
-@dataclass
 class ScaleGroup:
     """Items whose lifted vectors have similar magnitude.
 
     Attributes:
         rows: ``(n_g,)`` int64 bank rows, ascending.
         absmax: ``(n,)`` float64 ``max_i |x_ij|`` over the group's lifted vectors.
-        index: FAISS inner-product index over the float32 lifted vectors (local ids 0..n_g-1), or
-            ``None`` for a float64-only group.
+        direct: True for a float64-only group (lifted vectors too large for float32).
+        index: FAISS inner-product index over the group's float32 lifted vectors (local ids
+            0..n_g-1), built on first use: with an approximate index, exact search rarely needs it,
+            so loading a large bank neither lifts every item nor holds a second copy of them.
     """
 
-    rows: np.ndarray
-    absmax: np.ndarray
-    index: faiss.Index | None
+    def __init__(
+        self,
+        rows: np.ndarray,
+        absmax: np.ndarray,
+        *,
+        direct: bool,
+        mu: np.ndarray,
+        log_sigma: np.ndarray,
+        factory: str = "Flat",
+    ) -> None:
+        self.rows = rows
+        self.absmax = absmax
+        self.direct = direct
+        self._source = (mu, log_sigma)
+        self._factory = factory
+        self._index: faiss.Index | None = None
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return int(self.rows.shape[0])
+
+    @property
+    def built(self) -> bool:
+        return self._index is not None
+
+    @property
+    def index(self) -> faiss.Index:
+        """The group's FAISS index (built on first access, thread-safe)."""
+        if self.direct:
+            raise RuntimeError("a float64-only scale group has no FAISS index")
+        if self._index is None:
+            with self._lock:
+                if self._index is None:
+                    mu, log_sigma = self._source
+                    index = _factory_index(self._factory, self.absmax.size)
+                    for start in range(0, self.rows.size, _LIFT_CHUNK):
+                        chunk = self.rows[start : start + _LIFT_CHUNK]
+                        lifted = lift_items(mu[chunk], log_sigma[chunk])
+                        index.add(np.ascontiguousarray(lifted, dtype=np.float32))
+                    self._index = index
+        return self._index
 
 
 def _factory_index(factory: str, n: int) -> faiss.Index:
@@ -65,12 +101,21 @@ def _factory_index(factory: str, n: int) -> faiss.Index:
     return index
 
 
-class ExactIndex:
-    """Scale groups over a bank's lifted vectors; see the module docstring."""
+_DIRECT = np.iinfo(np.int64).max  # group key of the float64-only group
 
-    def __init__(self, groups: list[ScaleGroup], n_lifted: int) -> None:
+
+class ExactIndex:
+    """Scale groups over a bank's lifted vectors; see the module docstring.
+
+    Attributes:
+        groups: the scale groups, in increasing magnitude (a float64-only group last).
+        group_of_row: ``(N,)`` int16 group of every bank row (saved, so loading skips the lifting).
+    """
+
+    def __init__(self, groups: list[ScaleGroup], n_lifted: int, group_of_row: np.ndarray) -> None:
         self.groups = groups
         self.n_lifted = n_lifted
+        self.group_of_row = group_of_row
         self.kappa = error_coefficient(n_lifted)
         self.absmax = np.stack([g.absmax for g in groups], axis=1)  # (n, G)
 
@@ -79,33 +124,54 @@ class ExactIndex:
         cls, mu: np.ndarray, log_sigma: np.ndarray, *, base: float = 64.0, factory: str = "Flat"
     ) -> ExactIndex:
         """Lift ``(N, d)`` posteriors chunk by chunk and group them by lifted L1 magnitude."""
-        n_items, d = mu.shape
-        n = 2 * d + 1
+        n_items = mu.shape[0]
         keys = np.empty(n_items, dtype=np.int64)
+        absmax: dict[int, np.ndarray] = {}
         for start in range(0, n_items, _LIFT_CHUNK):
             stop = min(start + _LIFT_CHUNK, n_items)
-            lifted = lift_items(mu[start:stop], log_sigma[start:stop])
-            l1 = np.abs(lifted).sum(axis=1)
-            keys[start:stop] = np.floor(np.log(l1) / math.log(base)).astype(np.int64)
-            overflow = np.abs(lifted).max(axis=1) > _FLOAT32_SAFE
-            keys[start:stop][overflow] = np.iinfo(np.int64).max  # one float64-only group
-        groups: list[ScaleGroup] = []
-        for key in np.unique(keys):
-            rows = np.flatnonzero(keys == key).astype(np.int64)
-            direct = key == np.iinfo(np.int64).max
-            index = None if direct else _factory_index(factory, n)
-            absmax = np.zeros(n, dtype=np.float64)
-            for start in range(0, rows.size, _LIFT_CHUNK):
-                chunk = rows[start : start + _LIFT_CHUNK]
-                lifted = lift_items(mu[chunk], log_sigma[chunk])
-                np.maximum(absmax, np.abs(lifted).max(axis=0), out=absmax)
-                if index is not None:
-                    index.add(np.ascontiguousarray(lifted, dtype=np.float32))
-            groups.append(ScaleGroup(rows=rows, absmax=absmax, index=index))
-        log.debug(
-            "exact index: %d items in %d scale groups %s", n_items, len(groups), [len(g) for g in groups]
+            mag = np.abs(lift_items(mu[start:stop], log_sigma[start:stop]))
+            key = np.floor(np.log(mag.sum(axis=1)) / math.log(base)).astype(np.int64)
+            key[mag.max(axis=1) > _FLOAT32_SAFE] = _DIRECT
+            keys[start:stop] = key
+            for k in np.unique(key).tolist():
+                chunk_max = mag[key == k].max(axis=0)
+                absmax[k] = np.maximum(absmax[k], chunk_max) if k in absmax else chunk_max
+        order = sorted(absmax)
+        group_of_row = np.searchsorted(np.array(order, dtype=np.int64), keys).astype(np.int16)
+        return cls.from_groups(
+            mu,
+            log_sigma,
+            group_of_row,
+            [absmax[k] for k in order],
+            [k == _DIRECT for k in order],
+            factory=factory,
         )
-        return cls(groups, n)
+
+    @classmethod
+    def from_groups(
+        cls,
+        mu: np.ndarray,
+        log_sigma: np.ndarray,
+        group_of_row: np.ndarray,
+        absmax: list[np.ndarray],
+        direct: list[bool],
+        *,
+        factory: str = "Flat",
+    ) -> ExactIndex:
+        """Rebuild from a saved grouping (no lifting; FAISS indexes are built on first use)."""
+        groups = [
+            ScaleGroup(
+                np.flatnonzero(group_of_row == g).astype(np.int64),
+                np.asarray(absmax[g], dtype=np.float64),
+                direct=bool(direct[g]),
+                mu=mu,
+                log_sigma=log_sigma,
+                factory=factory,
+            )
+            for g in range(len(absmax))
+        ]
+        log.debug("exact index: %d scale groups %s", len(groups), [len(g) for g in groups])
+        return cls(groups, 2 * mu.shape[1] + 1, group_of_row)
 
     def error_bounds(self, queries: np.ndarray) -> np.ndarray:
         """``(B, G)`` float64 bound on the float32 score error of every item of each group."""
@@ -163,7 +229,7 @@ class ExactIndex:
             kg = min(screen, count)
             if kg == 0:
                 continue
-            if group.index is None:
+            if group.direct:
                 direct.append(gi)
                 continue
             dist, local = group.index.search(q32, kg, params=params)

@@ -5,6 +5,7 @@ Layout (``FORMAT_VERSION`` 1)::
     manifest.json        format, counts, engine config, FAISS parameters, size + sha256 of every file
     mu.npy               (N, d) float64
     log_sigma.npy        (N, d) float64
+    exact_groups.npy     (N,) int16 scale group of every row (group bounds are in the manifest)
     ids.npy              (N,) unicode, only when ids are not the row numbers
     labels.npy           (N,) int64, only when the bank has labels
     approx.faiss         IVF inner-product index, only when an approximate index was built
@@ -38,6 +39,7 @@ import numpy as np
 from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.config import EngineConfig
+from latentsearch.engine.exact import ExactIndex
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
 if TYPE_CHECKING:
@@ -109,6 +111,7 @@ def save_engine(
         bank = engine.bank
         _save_npy(tmp, "mu.npy", np.asarray(bank.mu, dtype=np.float64))
         _save_npy(tmp, "log_sigma.npy", np.asarray(bank.log_sigma, dtype=np.float64))
+        _save_npy(tmp, "exact_groups.npy", engine.exact.group_of_row)
         if bank.ids is not None:
             _save_npy(tmp, "ids.npy", bank.ids)
         if bank.labels is not None:
@@ -136,6 +139,8 @@ def save_engine(
                 "factory": engine.config.exact_factory,
                 "metric": "inner_product",
                 "scale_groups": [len(g) for g in engine.exact.groups],
+                "group_absmax": [g.absmax.tolist() for g in engine.exact.groups],
+                "group_direct": [g.direct for g in engine.exact.groups],
             },
             "approx": None if approx is None else {**approx.info(), "exact_groups": approx.exact_groups},
             "versions": {"faiss": faiss.__version__, "numpy": np.__version__},
@@ -246,7 +251,22 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False) -> Searc
         bank = PosteriorBank(mu, log_sigma, ids=ids, labels=labels, validate=verify)
     except InvalidArgumentError as exc:
         raise CorruptIndexError(f"{path} holds invalid posteriors: {exc}") from exc
-    engine = SearchEngine(bank, config)
+    groups = _load_npy(path, "exact_groups.npy", mmap, np.int16, (n,))
+    try:
+        meta = manifest["exact"]
+        exact = ExactIndex.from_groups(
+            mu,
+            log_sigma,
+            np.asarray(groups),
+            [np.asarray(a, dtype=np.float64) for a in meta["group_absmax"]],
+            [bool(v) for v in meta["group_direct"]],
+            factory=str(meta["factory"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptIndexError(f"{path / MANIFEST} has a bad 'exact' section: {exc}") from exc
+    if [len(g) for g in exact.groups] != meta["scale_groups"]:
+        raise CorruptIndexError(f"{path / 'exact_groups.npy'} does not match the manifest's scale groups")
+    engine = SearchEngine(bank, config, exact=exact)
     if manifest.get("approx") is not None:
         engine.approx = _load_approx(path, mmap, n, d, manifest["approx"])
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
