@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     from indexer import cli as indexer_cli
 
     indexer_cli.register_cli(sub)
+    from server import cli as server_cli
+
+    server_cli.register_cli(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Generated gRPC API packages (see proto/ and scripts/gen_proto.py)."""

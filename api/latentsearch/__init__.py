@@ -1,0 +1,1 @@
+"""latentsearch gRPC API."""

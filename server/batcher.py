@@ -1,0 +1,188 @@
+"""Dynamic micro-batching: concurrent requests sharing a key are answered by one blocking call.
+
+Requests wait in a bounded queue (full: RESOURCE_EXHAUSTED at once). A collector takes the first
+waiting request, keeps collecting for up to ``max_wait_ms`` or until ``max_batch`` requests, groups
+them by key and runs each group's function in the executor; callers whose deadline has already
+passed are answered DEADLINE_EXCEEDED without being computed. While every executor slot is busy the
+queue grows, so batches grow with load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import Any
+
+from latentsearch.errors import LatentSearchError, ResourceExhaustedError, UnavailableError
+
+__all__ = ["DeadlineExceededError", "MicroBatcher"]
+
+log = logging.getLogger(__name__)
+
+BatchFn = Callable[[Any, list[Any]], Sequence[Any]]
+
+
+class DeadlineExceededError(LatentSearchError):
+    """The caller's deadline passed before its request was computed."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+@dataclass
+class _Pending:
+    key: Hashable
+    item: Any
+    future: asyncio.Future[Any]
+    deadline: float | None  # loop.time() units
+
+
+class MicroBatcher:
+    """Groups concurrent :meth:`submit` calls with equal keys into one ``run(key, items)`` call.
+
+    Args:
+        run: blocking ``run(key, items) -> results`` (one result per item, in order); runs in
+            ``executor``.
+        max_batch: most requests collected into one round (all keys together).
+        max_wait_ms: how long a round keeps collecting after its first request (0: no wait).
+        queue_size: most requests waiting; beyond it :meth:`submit` raises ResourceExhaustedError.
+        max_concurrent: rounds computing at once (match the executor's threads).
+        on_batch: called with each group's size (metrics).
+        on_depth: called with the queue depth when it changes (metrics).
+    """
+
+    def __init__(
+        self,
+        run: BatchFn,
+        *,
+        executor: Executor,
+        max_batch: int = 64,
+        max_wait_ms: float = 2.0,
+        queue_size: int = 1024,
+        max_concurrent: int = 2,
+        on_batch: Callable[[int], None] | None = None,
+        on_depth: Callable[[int], None] | None = None,
+    ) -> None:
+        if max_batch < 1 or queue_size < 1 or max_concurrent < 1 or max_wait_ms < 0:
+            raise ValueError("max_batch, queue_size, max_concurrent must be >= 1 and max_wait_ms >= 0")
+        self._run = run
+        self._executor = executor
+        self.max_batch = max_batch
+        self.max_wait = max_wait_ms / 1000.0
+        self.queue_size = queue_size
+        self._on_batch = on_batch or (lambda n: None)
+        self._on_depth = on_depth or (lambda n: None)
+        self._queue: deque[_Pending] = deque()
+        self._wakeup = asyncio.Event()
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    def start(self) -> None:
+        """Start the collector (call from the event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._collect(), name="micro-batcher")
+
+    async def submit(self, key: Hashable, item: Any, *, deadline: float | None = None) -> Any:
+        """Queue ``item`` and wait for its result (its exception is raised here).
+
+        ``deadline`` is in ``loop.time()`` units; ``None``: no deadline.
+        """
+        loop = asyncio.get_running_loop()
+        if self._closed or self._task is None:
+            raise UnavailableError("the server is shutting down", field="server")
+        if deadline is not None and loop.time() >= deadline:
+            raise DeadlineExceededError("deadline exceeded before the request was queued", field="deadline")
+        if len(self._queue) >= self.queue_size:
+            raise ResourceExhaustedError(
+                f"request queue is full ({self.queue_size} waiting); retry later", field="queue"
+            )
+        fut: asyncio.Future[Any] = loop.create_future()
+        self._queue.append(_Pending(key, item, fut, deadline))
+        self._on_depth(len(self._queue))
+        self._wakeup.set()
+        return await fut
+
+    async def close(self) -> None:
+        """Refuse new requests, answer every queued one, then stop the collector."""
+        self._closed = True
+        self._wakeup.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+        if self._inflight:
+            await asyncio.gather(*self._inflight, return_exceptions=True)
+
+    # -- internals ----------------------------------------------------------------------------
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._queue:
+                if self._closed:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            batch = [self._queue.popleft()]
+            end = loop.time() + self.max_wait
+            while len(batch) < self.max_batch:
+                if self._queue:
+                    batch.append(self._queue.popleft())
+                    continue
+                remaining = end - loop.time()
+                if remaining <= 0 or self._closed:
+                    break
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), remaining)
+                except TimeoutError:
+                    break
+            await self._slots.acquire()
+            while len(batch) < self.max_batch and self._queue:  # arrived while waiting for a slot
+                batch.append(self._queue.popleft())
+            self._on_depth(len(self._queue))
+            task = loop.create_task(self._dispatch(batch))
+            self._inflight.add(task)
+            task.add_done_callback(self._inflight.discard)
+
+    async def _dispatch(self, batch: list[_Pending]) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            now = loop.time()
+            groups: dict[Hashable, list[_Pending]] = {}
+            for p in batch:
+                if p.future.done():  # the caller went away
+                    continue
+                if p.deadline is not None and now >= p.deadline:
+                    p.future.set_exception(
+                        DeadlineExceededError("deadline exceeded while queued", field="deadline")
+                    )
+                    continue
+                groups.setdefault(p.key, []).append(p)
+            for key, members in groups.items():
+                self._on_batch(len(members))
+                try:
+                    results = await loop.run_in_executor(
+                        self._executor, self._run, key, [p.item for p in members]
+                    )
+                    if len(results) != len(members):
+                        raise RuntimeError(
+                            f"batch function returned {len(results)} results for {len(members)}"
+                        )
+                except Exception as exc:
+                    for p in members:
+                        if not p.future.done():
+                            p.future.set_exception(exc)
+                    continue
+                for p, res in zip(members, results, strict=True):
+                    if not p.future.done():
+                        p.future.set_result(res)
+        finally:
+            self._slots.release()

@@ -1,0 +1,77 @@
+"""Prometheus metrics of one server, in its own registry (several servers can share a process)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+
+__all__ = ["ServerMetrics"]
+
+log = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+
+
+class ServerMetrics:
+    """Requests by method and code, latencies, batch sizes, queue depth and the served index."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "latentsearch_requests",
+            "RPCs answered, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "latentsearch_request_seconds",
+            "RPC latency in seconds, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "latentsearch_batch_size",
+            "Nearest calls answered by one search_batch",
+            buckets=_BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "latentsearch_queue_depth", "Nearest calls waiting to be batched", registry=r
+        )
+        self.index = Info("latentsearch_index", "The index version being served", registry=r)
+        self.items = Gauge("latentsearch_index_items", "Items in the served index", registry=r)
+        self.reloads = Counter(
+            "latentsearch_index_reloads", "Index reload attempts, by result", ["result"], registry=r
+        )
+        self._http: Any = None
+        self._thread: threading.Thread | None = None
+
+    def observe(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, code).inc()
+        self.latency.labels(method).observe(seconds)
+
+    def set_index(self, version: str, items: int) -> None:
+        self.index.info({"version": version})
+        self.items.set(items)
+
+    def serve(self, host: str, port: int) -> int:
+        """Expose ``/metrics`` over HTTP on ``host:port`` (0: any free port); returns the port."""
+        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        bound = int(self._http.server_port)
+        log.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

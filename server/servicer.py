@@ -1,0 +1,134 @@
+"""The grpc.aio servicer: a thin layer that runs :class:`EngineService` calls off the event loop and
+translates project errors to status codes (the only place they are translated)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from api.latentsearch.v1 import latentsearch_pb2 as pb
+from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.errors import LatentSearchError
+from server.batcher import MicroBatcher
+from server.engine_service import EngineService, NearestQuery, QueryKey, nearest_response
+from server.metrics import ServerMetrics
+
+__all__ = ["LatentSearchServicer", "run_nearest_group", "status_details"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def status_details(exc: LatentSearchError) -> str:
+    """The status details of a project error: ``"<field>: <message>"``."""
+    return f"{exc.field}: {exc.message}" if exc.field else exc.message
+
+
+class LatentSearchServicer(pb_grpc.LatentSearchServicer):
+    """Implements ``latentsearch.v1.LatentSearch``.
+
+    Args:
+        service: the core answering requests.
+        executor: where blocking work runs (FAISS and numpy release the GIL).
+        batcher: micro-batcher for Nearest (``None``: each call searched alone).
+        metrics: where request counts and latencies go (``None``: nowhere).
+    """
+
+    def __init__(
+        self,
+        service: EngineService,
+        *,
+        executor: Executor,
+        batcher: MicroBatcher | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
+        self.service = service
+        self.executor = executor
+        self.batcher = batcher
+        self.metrics = metrics
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    async def Nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
+        return await self._call("Nearest", context, lambda: self._nearest(request, context))
+
+    async def NearestBatch(
+        self, request: pb.NearestBatchRequest, context: aio.ServicerContext
+    ) -> pb.NearestBatchResponse:
+        return await self._call(
+            "NearestBatch", context, lambda: self._blocking(self.service.nearest_batch, request)
+        )
+
+    async def NearestToDistribution(
+        self, request: pb.NearestToDistributionRequest, context: aio.ServicerContext
+    ) -> pb.NearestToDistributionResponse:
+        return await self._call(
+            "NearestToDistribution",
+            context,
+            lambda: self._blocking(self.service.nearest_to_distribution, request),
+        )
+
+    async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext) -> pb.EncodeResponse:
+        return await self._call("Encode", context, lambda: self._blocking(self.service.encode, request))
+
+    async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> pb.DecodeResponse:
+        return await self._call("Decode", context, lambda: self._blocking(self.service.decode, request))
+
+    async def GetItem(self, request: pb.GetItemRequest, context: aio.ServicerContext) -> pb.GetItemResponse:
+        return await self._call("GetItem", context, lambda: self._blocking(self.service.get_item, request))
+
+    async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
+        return await self._call("Info", context, lambda: self._blocking(self.service.info, request))
+
+    # -- internals ----------------------------------------------------------------------------
+    async def _nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
+        query = self.service.parse_nearest(request)  # captures the snapshot that answers
+        if self.batcher is None:
+            results = await self._blocking(self.service.search_group, query.snapshot, query.key, [query.z])
+            return nearest_response(results[0], query.snapshot.version)
+        loop = asyncio.get_running_loop()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else loop.time() + remaining
+        result = await self.batcher.submit(query.key, query, deadline=deadline)
+        return nearest_response(result, query.snapshot.version)
+
+    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+    async def _call(self, method: str, context: aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return await fn()
+        except LatentSearchError as exc:
+            code = exc.grpc_code
+            status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+            await context.abort(status, status_details(exc))
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(method, code, time.perf_counter() - start)
+
+
+def run_nearest_group(service: EngineService) -> Callable[[QueryKey, list[NearestQuery]], list[Any]]:
+    """The batcher's function: one ``search_batch`` for queries sharing a key (and a snapshot)."""
+
+    def run(key: QueryKey, queries: list[NearestQuery]) -> list[Any]:
+        return service.search_group(queries[0].snapshot, key, [q.z for q in queries])
+
+    return run

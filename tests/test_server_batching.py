@@ -1,0 +1,118 @@
+"""Micro-batching: batched answers equal single answers; full queue; expired deadlines."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from api.latentsearch.v1 import latentsearch_pb2 as pb
+from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from indexer import IndexRoot
+from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
+
+__all__ = ["start_server"]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _block(srv):
+    """Make every search wait for ``release``; record each group's queries."""
+    service = srv.server.service
+    original = service.search_group
+    release, groups = threading.Event(), []
+
+    def blocking(snapshot, key, zs):
+        groups.append((key, [z.copy() for z in zs]))
+        assert release.wait(30)
+        return original(snapshot, key, zs)
+
+    service.search_group = blocking
+    return release, groups
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_concurrent_calls_equal_single_answers(tmp_path: Path, start_server, batching: bool) -> None:
+    root = tmp_path / "idx"
+    version = publish(root, make_engine(500, seed=4))
+    engine = IndexRoot(root).load(version)
+    srv = start_server(index=root, batching=batching, search_threads=1, max_batch=64, max_wait_ms=5)
+    release, groups = _block(srv)
+    rng = np.random.default_rng(0)
+    specs = []
+    for i in range(48):
+        k = (5, 10, 20)[i % 3]
+        labels = (None, [1], [0, 2])[i % 3 if i % 2 else 0]
+        specs.append((rng.normal(size=DIM), k, labels))
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        futures = [
+            stub.Nearest.future(pb.NearestRequest(z=z.tolist(), k=k, labels=labels or []), timeout=60)
+            for z, k, labels in specs
+        ]
+        wait_until(lambda: groups)
+        if batching:  # everything else is queued behind the blocked search
+            wait_until(lambda: srv.server._batcher.depth + len(groups) >= 2)
+        release.set()
+        for (z, k, labels), fut in zip(specs, futures, strict=True):
+            resp = fut.result(timeout=60)
+            expected = engine.search(z, k, labels=labels)
+            assert resp.index_version == version
+            assert [n.id for n in resp.neighbors] == expected.ids
+            np.testing.assert_array_equal([n.log_likelihood for n in resp.neighbors], expected.scores)
+    sizes = [len(zs) for _, zs in groups]
+    assert sum(sizes) == len(specs)
+    if batching:
+        assert max(sizes) > 1
+        for key, _ in groups:  # a group shares k, mode and labels
+            assert key.version == version
+    else:
+        assert max(sizes) == 1
+
+
+def test_full_queue_is_resource_exhausted(tmp_path: Path, start_server) -> None:
+    root = tmp_path / "idx"
+    publish(root, make_engine(100, seed=5))
+    srv = start_server(index=root, search_threads=1, max_batch=1, queue_size=1, max_wait_ms=0)
+    release, groups = _block(srv)
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        req = pb.NearestRequest(z=[0.0] * DIM, k=3)
+        running = stub.Nearest.future(req, timeout=60)
+        wait_until(lambda: groups)
+        waiting_slot = stub.Nearest.future(req, timeout=60)  # taken by the collector, waits for a slot
+        wait_until(lambda: srv.server._batcher.depth == 0 and not waiting_slot.done())
+        queued = stub.Nearest.future(req, timeout=60)
+        wait_until(lambda: srv.server._batcher.depth == 1)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Nearest(req, timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert err.value.details().startswith("queue:")
+        release.set()
+        for fut in (running, waiting_slot, queued):
+            assert len(fut.result(timeout=30).neighbors) == 3
+
+
+def test_expired_deadline_is_not_computed(tmp_path: Path, start_server) -> None:
+    root = tmp_path / "idx"
+    publish(root, make_engine(100, seed=6))
+    srv = start_server(index=root, search_threads=1, max_batch=1, max_wait_ms=0)
+    release, groups = _block(srv)
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        first = stub.Nearest.future(pb.NearestRequest(z=[0.0] * DIM), timeout=60)
+        wait_until(lambda: groups)
+        doomed_z = [9.0, 9.0, 9.0, 9.0]
+        doomed = stub.Nearest.future(pb.NearestRequest(z=doomed_z), timeout=0.2)
+        with pytest.raises(grpc.RpcError) as err:
+            doomed.result(timeout=30)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        release.set()
+        assert len(first.result(timeout=30).neighbors) == 10
+        # The server answers again, and never searched the expired request.
+        assert len(stub.Nearest(pb.NearestRequest(z=[0.0] * DIM, k=2), timeout=10).neighbors) == 2
+    searched = [z for _, zs in groups for z in zs]
+    assert not any(np.array_equal(z, doomed_z) for z in searched)

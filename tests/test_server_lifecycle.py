@@ -1,0 +1,139 @@
+"""Health transitions, hot reload under load, failed reloads, graceful shutdown with in-flight calls."""
+
+from __future__ import annotations
+
+import random
+import shutil
+import threading
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from api.latentsearch.v1 import latentsearch_pb2 as pb
+from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from indexer import IndexRoot
+from server import LatentSearchClient
+from tests.server_fixtures import DIM, health_rpc, make_engine, publish, start_server, wait_until
+
+__all__ = ["start_server"]
+
+pytestmark = pytest.mark.timeout(120)
+
+SERVING, NOT_SERVING = 1, 2
+
+
+def test_health_not_serving_until_index_then_serving_then_not_at_shutdown(
+    tmp_path: Path, start_server
+) -> None:
+    root = tmp_path / "idx"
+    IndexRoot(root, create=True)
+    srv = start_server(index=root, reload_interval=0.05)
+    assert health_rpc(srv.target) == NOT_SERVING
+    assert health_rpc(srv.target, "latentsearch.v1.LatentSearch") == NOT_SERVING
+    version = publish(root, make_engine(30, seed=1))
+    wait_until(lambda: health_rpc(srv.target) == SERVING)
+    assert health_rpc(srv.target, "latentsearch.v1.LatentSearch") == SERVING
+    with LatentSearchClient(srv.target) as client:
+        assert client.info()["index_version"] == version
+    srv.run(srv.server.stop(1.0))
+    assert srv.health_status() == NOT_SERVING
+    assert srv.health_status("latentsearch.v1.LatentSearch") == NOT_SERVING
+
+
+def test_hot_reload_under_load(tmp_path: Path, start_server) -> None:
+    root = tmp_path / "idx"
+    v1 = publish(root, make_engine(400, seed=1, prefix="a"))
+    srv = start_server(index=root, reload_interval=0.02, max_wait_ms=1.0)
+    engines = {v1: IndexRoot(root).load(v1)}
+    stop = threading.Event()
+    records: list[tuple[str, np.ndarray, int, list[str], list[float]]] = []
+    errors: list[BaseException] = []
+
+    def load(seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        with LatentSearchClient(srv.target) as client:
+            while not stop.is_set():
+                z, k = rng.normal(size=DIM), int(rng.integers(1, 12))
+                try:
+                    ans = client.nearest(z, k)
+                except grpc.RpcError as exc:  # pragma: no cover - the assertion below reports it
+                    errors.append(exc)
+                    return
+                records.append((ans.index_version, z, k, ans.ids, ans.scores.tolist()))
+
+    threads = [threading.Thread(target=load, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(records) > 20)
+        v2 = publish(root, make_engine(500, seed=2, prefix="b"))
+        engines[v2] = IndexRoot(root).load(v2)
+        wait_until(lambda: sum(r[0] == v2 for r in records) > 20)
+        v3 = publish(root, make_engine(350, seed=3, prefix="c"))
+        engines[v3] = IndexRoot(root).load(v3)
+        wait_until(lambda: sum(r[0] == v3 for r in records) > 20)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not errors, errors[:3]
+    seen = {r[0] for r in records}
+    assert seen == {v1, v2, v3}
+    for version, z, k, ids, scores in records:
+        expected = engines[version].search(z, k)
+        assert ids == expected.ids
+        np.testing.assert_array_equal(scores, expected.scores)
+
+
+def test_failed_version_keeps_serving_old(tmp_path: Path, start_server, caplog) -> None:
+    root = tmp_path / "idx"
+    v1 = publish(root, make_engine(60, seed=1))
+    srv = start_server(index=root)
+    v2 = publish(root, make_engine(70, seed=2))
+    shutil.rmtree(root / "versions" / v2 / "engine")
+    assert srv.run(srv.server.reload_now()) is False
+    assert srv.server.version == v1
+    assert "failed to load index version" in caplog.text
+    with LatentSearchClient(srv.target) as client:
+        assert client.info()["index_version"] == v1
+        assert len(client.nearest([0.0] * DIM, 5).hits) == 5
+    v3 = publish(root, make_engine(80, seed=3))  # a good version replaces it
+    assert srv.run(srv.server.reload_now()) is True
+    assert srv.server.version == v3
+
+
+def test_shutdown_lets_in_flight_calls_finish(tmp_path: Path, start_server) -> None:
+    root = tmp_path / "idx"
+    version = publish(root, make_engine(100, seed=1))
+    srv = start_server(index=root, search_threads=1, max_wait_ms=0, max_batch=1)
+    service = srv.server.service
+    release, entered = threading.Event(), threading.Event()
+    original = service.search_group
+
+    def blocking(snapshot, key, zs):
+        entered.set()
+        assert release.wait(30)
+        return original(snapshot, key, zs)
+
+    service.search_group = blocking
+    engine = IndexRoot(root).load(version)
+    zs = [np.array([random.Random(i).uniform(-1, 1) for _ in range(DIM)]) for i in range(3)]
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        futures = [stub.Nearest.future(pb.NearestRequest(z=z.tolist(), k=4), timeout=30) for z in zs]
+        assert entered.wait(10)
+        wait_until(lambda: srv.server._batcher is not None and srv.server._batcher.depth >= 1)
+        stopping = srv.submit(srv.server.stop(20))
+        wait_until(lambda: srv.health_status() == NOT_SERVING)
+        assert not stopping.done()
+        release.set()
+        for z, fut in zip(zs, futures, strict=True):
+            resp = fut.result(timeout=30)
+            assert resp.index_version == version
+            assert [n.id for n in resp.neighbors] == engine.search(z, 4).ids
+        stopping.result(30)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Nearest(pb.NearestRequest(z=[0.0] * DIM), timeout=2)
+        assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
