@@ -34,7 +34,6 @@ class SearchResult:
         mode: ``"exact"`` or ``"approx"``: how the candidates were found (scores are always exact).
         certified: True when the top-k is proven identical to the float64 brute force.
         kl: ``(k,)`` float64 ``KL(N(m, s^2) || q(z|x))`` for distribution queries with s > 0.
-        index_version: the index version that answered, when the engine knows it.
     """
 
     ids: list[str]
@@ -44,7 +43,6 @@ class SearchResult:
     mode: str
     certified: bool
     kl: np.ndarray | None = None
-    index_version: str | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
