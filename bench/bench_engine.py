@@ -169,6 +169,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         mu = data["mu"].astype(np.float64)
         log_sigma = 0.5 * data["logvar"] if "logvar" in data else data["log_sigma"]
         source = f"posteriors from {args.posteriors}"
+        sidecar = Path(args.posteriors + ".json")
+        if sidecar.exists():  # written by bench/model_bank.py
+            meta = json.loads(sidecar.read_text())
+            source += f" ({meta['items']:,} items: {meta['method']}; model hash {meta['model_hash'][:12]})"
     else:
         bank = vae_like_posteriors(args.n, args.d, seed=args.seed)
         mu, log_sigma = bank.mu, bank.log_sigma

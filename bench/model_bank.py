@@ -12,8 +12,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -50,8 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     bank = model_bank(args.model, args.n, seed=args.seed)
     np.savez(args.out, **bank)
     sigma = np.exp(0.5 * bank["logvar"])
-    print(f"{args.n} posteriors in {time.perf_counter() - t:.1f}s -> {args.out}; "
-          f"sigma median per dim {np.round(np.median(sigma, 0), 3).tolist()}")
+    from model.checkpoint import read_model_hash
+
+    provenance = {
+        "method": "z ~ N(0, I) decoded, Bernoulli-binarised, encoded (bench/model_bank.py)",
+        "model": str(Path(args.model).resolve()),
+        "model_hash": read_model_hash(args.model),
+        "items": args.n,
+        "seed": args.seed,
+        "sigma_median_per_dim": np.round(np.median(sigma, 0), 4).tolist(),
+    }
+    Path(args.out + ".json").write_text(json.dumps(provenance, indent=2))
+    print(
+        f"{args.n} posteriors in {time.perf_counter() - t:.1f}s -> {args.out}; "
+        f"sigma median per dim {np.round(np.median(sigma, 0), 3).tolist()}"
+    )
     return 0
 
 

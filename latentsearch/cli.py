@@ -22,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="latentsearch", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from latentsearch import demo
+    from latentsearch import quickstart
 
-    demo.register_cli(sub)
+    quickstart.register_cli(sub)
     try:
         from model import cli as model_cli
     except ImportError:  # pragma: no cover - model package always ships; guard keeps the CLI usable
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server import cli as server_cli
 
     server_cli.register_cli(sub)
+    from latentsearch import loadgen
+
+    loadgen.register_cli(sub)
     return parser
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "CorruptIndexError",
+    "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "LatentSearchError",
@@ -71,3 +72,9 @@ class ResourceExhaustedError(LatentSearchError, RuntimeError):
     """A bounded queue or size limit was exceeded."""
 
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class DeadlineExceededError(LatentSearchError):
+    """The caller's deadline passed before its request was computed."""
+
+    grpc_code = "DEADLINE_EXCEEDED"

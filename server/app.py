@@ -21,13 +21,14 @@ from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from indexer.root import IndexRoot
 from latentsearch.errors import InvalidArgumentError, LatentSearchError, UnavailableError
 from model.loader import LoadedModel, load_model
+from server.admission import AdmissionControl
 from server.auth import BearerTokenInterceptor
 from server.batcher import MicroBatcher
 from server.engine_service import EngineService, load_snapshot
 from server.metrics import ServerMetrics
 from server.servicer import LatentSearchServicer, run_nearest_group
 
-__all__ = ["SERVICE_NAME", "LatentSearchServer", "ServerConfig", "serve"]
+__all__ = ["SERVICE_NAME", "LatentSearchServer", "ServerConfig", "grpc_options", "serve"]
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +56,13 @@ class ServerConfig:
     # Most Nearest calls answered by one search round, and how long a round waits to fill.
     max_batch: int = 64
     max_wait_ms: float = 2.0
-    # Most Nearest calls waiting for a round; beyond it calls fail RESOURCE_EXHAUSTED at once.
+    # Most Nearest calls waiting for a round (and, apart, most other calls queued for or running on
+    # the search threads, Nearest too when batching is off); beyond it RESOURCE_EXHAUSTED at once.
     queue_size: int = 1024
     # Threads running searches (FAISS and numpy release the GIL).
     search_threads: int = 2
+    # FAISS/OpenMP threads per batched search (None: cores // search_threads, at least 1).
+    faiss_threads: int | None = None
     # Seconds between polls of the index root's CURRENT (<= 0: no hot reload).
     reload_interval: float = 2.0
     # Re-hash every file of a version before serving it.
@@ -83,10 +87,20 @@ class ServerConfig:
             raise InvalidArgumentError(
                 "max_batch, queue_size and search_threads must be >= 1", field="max_batch"
             )
+        if self.faiss_threads is not None and self.faiss_threads < 1:
+            raise InvalidArgumentError("faiss_threads must be >= 1", field="faiss_threads")
         if self.max_wait_ms < 0:
             raise InvalidArgumentError("max_wait_ms must be >= 0", field="max_wait_ms")
         if self.token is not None and not self.token:
             raise InvalidArgumentError("token must be non-empty", field="token")
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """The grpc.aio server options of ``config`` (shared with the benchmark's echo server)."""
+    return [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+    ]
 
 
 class LatentSearchServer:
@@ -108,6 +122,7 @@ class LatentSearchServer:
         self._server: aio.Server | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._batcher: MicroBatcher | None = None
+        self._admission: AdmissionControl | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._failed_version: str | None = None
@@ -118,6 +133,14 @@ class LatentSearchServer:
     def version(self) -> str | None:
         return None if self.service is None else self.service.version
 
+    @property
+    def faiss_threads(self) -> int:
+        """FAISS threads per batched search: the configured value or cores // search_threads."""
+        cfg = self.config
+        if cfg.faiss_threads is not None:
+            return cfg.faiss_threads
+        return max(1, (os.cpu_count() or 1) // cfg.search_threads)
+
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> int:
         """Load the model and the current index (if any), bind and start serving; returns the port."""
@@ -127,7 +150,12 @@ class LatentSearchServer:
             model = await asyncio.to_thread(load_model, cfg.model, device="cpu")
         self.service = EngineService(model=model, max_k=cfg.max_k, max_batch_queries=cfg.max_batch_queries)
         self._executor = ThreadPoolExecutor(cfg.search_threads, thread_name_prefix="latentsearch-search")
-        servicer = LatentSearchServicer(self.service, executor=self._executor, metrics=self.metrics)
+        self._admission = AdmissionControl(
+            executor=self._executor, limit=cfg.queue_size, on_inflight=self.metrics.inflight.set
+        )
+        servicer = LatentSearchServicer(
+            self.service, executor=self._executor, metrics=self.metrics, admission=self._admission
+        )
         if cfg.batching:
             self._batcher = MicroBatcher(
                 run_nearest_group(self.service),
@@ -141,12 +169,8 @@ class LatentSearchServer:
             )
             self._batcher.start()
             servicer.batcher = self._batcher
-        interceptors = [BearerTokenInterceptor(cfg.token)] if cfg.token else []
-        options = [
-            ("grpc.max_receive_message_length", cfg.max_message_bytes),
-            ("grpc.max_send_message_length", cfg.max_message_bytes),
-        ]
-        self._server = aio.server(interceptors=interceptors, options=options)
+        interceptors = [BearerTokenInterceptor(cfg.token, metrics=self.metrics)] if cfg.token else []
+        self._server = aio.server(interceptors=interceptors, options=grpc_options(cfg))
         pb_grpc.add_LatentSearchServicer_to_server(servicer, self._server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
@@ -198,6 +222,8 @@ class LatentSearchServer:
                 await self._server.stop(self.config.grace if grace is None else grace)
             if self._batcher is not None:
                 await self._batcher.close()
+            if self._admission is not None:
+                self._admission.close()
             if self._executor is not None:
                 await asyncio.to_thread(self._executor.shutdown, wait=True)
             self.metrics.close()
@@ -227,7 +253,10 @@ class LatentSearchServer:
                 return False
             try:
                 snapshot = await asyncio.to_thread(
-                    load_snapshot, IndexRoot(self.config.index), verify=self.config.verify
+                    load_snapshot,
+                    IndexRoot(self.config.index),
+                    verify=self.config.verify,
+                    num_threads=self.faiss_threads,
                 )
             except Exception as exc:
                 self._failed_version = current

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
+
+from server.metrics import ServerMetrics
 
 __all__ = ["OPEN_PREFIXES", "BearerTokenInterceptor"]
 
@@ -19,12 +22,18 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
 
 
 class BearerTokenInterceptor(aio.ServerInterceptor):
-    """Rejects calls without metadata ``authorization: Bearer <token>`` with UNAUTHENTICATED."""
+    """Rejects calls without metadata ``authorization: Bearer <token>`` with UNAUTHENTICATED.
 
-    def __init__(self, token: str) -> None:
+    Args:
+        token: the required bearer token.
+        metrics: where rejected calls are counted (method, ``UNAUTHENTICATED``); ``None``: nowhere.
+    """
+
+    def __init__(self, token: str, *, metrics: ServerMetrics | None = None) -> None:
         if not token:
             raise ValueError("token must be non-empty")
         self._expected = f"Bearer {token}".encode()
+        self._metrics = metrics
 
     async def intercept_service(
         self,
@@ -38,7 +47,7 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
         if handler is None:
             return handler
         log.debug("rejected unauthenticated call to %s", method)
-        return _deny(handler)
+        return _deny(handler, method.rsplit("/", 1)[-1], self._metrics)
 
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
@@ -48,11 +57,20 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
         return False
 
 
-def _deny(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED."""
+def _deny(
+    handler: grpc.RpcMethodHandler, method: str, metrics: ServerMetrics | None
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED (and counts it)."""
 
     async def abort(request: Any, context: aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid bearer token")
+        start = time.perf_counter()
+        try:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid bearer token"
+            )
+        finally:
+            if metrics is not None:
+                metrics.observe(method, "UNAUTHENTICATED", time.perf_counter() - start)
 
     kwargs = {
         "request_deserializer": handler.request_deserializer,

@@ -17,19 +17,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from latentsearch.errors import LatentSearchError, ResourceExhaustedError, UnavailableError
+from latentsearch.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
 
-__all__ = ["DeadlineExceededError", "MicroBatcher"]
+__all__ = ["DeadlineExceededError", "MicroBatcher"]  # the error lives in latentsearch.errors
 
 log = logging.getLogger(__name__)
 
 BatchFn = Callable[[Any, list[Any]], Sequence[Any]]
-
-
-class DeadlineExceededError(LatentSearchError):
-    """The caller's deadline passed before its request was computed."""
-
-    grpc_code = "DEADLINE_EXCEEDED"
 
 
 @dataclass

@@ -44,6 +44,11 @@ class ServerMetrics:
         self.queue_depth = Gauge(
             "latentsearch_queue_depth", "Nearest calls waiting to be batched", registry=r
         )
+        self.inflight = Gauge(
+            "latentsearch_inflight",
+            "Calls queued for or running on the search threads outside the batcher",
+            registry=r,
+        )
         self.index = Info("latentsearch_index", "The index version being served", registry=r)
         self.items = Gauge("latentsearch_index_items", "Items in the served index", registry=r)
         self.reloads = Counter(

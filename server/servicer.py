@@ -16,6 +16,7 @@ from grpc import aio
 from api.latentsearch.v1 import latentsearch_pb2 as pb
 from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.errors import LatentSearchError
+from server.admission import AdmissionControl
 from server.batcher import MicroBatcher
 from server.engine_service import EngineService, NearestQuery, QueryKey, nearest_response
 from server.metrics import ServerMetrics
@@ -40,6 +41,8 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         executor: where blocking work runs (FAISS and numpy release the GIL).
         batcher: micro-batcher for Nearest (``None``: each call searched alone).
         metrics: where request counts and latencies go (``None``: nowhere).
+        admission: bounded in-flight counter for every call run on ``executor`` without the
+            batcher (default: 1024 in flight).
     """
 
     def __init__(
@@ -49,9 +52,11 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         executor: Executor,
         batcher: MicroBatcher | None = None,
         metrics: ServerMetrics | None = None,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.service = service
         self.executor = executor
+        self.admission = admission or AdmissionControl(executor=executor, limit=1024)
         self.batcher = batcher
         self.metrics = metrics
 
@@ -63,7 +68,7 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         self, request: pb.NearestBatchRequest, context: aio.ServicerContext
     ) -> pb.NearestBatchResponse:
         return await self._call(
-            "NearestBatch", context, lambda: self._blocking(self.service.nearest_batch, request)
+            "NearestBatch", context, lambda: self._blocking(context, self.service.nearest_batch, request)
         )
 
     async def NearestToDistribution(
@@ -72,35 +77,41 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         return await self._call(
             "NearestToDistribution",
             context,
-            lambda: self._blocking(self.service.nearest_to_distribution, request),
+            lambda: self._blocking(context, self.service.nearest_to_distribution, request),
         )
 
     async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext) -> pb.EncodeResponse:
-        return await self._call("Encode", context, lambda: self._blocking(self.service.encode, request))
+        return await self._call(
+            "Encode", context, lambda: self._blocking(context, self.service.encode, request)
+        )
 
     async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> pb.DecodeResponse:
-        return await self._call("Decode", context, lambda: self._blocking(self.service.decode, request))
+        return await self._call(
+            "Decode", context, lambda: self._blocking(context, self.service.decode, request)
+        )
 
     async def GetItem(self, request: pb.GetItemRequest, context: aio.ServicerContext) -> pb.GetItemResponse:
-        return await self._call("GetItem", context, lambda: self._blocking(self.service.get_item, request))
+        return await self._call(
+            "GetItem", context, lambda: self._blocking(context, self.service.get_item, request)
+        )
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
-        return await self._call("Info", context, lambda: self._blocking(self.service.info, request))
+        return await self._call("Info", context, lambda: self._blocking(context, self.service.info, request))
 
     # -- internals ----------------------------------------------------------------------------
     async def _nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
         query = self.service.parse_nearest(request)  # captures the snapshot that answers
         if self.batcher is None:
-            results = await self._blocking(self.service.search_group, query.snapshot, query.key, [query.z])
+            results = await self._blocking(
+                context, self.service.search_group, query.snapshot, query.key, [query.z]
+            )
             return nearest_response(results[0], query.snapshot.version)
-        loop = asyncio.get_running_loop()
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else loop.time() + remaining
-        result = await self.batcher.submit(query.key, query, deadline=deadline)
+        result = await self.batcher.submit(query.key, query, deadline=_deadline(context))
         return nearest_response(result, query.snapshot.version)
 
-    async def _blocking(self, fn: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+    async def _blocking(self, context: aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the search threads through the bounded in-flight counter."""
+        return await self.admission.run(fn, *args, deadline=_deadline(context))
 
     async def _call(self, method: str, context: aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
         start = time.perf_counter()
@@ -123,6 +134,12 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         finally:
             if self.metrics is not None:
                 self.metrics.observe(method, code, time.perf_counter() - start)
+
+
+def _deadline(context: aio.ServicerContext) -> float | None:
+    """The call's deadline in ``loop.time()`` (monotonic) seconds, or ``None``."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def run_nearest_group(service: EngineService) -> Callable[[QueryKey, list[NearestQuery]], list[Any]]:

@@ -1,0 +1,503 @@
+"""``latentsearch quickstart``: train, index, serve and query end to end, offline, in a minute or two.
+
+1. data: the Fashion-MNIST IDX files given with ``--data``, else a generated garment-shapes set;
+   a few items are held out and the rest written to ``OUT/data/items.npz`` (the indexed items);
+2. model: train a small VAE into ``OUT/model`` (time-limited), or reuse the one there when it
+   was trained with the same settings on the same items;
+3. index: run the indexer (:func:`indexer.run_index_job`), which publishes a new version into
+   the versioned index root ``OUT/index``;
+4. serve: start the gRPC server in-process on 127.0.0.1 (``--port 0``: any free port);
+5. query through the Python client (:class:`server.client.LatentSearchClient`): Info, Nearest
+   for a slider point z (checked against the float64 brute force over the indexed posteriors
+   and contrasted with nearest-mu search), Encode + Nearest + NearestToDistribution for the
+   held-out items, and Decode of the slider point; print the neighbours as tables;
+6. write ``OUT/neighbours.png`` (row 1: decoded z, then its nearest items; one row per held-out
+   item: the item, then its nearest items by posterior) and ``OUT/decoded.png`` (the server's PNG);
+7. stop the server (the port is closed afterwards) and say where the outputs are.
+
+``latentsearch demo`` is an alias of this command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from server.app import LatentSearchServer, ServerConfig
+    from server.client import Hit, SearchAnswer
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "QuickstartConfig",
+    "QuickstartResult",
+    "register_cli",
+    "run_quickstart",
+]
+
+log = logging.getLogger(__name__)
+
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]  # fmt: skip
+DEFAULT_GENERATED_ITEMS = 3000
+ITEMS_FILE = "items.npz"
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuickstartConfig:
+    """Every knob of :func:`run_quickstart`, with its default."""
+
+    # Output directory: data/, model/, index/ (versioned root), neighbours.png, decoded.png.
+    out: Path = Path("quickstart-out")
+    # Fashion-MNIST IDX file or folder (or any dataset open_dataset reads); None: generated garments.
+    data: str | None = None
+    # Items used (None: 3000 generated, or every item of --data).
+    items: int | None = None
+    # Items held out of training and of the index, queried by their posterior.
+    held_out: int = 3
+    # Training: most epochs and most wall-clock seconds (checked between epochs).
+    epochs: int = 30
+    time_limit_s: float = 60.0
+    latent_dim: int = 10
+    # gRPC port on 127.0.0.1 (0: any free port).
+    port: int = 0
+    # Neighbours per query.
+    k: int = 5
+    seed: int = 0
+    # tqdm progress bars on stderr.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        from latentsearch.errors import InvalidArgumentError
+
+        object.__setattr__(self, "out", Path(self.out))
+        if self.items is not None and self.items < self.held_out + 20:
+            raise InvalidArgumentError(f"items must be >= {self.held_out + 20}", field="items")
+        if self.held_out < 1 or self.k < 1 or self.epochs < 1 or self.latent_dim < 1:
+            raise InvalidArgumentError("held_out, k, epochs and latent_dim must be >= 1", field="k")
+        if not 0 <= self.port < 65536:
+            raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port}", field="port")
+
+
+@dataclass(frozen=True)
+class QuickstartResult:
+    """What a run produced (paths, the served port, the slider query and its answer)."""
+
+    out: Path
+    items_file: Path
+    model_dir: Path
+    model_reused: bool
+    index_root: Path
+    index_version: str
+    grid_png: Path
+    decoded_png: Path
+    port: int
+    slider_z: np.ndarray
+    slider_hits: list[Hit]
+    matches_brute_force: bool
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Add the ``quickstart`` sub-command (alias ``demo``)."""
+    p = subparsers.add_parser(
+        "quickstart",
+        aliases=["demo"],
+        help="train, index, serve and query end to end on a built-in default (offline, 1-2 min)",
+        description=__doc__.splitlines()[0] if __doc__ else None,
+    )
+    p.add_argument("--data", help="Fashion-MNIST IDX file or folder (default: generated garment shapes)")
+    p.add_argument("--out", default="quickstart-out", help="output directory (default ./quickstart-out)")
+    p.add_argument(
+        "--items", type=int, default=None, help="items used (default 3000 generated, or all of --data)"
+    )
+    p.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="training seconds at most (default 60)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port on 127.0.0.1 (default 0: any free port)")
+    p.add_argument("-k", type=int, default=5, help="neighbours shown per query (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    config = QuickstartConfig(
+        out=Path(args.out),
+        data=args.data,
+        items=args.items,
+        epochs=args.epochs,
+        time_limit_s=args.time_limit,
+        port=args.port,
+        k=args.k,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    return 0 if run_quickstart(config).matches_brute_force else 1
+
+
+# -- the job ------------------------------------------------------------------------------------
+def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
+    """Run the whole pipeline (see the module docstring) and print what it does."""
+    from indexer import IndexJobConfig, IndexRoot, run_index_job
+    from server.app import ServerConfig
+    from server.client import LatentSearchClient
+
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- data -----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    data = _prepare_data(config)
+    timings["data"] = time.perf_counter() - t0
+
+    # -- model ----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    model_dir = out / "model"
+    reused = _train_or_reuse(config, data.items_file, model_dir)
+    timings["train"] = time.perf_counter() - t0
+
+    # -- index ----------------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    index_root = out / "index"
+    job = run_index_job(
+        IndexJobConfig(
+            out=index_root,
+            model=str(model_dir),
+            data=str(data.items_file),
+            device="auto",
+            keep=3,
+            progress=config.progress,
+        )
+    )
+    timings["index"] = time.perf_counter() - t0
+    print(f"index: {job.summary()}")
+    print(f"       root {index_root} (versions: {', '.join(IndexRoot(index_root).versions())})")
+    # The published engine, for the brute-force check and the nearest-mu contrast.
+    engine = IndexRoot(index_root).load(job.version)
+
+    # -- serve and query --------------------------------------------------------------------------
+    t0 = time.perf_counter()
+    server_config = ServerConfig(
+        index=index_root, model=model_dir, host="127.0.0.1", port=config.port, reload_interval=0.0
+    )
+    k = config.k
+    rng = np.random.default_rng(config.seed)
+    z = rng.uniform(-2.0, 2.0, size=engine.dim)
+    with _InProcessServer(server_config) as port:
+        print(f"\nserver: listening on 127.0.0.1:{port} (in-process)")
+        with LatentSearchClient(f"127.0.0.1:{port}") as client:
+            info = client.info()
+            print(
+                f"Info: version {info['index_version']}, {info['item_count']} items, "
+                f"d = {info['latent_dim']}, model {info['model_hash'][:12]}"
+            )
+            found = client.nearest(z, k, mode="exact")
+            reference = engine.brute_force(z[None, :], k)[0]
+            same = found.ids == list(reference.ids) and np.allclose(
+                found.scores, reference.scores, rtol=1e-12, atol=0.0
+            )
+            mu = np.asarray(engine.bank.mu, dtype=np.float64)
+            nearest_mu = np.argsort(((mu - z) ** 2).sum(1), kind="stable")[:k]
+            overlap = len(set(nearest_mu.tolist()) & set(np.asarray(reference.rows).tolist()))
+            print()
+            print(
+                _table(
+                    "Nearest: slider point z = " + np.array2string(z, precision=2, separator=","),
+                    found,
+                    data.names,
+                    {
+                        "identical to the float64 brute force over the index": same,
+                        "nearest-mu (Euclidean) search agrees on": f"{overlap} of {k}",
+                    },
+                )
+            )
+            held_rows: list[SearchAnswer] = []
+            for i, item in enumerate(data.held_items):
+                post = client.encode(item)
+                by_point = client.nearest(post.mean, k)
+                by_dist = client.nearest_to_distribution(post.mean, post.sigma, k)
+                held_rows.append(by_dist)
+                label = _label_name(data.held_labels[i], data.names)
+                print()
+                title = f"Nearest: held-out item {data.held_ids[i]} ({label}), z = its posterior mean"
+                print(_table(title + " (Encode)", by_point, data.names))
+                print(
+                    _table(
+                        "NearestToDistribution: same item, its whole posterior (expected log-likelihood, KL)",
+                        by_dist,
+                        data.names,
+                    )
+                )
+            decoded = client.decode(z)
+    timings["serve+query"] = time.perf_counter() - t0
+    closed = _port_closed(port)
+    print(f"\nserver: stopped (port {port} {'closed' if closed else 'STILL OPEN'})")
+
+    # -- pictures -----------------------------------------------------------------------------------
+    grid = out / "neighbours.png"
+    items = _load_items(data.items_file)
+    row_of = {item_id: r for r, item_id in enumerate(items["ids"])}
+    rows = [[decoded.values, *[items["x"][row_of[h.id]] for h in found.hits]]]
+    for item, answer in zip(data.held_items, held_rows, strict=True):
+        rows.append([item, *[items["x"][row_of[h.id]] for h in answer.hits]])
+    size = write_grid(grid, rows)
+    decoded_png = out / "decoded.png"
+    decoded_png.write_bytes(decoded.png)
+    seconds = time.perf_counter() - started
+    print(f"picture: {grid} ({size[0]}x{size[1]}; row 1: decoded z, then its {k} nearest items;")
+    print(f"         then each held-out item and its {k} nearest by posterior); server PNG {decoded_png}")
+    print(f"outputs: model {model_dir}, index {index_root} (version {job.version}), data {data.items_file}")
+    print(f"done in {seconds:.0f} s ({', '.join(f'{n} {s:.1f} s' for n, s in timings.items())})")
+    return QuickstartResult(
+        out=out,
+        items_file=data.items_file,
+        model_dir=model_dir,
+        model_reused=reused,
+        index_root=index_root,
+        index_version=job.version,
+        grid_png=grid,
+        decoded_png=decoded_png,
+        port=port,
+        slider_z=z,
+        slider_hits=list(found.hits),
+        matches_brute_force=bool(same),
+        seconds=seconds,
+        timings=timings,
+    )
+
+
+@dataclass(frozen=True)
+class _Data:
+    items_file: Path
+    names: list[str] | None
+    held_items: np.ndarray
+    held_labels: list[int | None]
+    held_ids: list[str]
+
+
+def _prepare_data(config: QuickstartConfig) -> _Data:
+    """Pick the items, hold a few out, write the rest to ``OUT/data/items.npz`` (when changed)."""
+    from model.readers import open_dataset
+    from model.synthetic import GARMENT_CLASSES, NOTICE, garment_dataset
+
+    if config.data:
+        dataset = open_dataset(config.data)
+        n = len(dataset) if config.items is None else min(config.items, len(dataset))
+        names = dataset.label_names or FASHION_MNIST_CLASSES
+        print(f"data: {n} of {len(dataset)} items of shape {dataset.item_shape} from {config.data}")
+    else:
+        print(NOTICE)
+        n = config.items or DEFAULT_GENERATED_ITEMS
+        dataset = garment_dataset(n=n, seed=config.seed)
+        names = GARMENT_CLASSES
+        print(f"data: {n} generated items of shape {dataset.item_shape}")
+    if n < config.held_out + 20:
+        from latentsearch.errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"{n} items are too few for the quickstart", field="items")
+    x = dataset.read(0, n)
+    labels = None if dataset.labels is None else np.asarray(dataset.labels[:n], dtype=np.int64)
+    ids = np.asarray(dataset.batch_ids(0, n)).astype(str)
+    rng = np.random.default_rng(config.seed)
+    held = np.sort(rng.choice(n, size=config.held_out, replace=False))
+    keep = np.setdiff1d(np.arange(n), held)
+    arrays: dict[str, np.ndarray] = {"x": x[keep], "ids": ids[keep]}
+    if labels is not None:
+        arrays["y"] = labels[keep]
+    items_file = config.out / "data" / ITEMS_FILE
+    _write_npz_if_changed(items_file, arrays)
+    return _Data(
+        items_file=items_file,
+        names=names,
+        held_items=np.asarray(x[held]),
+        held_labels=[None if labels is None else int(labels[r]) for r in held],
+        held_ids=[str(ids[r]) for r in held],
+    )
+
+
+def _write_npz_if_changed(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` atomically, unless ``path`` already holds exactly them (keeps the reuse cheap)."""
+    if path.is_file():
+        try:
+            with np.load(path, allow_pickle=False) as old:
+                if set(old.files) == set(arrays) and all(
+                    old[key].dtype == value.dtype and np.array_equal(old[key], value)
+                    for key, value in arrays.items()
+                ):
+                    return
+        except (OSError, ValueError):
+            pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez(tmp, **arrays)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+
+
+def _load_items(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as z:
+        return {"x": z["x"], "ids": z["ids"].astype(str)}
+
+
+def _train_settings(config: QuickstartConfig) -> Any:
+    from model.config import TrainConfig
+
+    return TrainConfig(
+        epochs=config.epochs, time_limit_s=config.time_limit_s, seed=config.seed, progress=config.progress
+    )
+
+
+def _comparable(training: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in training.items() if key != "progress"}
+
+
+def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path) -> bool:
+    """Train into ``model_dir``, unless the model there matches settings and data. True when reused."""
+    from latentsearch.errors import LatentSearchError
+    from model.checkpoint import CONFIG_FILE, is_checkpoint_dir
+    from model.loader import load_model
+    from model.readers import open_dataset
+    from model.train import train
+
+    dataset = open_dataset(items_file)
+    settings = _train_settings(config)
+    if is_checkpoint_dir(model_dir):
+        try:
+            saved = json.loads((model_dir / CONFIG_FILE).read_text())
+            same = (
+                _comparable(saved.get("training") or {}) == _comparable(settings.to_dict())
+                and (saved.get("data") or {}).get("fingerprint") == dataset.fingerprint()
+                and (saved.get("vae") or {}).get("latent_dim") == config.latent_dim
+            )
+            if same:
+                model = load_model(model_dir, device="cpu")  # verifies the checksums
+                print(f"model: reusing {model_dir} (same settings and items; hash {model.model_hash[:12]})")
+                return True
+        except (OSError, ValueError, LatentSearchError) as exc:
+            log.warning("not reusing %s: %s", model_dir, exc)
+    result = train(dataset, model_dir, config=settings, latent_dim=config.latent_dim, overwrite=True)
+    print(
+        f"model: trained {model_dir} (validation -ELBO {result.best_val_neg_elbo:.1f} nats, "
+        f"{result.epochs_run} epochs, hash {result.model_hash[:12]})"
+    )
+    return False
+
+
+# -- the in-process server ------------------------------------------------------------------------
+class _InProcessServer:
+    """A :class:`LatentSearchServer` on its own event loop in a background thread.
+
+    ``with _InProcessServer(config) as port:`` starts it (index loaded and SERVING on return) and
+    stops it gracefully on exit.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="quickstart-server", daemon=True)
+        self.server: LatentSearchServer | None = None
+
+    def __enter__(self) -> int:
+        from server.app import LatentSearchServer
+
+        self.thread.start()
+        self.server = LatentSearchServer(self.config)
+        try:
+            return asyncio.run_coroutine_threadsafe(self.server.start(), self.loop).result(timeout=300)
+        except BaseException:
+            self._shutdown()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        try:
+            if self.server is not None:
+                asyncio.run_coroutine_threadsafe(self.server.stop(grace=1.0), self.loop).result(timeout=60)
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self.thread.join(timeout=30)
+            if not self.thread.is_alive():
+                self.loop.close()
+
+
+def _port_closed(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex((host, port)) != 0
+
+
+# -- printing and pictures --------------------------------------------------------------------------
+def _label_name(label: int | None, names: list[str] | None) -> str:
+    if label is None:
+        return "-"
+    return names[label] if names and 0 <= label < len(names) else str(label)
+
+
+def _table(
+    title: str, answer: SearchAnswer, names: list[str] | None, extra: dict[str, Any] | None = None
+) -> str:
+    """A neighbour table: rank, id, score (and KL for distribution queries), label."""
+    has_kl = any(h.kl is not None for h in answer.hits)
+    lines = [title]
+    lines.append(
+        f"  {'rank':>4}  {'id':>10}  {'log q(z|x)':>14}"
+        + (f"  {'KL':>10}" if has_kl else "")
+        + "  label"
+        + f"    [version {answer.index_version}, {answer.mode}, certified {answer.certified}]"
+    )
+    for h in answer.hits:
+        row = f"  {h.rank:>4}  {h.id:>10}  {h.score:>14.6f}"
+        if has_kl:
+            row += f"  {h.kl:>10.4f}"
+        lines.append(row + f"  {_label_name(h.label, names)}")
+    for key, value in (extra or {}).items():
+        lines.append(f"  {key}: {value}")
+    return "\n".join(lines)
+
+
+def _to_uint8(img: Any) -> np.ndarray:
+    arr = np.asarray(img)
+    if arr.dtype != np.uint8:
+        arr = np.asarray(arr, dtype=np.float64)
+        arr = np.clip(arr * (255.0 if arr.max(initial=0.0) <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    return arr
+
+
+def write_grid(path: Path, rows: list[list[Any]], *, scale: int = 4, gap: int = 4) -> tuple[int, int]:
+    """Write image rows as one PNG (first tile of each row set apart by a gap); returns (width, height).
+
+    Every tile has the same shape (grayscale ``(H, W)``/``(H, W, 1)`` or RGB); float tiles in
+    [0, 1] are scaled to 0..255. Short rows are padded with black tiles.
+    """
+    from PIL import Image
+
+    tiles = [[_to_uint8(t) for t in row] for row in rows]
+    h, w = tiles[0][0].shape[:2]
+    extra = tiles[0][0].shape[2:]
+    cols = max(len(row) for row in tiles)
+    canvas = np.zeros((len(tiles) * (h + gap) - gap, cols * (w + gap) + gap, *extra), dtype=np.uint8)
+    for r, row in enumerate(tiles):
+        for c, tile in enumerate(row):
+            x0 = c * (w + gap) + (gap if c > 0 else 0)
+            canvas[r * (h + gap) : r * (h + gap) + h, x0 : x0 + w] = tile
+    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    image.save(path)
+    return image.size

@@ -1,0 +1,127 @@
+"""``latentsearch quickstart`` end to end at reduced size: train, index, serve, query, picture, stop."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from indexer import IndexRoot
+from latentsearch import cli
+from latentsearch.errors import InvalidArgumentError
+from latentsearch.quickstart import QuickstartConfig, run_quickstart, write_grid
+
+ITEMS, K, HELD = 240, 4, 2
+
+
+def _slider_table(text: str) -> list[tuple[str, float]]:
+    """The (id, score) rows printed under the slider query's title."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Nearest: slider point z ="))
+    rows = []
+    for line in lines[start + 2 :]:
+        m = re.match(r"^\s+(\d+)\s+(\S+)\s+(-?\d+\.\d+)\s", line)
+        if m is None:
+            break
+        rows.append((m.group(2), float(m.group(3))))
+    return rows
+
+
+def _brute_force(root: Path, version: str, z: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
+    """log q(z|x) over every indexed posterior in float64, written out independently of the engine."""
+    bank = IndexRoot(root).load(version).bank
+    mu = np.asarray(bank.mu, dtype=np.float64)
+    log_sigma = np.asarray(bank.log_sigma, dtype=np.float64)
+    d = mu.shape[1]
+    scores = (
+        -0.5 * (((z - mu) / np.exp(log_sigma)) ** 2).sum(1) - log_sigma.sum(1) - 0.5 * d * np.log(2 * np.pi)
+    )
+    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    return bank.id_of(order), scores[order]
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple:
+    out = tmp_path_factory.mktemp("quickstart")
+    config = QuickstartConfig(
+        out=out, items=ITEMS, held_out=HELD, epochs=1, time_limit_s=30.0, k=K, progress=False
+    )
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        result = run_quickstart(config)
+    return config, result, buf.getvalue()
+
+
+def test_outputs_and_brute_force(quickstart_run: tuple) -> None:
+    _, result, text = quickstart_run
+    assert result.matches_brute_force
+    assert "identical to the float64 brute force over the index: True" in text
+    # Printed neighbours of the slider query = brute force over the indexed posteriors.
+    printed = _slider_table(text)
+    ids, scores = _brute_force(result.index_root, result.index_version, result.slider_z, K)
+    assert [i for i, _ in printed] == ids
+    np.testing.assert_allclose([s for _, s in printed], scores, atol=1e-6, rtol=0)
+    assert [h.id for h in result.slider_hits] == ids
+    # The index: ITEMS - HELD items, published as the current version of a versioned root.
+    root = IndexRoot(result.index_root)
+    assert root.current() == result.index_version
+    assert root.manifest(result.index_version)["items"] == ITEMS - HELD
+    # The other calls were made and printed.
+    assert text.count("NearestToDistribution:") == HELD
+    assert text.count("z = its posterior mean (Encode)") == HELD
+
+
+def test_picture(quickstart_run: tuple) -> None:
+    _, result, text = quickstart_run
+    # (1 + HELD) rows x (1 + K) tiles of 28 px, 4 px gaps, 4x upscaled.
+    with Image.open(result.grid_png) as img:
+        assert img.size == (((1 + K) * 32 + 4) * 4, ((1 + HELD) * 32 - 4) * 4)
+        assert np.asarray(img).max() > 0
+    with Image.open(result.decoded_png) as img:
+        assert img.size[:2] == (28, 28)
+    assert str(result.grid_png) in text
+
+
+def test_server_stopped(quickstart_run: tuple) -> None:
+    _, result, text = quickstart_run
+    assert result.port > 0
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        assert sock.connect_ex(("127.0.0.1", result.port)) != 0
+    assert f"port {result.port} closed" in text
+
+
+def test_rerun_reuses_model_and_publishes_a_new_version(quickstart_run: tuple, capsys) -> None:
+    config, first, _ = quickstart_run
+    second = run_quickstart(config)
+    text = capsys.readouterr().out
+    assert second.model_reused and "model: reusing" in text
+    assert second.index_version != first.index_version
+    assert IndexRoot(second.index_root).current() == second.index_version
+    assert second.matches_brute_force
+
+
+def test_cli_alias_and_arguments() -> None:
+    parser = cli.build_parser()
+    args = parser.parse_args(["quickstart", "--items", "500", "--epochs", "2", "--port", "0", "-k", "3"])
+    assert (args.items, args.epochs, args.port, args.k, args.out) == (500, 2, 0, 3, "quickstart-out")
+    assert parser.parse_args(["demo"]).func is args.func
+
+
+def test_config_validation() -> None:
+    with pytest.raises(InvalidArgumentError):
+        QuickstartConfig(items=5)
+    with pytest.raises(InvalidArgumentError):
+        QuickstartConfig(port=70000)
+
+
+def test_write_grid_pads_short_rows(tmp_path: Path) -> None:
+    a = np.full((3, 2), 255, dtype=np.uint8)
+    size = write_grid(tmp_path / "g.png", [[a, a, a], [np.ones((3, 2, 1))]], scale=1, gap=1)
+    assert size == (3 * 3 + 1, 2 * 3 + 1)

@@ -1,0 +1,74 @@
+"""TLS: a self-signed certificate (made with the openssl command line); plaintext clients fail."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from latentsearch.loadgen import LoadConfig, run_load_sync
+from server import LatentSearchClient
+from tests.server_fixtures import DIM, make_engine, publish, start_server
+
+__all__ = ["start_server"]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command line is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+def test_tls_server_with_self_signed_cert(tmp_path: Path, start_server, self_signed) -> None:
+    cert, key = self_signed
+    version = publish(tmp_path / "idx", make_engine(100, seed=5))
+    srv = start_server(index=tmp_path / "idx", tls_cert=cert, tls_key=key)
+    for host in ("localhost", "127.0.0.1"):
+        with LatentSearchClient(f"{host}:{srv.port}", tls_ca=cert) as client:
+            assert client.info()["index_version"] == version
+            assert len(client.nearest([0.0] * DIM, 4).hits) == 4
+    report = run_load_sync(LoadConfig(target=f"localhost:{srv.port}", tls_ca=cert, concurrency=4, total=20))
+    assert report.status_codes == {"OK": 20}
+    with LatentSearchClient(srv.target, timeout=3) as plain, pytest.raises(grpc.RpcError) as err:
+        plain.info()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_client_with_wrong_ca_fails(tmp_path: Path, start_server, self_signed) -> None:
+    cert, key = self_signed
+    other = tmp_path / "other"
+    other.mkdir()
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(other / "k.pem"), "-out", str(other / "c.pem"), "-subj", "/CN=localhost"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    publish(tmp_path / "idx", make_engine(50, seed=5))
+    srv = start_server(index=tmp_path / "idx", tls_cert=cert, tls_key=key)
+    client = LatentSearchClient(f"localhost:{srv.port}", tls_ca=other / "c.pem", timeout=3)
+    with client, pytest.raises(grpc.RpcError) as err:
+        client.info()
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
