@@ -19,27 +19,18 @@ log = logging.getLogger(__name__)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="latentsearch", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="latentsearch", description="latentsearch: search VAE latent posteriors by exact log q(z|x)."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from latentsearch import quickstart
-
-    quickstart.register_cli(sub)
-    try:
-        from model import cli as model_cli
-    except ImportError:  # pragma: no cover - model package always ships; guard keeps the CLI usable
-        model_cli = None
-    if model_cli is not None:
-        model_cli.register_cli(sub)
     from indexer import cli as indexer_cli
-
-    indexer_cli.register_cli(sub)
+    from latentsearch import loadgen, quickstart
+    from model import cli as model_cli
     from server import cli as server_cli
 
-    server_cli.register_cli(sub)
-    from latentsearch import loadgen
-
-    loadgen.register_cli(sub)
+    for module in (quickstart, model_cli, indexer_cli, server_cli, loadgen):
+        module.register_cli(sub)
     return parser
 
 

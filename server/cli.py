@@ -23,6 +23,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any free port)")
     p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port (default 9100; 0: off)")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)"
+    )
     p.add_argument("--max-batch", type=int, default=64, help="most Nearest calls per search (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch collection wait (default 2 ms)")
     p.add_argument("--no-batching", action="store_true", help="search each Nearest call alone")
@@ -61,6 +64,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
         batching=not args.no_batching,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
