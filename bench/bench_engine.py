@@ -39,6 +39,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from bench.results_io import write_results
 from latentsearch.engine import EngineConfig, SearchEngine
 from latentsearch.synthetic import query_families, vae_like_posteriors
 from model.posterior import LOG_2PI
@@ -327,13 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"engine-{time.strftime('%Y-%m-%d')}-n{report['bank']['items']}-d{report['bank']['latent_dim']}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    write_results(
+        args.out,
+        f"engine-{time.strftime('%Y-%m-%d')}-n{report['bank']['items']}-d{report['bank']['latent_dim']}",
+        report,
+        markdown(report),
+    )
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
-import json
 import logging
 import multiprocessing
 import os
@@ -46,6 +45,7 @@ from grpc import aio
 
 from api.latentsearch.v1 import latentsearch_pb2 as pb
 from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from bench.results_io import write_results
 from indexer.root import IndexRoot
 from latentsearch.engine import SearchEngine
 from latentsearch.loadgen import LoadConfig, run_load_sync
@@ -372,13 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"server-{time.strftime('%Y-%m-%d')}"
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2, default=str))
-    (out / f"{stem}.md").write_text(markdown(report))
-    print(markdown(report))
-    print(f"wrote {out / stem}.json and .md")
+    write_results(args.out, f"server-{time.strftime('%Y-%m-%d')}", report, markdown(report))
     return 0
 
 
