@@ -52,6 +52,8 @@ class EngineConfig:
     kmeans_sample: int = 131_072
     # Seed for every random choice made while building.
     seed: int = 0
+    # Where the exact path's flat screens run: "auto" uses a GPU when faiss-gpu sees one.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     # FAISS / BLAS threads (None: leave the library default, all cores).
     num_threads: int | None = None
 
@@ -66,6 +68,10 @@ class EngineConfig:
         _check_int(self, "exact_extra", minimum=0)
         if not self.scale_group_base > 1.0:
             raise InvalidArgumentError("scale_group_base must be > 1", field="scale_group_base")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise InvalidArgumentError(
+                f"device must be auto, cpu or cuda, got {self.device!r}", field="device"
+            )
         if self.exact_strategy not in ("partitions", "flat"):
             raise InvalidArgumentError(
                 f"exact_strategy must be partitions or flat, got {self.exact_strategy!r}",

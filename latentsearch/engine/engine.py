@@ -17,6 +17,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
+from latentsearch.engine.gpu import resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.results import SearchResult
 from latentsearch.errors import InvalidArgumentError
@@ -71,7 +72,11 @@ class SearchEngine:
         self.bank = bank
         self.config = config or EngineConfig()
         self.exact = exact or ExactIndex.build(
-            bank.mu, bank.log_sigma, base=self.config.scale_group_base, factory=self.config.exact_factory
+            bank.mu,
+            bank.log_sigma,
+            base=self.config.scale_group_base,
+            factory=self.config.exact_factory,
+            device=resolve_device(self.config.device),
         )
         self.approx = approx
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
@@ -141,6 +146,7 @@ class SearchEngine:
             "approx": None if self.approx is None else self.approx.info(),
             "config": self.config.to_dict(),
             "faiss_version": faiss.__version__,
+            "device": resolve_device(self.config.device),
         }
 
     # -- search -------------------------------------------------------------------------------
@@ -426,14 +432,17 @@ class SearchEngine:
         return save_engine(self, Path(path), overwrite=overwrite, extra=extra)
 
     @classmethod
-    def load(cls, path: str | Path, *, mmap: bool = True, verify: bool = False) -> SearchEngine:
+    def load(
+        cls, path: str | Path, *, mmap: bool = True, verify: bool = False, device: str = "auto"
+    ) -> SearchEngine:
         """Load a saved engine; arrays are memory-mapped unless ``mmap=False``.
 
-        ``verify=True`` checks every file's sha256 against the manifest (sizes are always checked).
+        ``verify=True`` checks every file's sha256 against the manifest (sizes are always checked);
+        ``device`` picks where the exact flat screens run on this host (see ``EngineConfig.device``).
         """
         from latentsearch.engine.storage import load_engine
 
-        return load_engine(Path(path), mmap=mmap, verify=verify)
+        return load_engine(Path(path), mmap=mmap, verify=verify, device=device)
 
 
 def _real_array(value: Any, field: str) -> np.ndarray:

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import faiss
 import numpy as np
 
+from latentsearch.engine.gpu import to_gpu
 from latentsearch.engine.lifting import error_coefficient, lift_items
 
 __all__ = ["ExactIndex", "Rescore", "ScaleGroup", "Selection"]
@@ -60,6 +61,7 @@ class ScaleGroup:
         mu: np.ndarray,
         log_sigma: np.ndarray,
         factory: str = "Flat",
+        device: str = "cpu",
     ) -> None:
         self.rows = rows
         self.absmax = absmax
@@ -67,6 +69,8 @@ class ScaleGroup:
         self._source = (mu, log_sigma)
         self._factory = factory
         self._index: faiss.Index | None = None
+        self._gpu_index: faiss.Index | None = None
+        self._device = device
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -92,6 +96,17 @@ class ScaleGroup:
                         index.add(np.ascontiguousarray(lifted, dtype=np.float32))
                     self._index = index
         return self._index
+
+    def screen_index(self, filtered: bool) -> faiss.Index:
+        """The index for a top-k screen: the GPU clone when on CUDA and unfiltered, else the CPU one."""
+        if filtered or self._device != "cuda":
+            return self.index
+        if self._gpu_index is None:
+            cpu = self.index
+            with self._lock:
+                if self._gpu_index is None:
+                    self._gpu_index = to_gpu(cpu)
+        return self._gpu_index
 
 
 def _factory_index(factory: str, n: int) -> faiss.Index:
@@ -121,7 +136,13 @@ class ExactIndex:
 
     @classmethod
     def build(
-        cls, mu: np.ndarray, log_sigma: np.ndarray, *, base: float = 64.0, factory: str = "Flat"
+        cls,
+        mu: np.ndarray,
+        log_sigma: np.ndarray,
+        *,
+        base: float = 64.0,
+        factory: str = "Flat",
+        device: str = "cpu",
     ) -> ExactIndex:
         """Lift ``(N, d)`` posteriors chunk by chunk and group them by lifted L1 magnitude."""
         n_items = mu.shape[0]
@@ -145,6 +166,7 @@ class ExactIndex:
             [absmax[k] for k in order],
             [k == _DIRECT for k in order],
             factory=factory,
+            device=device,
         )
 
     @classmethod
@@ -157,6 +179,7 @@ class ExactIndex:
         direct: list[bool],
         *,
         factory: str = "Flat",
+        device: str = "cpu",
     ) -> ExactIndex:
         """Rebuild from a saved grouping (no lifting; FAISS indexes are built on first use)."""
         groups = [
@@ -167,6 +190,7 @@ class ExactIndex:
                 mu=mu,
                 log_sigma=log_sigma,
                 factory=factory,
+                device=device,
             )
             for g in range(len(absmax))
         ]
@@ -232,7 +256,7 @@ class ExactIndex:
             if group.direct:
                 direct.append(gi)
                 continue
-            dist, local = group.index.search(q32, kg, params=params)
+            dist, local = group.screen_index(params is not None).search(q32, kg, params=params)
             cands.append(np.where(local >= 0, group.rows[np.maximum(local, 0)], -1))
             if kg < count:
                 pending.append((gi, dist[:, kg - 1].astype(np.float64)))

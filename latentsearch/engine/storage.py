@@ -23,6 +23,7 @@ them. The directory is written under a temporary name beside the target and rena
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,6 +41,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
+from latentsearch.engine.gpu import resolve_device
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
 if TYPE_CHECKING:
@@ -224,8 +226,11 @@ def _load_npy(path: Path, name: str, mmap: bool, dtype: Any, shape: tuple[int, .
     return arr
 
 
-def load_engine(path: Path, *, mmap: bool = True, verify: bool = False) -> SearchEngine:
+def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: str = "auto") -> SearchEngine:
     """Load an engine saved by :func:`save_engine`.
+
+    ``device`` is where this process runs the exact flat screens (``auto``: a GPU when faiss-gpu
+    sees one); it replaces the device recorded at build time, which describes another host.
 
     Raises:
         NotFoundError: no directory at ``path``.
@@ -241,6 +246,7 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False) -> Searc
         config = EngineConfig.from_dict(manifest["config"])
     except (KeyError, TypeError, ValueError, InvalidArgumentError) as exc:
         raise CorruptIndexError(f"{path / MANIFEST} has bad fields: {exc}") from exc
+    config = dataclasses.replace(config, device=device)  # this host's device, not the builder's
     mu = _load_npy(path, "mu.npy", mmap, np.float64, (n, d))
     log_sigma = _load_npy(path, "log_sigma.npy", mmap, np.float64, (n, d))
     ids = _load_npy(path, "ids.npy", mmap, None, (n,)) if manifest.get("has_ids") else None
@@ -261,6 +267,7 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False) -> Searc
             [np.asarray(a, dtype=np.float64) for a in meta["group_absmax"]],
             [bool(v) for v in meta["group_direct"]],
             factory=str(meta["factory"]),
+            device=resolve_device(config.device),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptIndexError(f"{path / MANIFEST} has a bad 'exact' section: {exc}") from exc
