@@ -145,7 +145,8 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[Any, dict
     post = read_posteriors_npz(path)
     fingerprint = file_digest(path)
     stages.start("validate+build")
-    bank = PosteriorBank(post.mu, post.log_sigma, ids=post.ids, labels=post.labels)
+    # read_posteriors_npz already ran every check the bank would run: don't repeat them.
+    bank = PosteriorBank(post.mu, post.log_sigma, ids=post.ids, labels=post.labels, validate=False)
     engine = SearchEngine.from_bank(bank, config.engine)
     metadata = {
         "source": "posteriors",

@@ -19,9 +19,11 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from latentsearch.engine.bank import LOG_SIGMA_LIMIT, first_bad_row, normalise_ids, normalise_labels
 from latentsearch.errors import InvalidArgumentError, NotFoundError
 
 __all__ = ["SCALE_KEYS", "Posteriors", "read_posteriors_npz", "validate_posteriors"]
@@ -29,8 +31,6 @@ __all__ = ["SCALE_KEYS", "Posteriors", "read_posteriors_npz", "validate_posterio
 log = logging.getLogger(__name__)
 
 SCALE_KEYS = ("logvar", "log_sigma", "sigma")
-# The engine keeps exp(-2 log sigma) finite in float64: |log sigma| < 300.
-_LOG_SIGMA_LIMIT = 300.0
 
 
 @dataclass(frozen=True)
@@ -62,10 +62,6 @@ class Posteriors:
 def _bad(key: str, message: str, row: int | None = None) -> InvalidArgumentError:
     where = "" if row is None else f"; first bad row {row}"
     return InvalidArgumentError(f"npz key {key!r}: {message}{where}", field=key)
-
-
-def _first_bad_row(bad: np.ndarray) -> int:
-    return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
 
 
 def _matrix(key: str, arr: np.ndarray, n: int | None, d: int | None) -> np.ndarray:
@@ -109,76 +105,38 @@ def validate_posteriors(
         raise _bad("mu", f"must have N >= 1 rows and d >= 1 columns, got {mu64.shape}")
     bad = ~np.isfinite(mu64)
     if bad.any():
-        raise _bad("mu", "has NaN or inf", _first_bad_row(bad))
+        raise _bad("mu", "has NaN or inf", first_bad_row(bad))
     ((key, raw),) = given.items()
     scale = _matrix(key, np.asarray(raw), n, d)
     if key == "sigma":
         bad = ~(np.isfinite(scale) & (scale > 0))
         if bad.any():
-            raise _bad(key, "must be finite and > 0", _first_bad_row(bad))
+            raise _bad(key, "must be finite and > 0", first_bad_row(bad))
         ls = np.log(scale)
     else:
         ls = 0.5 * scale if key == "logvar" else scale
         if not np.isfinite(ls).all():
-            raise _bad(key, "has NaN or inf", _first_bad_row(~np.isfinite(ls)))
-    bad = ~((ls > -_LOG_SIGMA_LIMIT) & (ls < _LOG_SIGMA_LIMIT))
+            raise _bad(key, "has NaN or inf", first_bad_row(~np.isfinite(ls)))
+    bad = ~((ls > -LOG_SIGMA_LIMIT) & (ls < LOG_SIGMA_LIMIT))
     if bad.any():
         raise _bad(
-            key, f"sigma out of range (log sigma must be within +-{_LOG_SIGMA_LIMIT:g})", _first_bad_row(bad)
+            key, f"sigma out of range (log sigma must be within +-{LOG_SIGMA_LIMIT:g})", first_bad_row(bad)
         )
     return Posteriors(
         mu=np.ascontiguousarray(mu64, dtype=np.float64),
         log_sigma=np.ascontiguousarray(ls, dtype=np.float64),
-        ids=None if ids is None else _check_ids(np.asarray(ids), n),
-        labels=None if labels is None else _check_labels(np.asarray(labels), n),
+        ids=None if ids is None else _checked(normalise_ids, np.asarray(ids), n),
+        labels=None if labels is None else _checked(normalise_labels, np.asarray(labels), n),
         scale_key=key,
     )
 
 
-def _check_ids(ids: np.ndarray, n: int) -> np.ndarray:
-    if ids.ndim != 1:
-        raise _bad("ids", f"must have shape (N,), got {ids.shape}")
-    if ids.shape[0] != n:
-        raise _bad("ids", f"has {ids.shape[0]} entries but 'mu' has {n} rows", min(ids.shape[0], n))
-    if ids.dtype.kind in "iu":
-        out = ids.astype(str)
-    elif ids.dtype.kind == "S":
-        try:
-            out = np.char.decode(ids, "utf-8")
-        except UnicodeDecodeError as exc:
-            raise _bad("ids", f"byte strings must be UTF-8 ({exc})") from exc
-    elif ids.dtype.kind == "U":
-        out = ids
-    else:
-        raise _bad("ids", f"must hold strings or integers, got dtype {ids.dtype}")
-    empty = np.char.str_len(out) == 0
-    if empty.any():
-        raise _bad("ids", "ids must be non-empty", int(np.flatnonzero(empty)[0]))
-    order = np.argsort(out, kind="stable")
-    srt = out[order]
-    dup = np.flatnonzero(srt[1:] == srt[:-1])
-    if dup.size:
-        # the first row (in file order) that repeats an earlier id
-        second = order[dup + 1]
-        row = int(second.min())
-        first = int(np.flatnonzero(out == out[row])[0])
-        raise _bad("ids", f"duplicate id {str(out[row])!r} (also at row {first})", row)
-    return out
-
-
-def _check_labels(labels: np.ndarray, n: int) -> np.ndarray:
-    if labels.ndim != 1:
-        raise _bad("labels", f"must have shape (N,), got {labels.shape}")
-    if labels.shape[0] != n:
-        raise _bad("labels", f"has {labels.shape[0]} entries but 'mu' has {n} rows", min(labels.shape[0], n))
-    if labels.dtype.kind in "iu":
-        return labels.astype(np.int64)
-    if labels.dtype.kind == "f":
-        bad = ~(np.isfinite(labels) & (labels == np.round(labels)))
-        if bad.any():
-            raise _bad("labels", "must be integers", int(np.flatnonzero(bad)[0]))
-        return labels.astype(np.int64)
-    raise _bad("labels", f"must be integers, got dtype {labels.dtype}")
+def _checked(check: Any, values: np.ndarray, n: int) -> np.ndarray:
+    """Run the engine's ids/labels normalisation, reporting failures under the npz key."""
+    try:
+        return check(values, n)
+    except InvalidArgumentError as exc:
+        raise _bad(exc.field or "ids", exc.message) from exc
 
 
 def read_posteriors_npz(path: str | os.PathLike[str]) -> Posteriors:

@@ -11,15 +11,83 @@ import numpy as np
 from latentsearch.errors import InvalidArgumentError, NotFoundError
 from model.posterior import LOG_2PI, DiagonalGaussian
 
-__all__ = ["PosteriorBank"]
+__all__ = ["LOG_SIGMA_LIMIT", "PosteriorBank", "first_bad_row", "normalise_ids", "normalise_labels"]
 
 # exp(-2 log sigma) must stay finite in float64 for the lifted form.
-_LOG_SIGMA_MIN = -300.0
-_LOG_SIGMA_MAX = 300.0
+LOG_SIGMA_LIMIT = 300.0
 
 
-def _first_bad_row(bad: np.ndarray) -> int:
+def first_bad_row(bad: np.ndarray) -> int:
     return int(np.flatnonzero(bad.reshape(bad.shape[0], -1).any(axis=1))[0])
+
+
+def _bad_row(field: str, message: str, row: int | None = None) -> InvalidArgumentError:
+    where = "" if row is None else f"; first bad row {row}"
+    return InvalidArgumentError(f"{field} {message}{where}", field=field)
+
+
+def _check_length(field: str, arr: np.ndarray, n: int | None) -> None:
+    if arr.ndim != 1:
+        raise _bad_row(field, f"must have shape (N,), got {arr.shape}")
+    if n is not None and arr.shape[0] != n:
+        raise _bad_row(field, f"has {arr.shape[0]} entries but mu has {n} rows", min(arr.shape[0], n))
+
+
+def normalise_ids(ids: Any, n: int | None = None) -> np.ndarray:
+    """``(N,)`` unique, non-empty external ids as a unicode array.
+
+    Accepts strings, integers (written in decimal), UTF-8 bytes, or an object array of str/int.
+
+    Raises:
+        InvalidArgumentError: ``field="ids"``, naming the first bad row (for a duplicate, the
+            first row that repeats an earlier id).
+    """
+    arr = np.asarray(ids)
+    _check_length("ids", arr, n)
+    if arr.dtype.kind in "iu":
+        arr = arr.astype(str)
+    elif arr.dtype.kind == "O":
+        if not all(isinstance(v, (str, int, np.integer)) for v in arr):
+            raise _bad_row("ids", "must hold strings or integers")
+        arr = np.array([str(v) for v in arr], dtype=str)
+    elif arr.dtype.kind == "S":
+        try:
+            arr = np.char.decode(arr, "utf-8")
+        except UnicodeDecodeError as exc:
+            raise _bad_row("ids", f"byte strings must be UTF-8 ({exc})") from exc
+    elif arr.dtype.kind != "U":
+        raise _bad_row("ids", f"must hold strings or integers, got dtype {arr.dtype}")
+    if arr.size == 0:
+        return arr
+    empty = np.char.str_len(arr) == 0
+    if empty.any():
+        raise _bad_row("ids", "must be non-empty", int(np.flatnonzero(empty)[0]))
+    order = np.argsort(arr, kind="stable")
+    ordered = arr[order]
+    dup = np.flatnonzero(ordered[1:] == ordered[:-1])
+    if dup.size:
+        row = int(order[dup + 1].min())
+        first = int(np.flatnonzero(arr == arr[row])[0])
+        raise _bad_row("ids", f"duplicate id {str(arr[row])!r} (also at row {first})", row)
+    return arr
+
+
+def normalise_labels(labels: Any, n: int | None = None) -> np.ndarray:
+    """``(N,)`` int64 labels; whole-number floats are accepted.
+
+    Raises:
+        InvalidArgumentError: ``field="labels"``, naming the first bad row.
+    """
+    arr = np.asarray(labels)
+    _check_length("labels", arr, n)
+    if arr.dtype.kind in "iu" or arr.size == 0:
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "f":
+        bad = ~(np.isfinite(arr) & (arr == np.round(arr)))
+        if bad.any():
+            raise _bad_row("labels", "must be integers", int(np.flatnonzero(bad)[0]))
+        return arr.astype(np.int64)
+    raise _bad_row("labels", f"must be integers, got dtype {arr.dtype}")
 
 
 def _as_matrix(name: str, value: Any) -> np.ndarray:
@@ -55,6 +123,9 @@ class PosteriorBank:
         self.labels = labels
         if validate:
             self._validate()
+            n = int(mu.shape[0])
+            self.ids = None if ids is None else normalise_ids(ids, n)
+            self.labels = None if labels is None else normalise_labels(labels, n)
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -90,52 +161,15 @@ class PosteriorBank:
             bad = ~(np.isfinite(sg) & (sg > 0))
             if bad.any():
                 raise InvalidArgumentError(
-                    f"sigma must be finite and > 0; first bad row {_first_bad_row(bad)}", field="sigma"
+                    f"sigma must be finite and > 0; first bad row {first_bad_row(bad)}", field="sigma"
                 )
             ls = np.log(sg)
-        ids_arr = None if ids is None else cls._normalise_ids(ids)
-        labels_arr = None if labels is None else cls._normalise_labels(labels)
-        return cls(mu_arr, ls, ids=ids_arr, labels=labels_arr)
+        return cls(mu_arr, ls, ids=ids, labels=labels)
 
     @classmethod
     def from_posterior(cls, posterior: DiagonalGaussian, **kwargs: Any) -> PosteriorBank:
         p = posterior.numpy()
         return cls.from_arrays(p.mean, log_sigma=p.log_sigma, **kwargs)
-
-    @staticmethod
-    def _normalise_ids(ids: Any) -> np.ndarray:
-        arr = np.asarray(ids)
-        if arr.ndim != 1:
-            raise InvalidArgumentError(f"ids must be one-dimensional, got shape {arr.shape}", field="ids")
-        if arr.dtype.kind in "iu":
-            arr = arr.astype(str)
-        elif arr.dtype.kind == "O":
-            if not all(isinstance(v, (str, int, np.integer)) for v in arr):
-                raise InvalidArgumentError("ids must be strings or integers", field="ids")
-            arr = np.array([str(v) for v in arr], dtype=str)
-        elif arr.dtype.kind == "S":
-            arr = np.char.decode(arr, "utf-8")
-        elif arr.dtype.kind != "U":
-            raise InvalidArgumentError(f"ids must be strings or integers, got dtype {arr.dtype}", field="ids")
-        empty = np.char.str_len(arr) == 0 if arr.size else np.zeros(0, bool)
-        if empty.any():
-            raise InvalidArgumentError(
-                f"ids must be non-empty; first empty id at row {int(np.flatnonzero(empty)[0])}", field="ids"
-            )
-        return arr
-
-    @staticmethod
-    def _normalise_labels(labels: Any) -> np.ndarray:
-        arr = np.asarray(labels)
-        if arr.ndim != 1:
-            raise InvalidArgumentError(
-                f"labels must be one-dimensional, got shape {arr.shape}", field="labels"
-            )
-        if arr.size and arr.dtype.kind not in "iu":
-            if arr.dtype.kind == "f" and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr)):
-                return arr.astype(np.int64)
-            raise InvalidArgumentError(f"labels must be integers, got dtype {arr.dtype}", field="labels")
-        return arr.astype(np.int64)
 
     def _validate(self) -> None:
         mu, ls = self.mu, self.log_sigma
@@ -152,25 +186,13 @@ class PosteriorBank:
             raise InvalidArgumentError("latent dimension d must be >= 1", field="mu")
         bad = ~np.isfinite(mu)
         if bad.any():
-            raise InvalidArgumentError(f"mu has NaN or inf; first bad row {_first_bad_row(bad)}", field="mu")
-        bad = ~(np.isfinite(ls) & (ls > _LOG_SIGMA_MIN) & (ls < _LOG_SIGMA_MAX))
+            raise InvalidArgumentError(f"mu has NaN or inf; first bad row {first_bad_row(bad)}", field="mu")
+        bad = ~(np.isfinite(ls) & (ls > -LOG_SIGMA_LIMIT) & (ls < LOG_SIGMA_LIMIT))
         if bad.any():
             raise InvalidArgumentError(
-                f"sigma must be finite and > 0 (log sigma in ({_LOG_SIGMA_MIN}, {_LOG_SIGMA_MAX})); "
-                f"first bad row {_first_bad_row(bad)}",
+                f"sigma must be finite and > 0 (log sigma in ({-LOG_SIGMA_LIMIT}, {LOG_SIGMA_LIMIT})); "
+                f"first bad row {first_bad_row(bad)}",
                 field="sigma",
-            )
-        if self.ids is not None:
-            if self.ids.shape != (n,):
-                raise InvalidArgumentError(f"ids has shape {self.ids.shape}, expected ({n},)", field="ids")
-            uniq, counts = np.unique(self.ids, return_counts=True)
-            if (counts > 1).any():
-                dup = uniq[counts > 1][0]
-                rows = np.flatnonzero(self.ids == dup)[:2].tolist()
-                raise InvalidArgumentError(f"duplicate id {dup!r} at rows {rows}", field="ids")
-        if self.labels is not None and self.labels.shape != (n,):
-            raise InvalidArgumentError(
-                f"labels has shape {self.labels.shape}, expected ({n},)", field="labels"
             )
 
     # -- accessors ----------------------------------------------------------------------------
