@@ -118,7 +118,6 @@ class ApproxIndex:
     ) -> None:
         self.ivf = ivf
         self.lo, self.hi, self.slo, self.shi = lo, hi, slo, shi
-        self.log_slo, self.log_shi = np.log(slo), np.log(shi)
         self.list_of_row = list_of_row
         self.exact_groups = exact_groups
         self.factory = factory
