@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -59,9 +60,17 @@ class ServerConfig:
     # Most Nearest calls waiting for a round (and, apart, most other calls queued for or running on
     # the search threads, Nearest too when batching is off); beyond it RESOURCE_EXHAUSTED at once.
     queue_size: int = 1024
-    # Threads running searches (FAISS and numpy release the GIL).
+    # Threads running blocking work: batched Nearest rounds and every other search, Encode and
+    # Decode (FAISS and numpy release the GIL).
     search_threads: int = 2
-    # FAISS/OpenMP threads per batched search (None: cores // search_threads, at least 1).
+    # Batched Nearest rounds computing at once (at most search_threads). One round at a time makes
+    # the queue, and so each batch, grow while it runs: on 2 cores shared with the load generator,
+    # 1 answered 15-20% more Nearest calls than 2 (bench/bench_server.py), and leaves a thread free
+    # for the other RPCs.
+    batch_concurrency: int = 1
+    # FAISS/OpenMP threads per search (None: 1). Under concurrent load OpenMP's fork/join and
+    # spinning cost more than they save (a second FAISS thread made batched searches slower per
+    # query in the server benchmark); raise it for a server that answers few, large NearestBatch calls.
     faiss_threads: int | None = None
     # Seconds between polls of the index root's CURRENT (<= 0: no hot reload).
     reload_interval: float = 2.0
@@ -79,6 +88,11 @@ class ServerConfig:
     grace: float = 5.0
     # Largest request/response message in bytes.
     max_message_bytes: int = 64 * 1024 * 1024
+    # Move every object alive after start and after each reload (modules, torch, the index) out of
+    # the cyclic garbage collector's reach (gc.freeze), so a full collection scans only what
+    # requests allocate. Unfrozen, the ~190,000 objects torch and grpc bring made each full
+    # collection stall the event loop ~80 ms, which set the p99 latency under load.
+    gc_freeze: bool = True
 
     def __post_init__(self) -> None:
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -86,6 +100,12 @@ class ServerConfig:
         if self.max_batch < 1 or self.queue_size < 1 or self.search_threads < 1:
             raise InvalidArgumentError(
                 "max_batch, queue_size and search_threads must be >= 1", field="max_batch"
+            )
+        if not 1 <= self.batch_concurrency <= self.search_threads:
+            raise InvalidArgumentError(
+                f"batch_concurrency must be in [1, search_threads={self.search_threads}], "
+                f"got {self.batch_concurrency}",
+                field="batch_concurrency",
             )
         if self.faiss_threads is not None and self.faiss_threads < 1:
             raise InvalidArgumentError("faiss_threads must be >= 1", field="faiss_threads")
@@ -135,11 +155,8 @@ class LatentSearchServer:
 
     @property
     def faiss_threads(self) -> int:
-        """FAISS threads per batched search: the configured value or cores // search_threads."""
-        cfg = self.config
-        if cfg.faiss_threads is not None:
-            return cfg.faiss_threads
-        return max(1, (os.cpu_count() or 1) // cfg.search_threads)
+        """FAISS threads per search: the configured value, else 1."""
+        return self.config.faiss_threads or 1
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> int:
@@ -158,12 +175,12 @@ class LatentSearchServer:
         )
         if cfg.batching:
             self._batcher = MicroBatcher(
-                run_nearest_group(self.service),
+                run_nearest_group(self.service, on_search=self.metrics.batch_search.observe),
                 executor=self._executor,
                 max_batch=cfg.max_batch,
                 max_wait_ms=cfg.max_wait_ms,
                 queue_size=cfg.queue_size,
-                max_concurrent=cfg.search_threads,
+                max_concurrent=cfg.batch_concurrency,
                 on_batch=self.metrics.batch_size.observe,
                 on_depth=self.metrics.queue_depth.set,
             )
@@ -189,6 +206,7 @@ class LatentSearchServer:
             raise UnavailableError(f"could not bind {address}", field="port")
         self.port = port
         await self.reload_now()
+        self._freeze_heap()
         await self._server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
@@ -278,8 +296,20 @@ class LatentSearchServer:
             log.info(
                 "now serving index version %s (%d items; was %s)", snapshot.version, len(snapshot.engine), old
             )
+            self._freeze_heap()
             await self._set_health(_SERVING)
             return True
+
+    def _freeze_heap(self) -> None:
+        """gc.freeze() what is alive now (see ServerConfig.gc_freeze).
+
+        Frozen objects are still freed by reference counting; unfreezing first lets this full
+        collection reclaim a replaced version's cyclic garbage too (one pause per start or reload).
+        """
+        if self.config.gc_freeze:
+            gc.unfreeze()
+            gc.collect()
+            gc.freeze()
 
     def _current_version(self) -> str | None:
         path = Path(self.config.index)

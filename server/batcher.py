@@ -5,6 +5,11 @@ waiting request, keeps collecting for up to ``max_wait_ms`` or until ``max_batch
 them by key and runs each group's function in the executor; callers whose deadline has already
 passed are answered DEADLINE_EXCEEDED without being computed. While every executor slot is busy the
 queue grows, so batches grow with load.
+
+The collector is woken once per round, not once per request: while it collects, a request only
+wakes it when the queue reaches ``max_batch`` (a timer ends the round otherwise), so a round of n
+requests costs one timer and one wake-up rather than n (this path runs on the event loop, which
+also runs every gRPC call).
 """
 
 from __future__ import annotations
@@ -70,15 +75,25 @@ class MicroBatcher:
         self._on_batch = on_batch or (lambda n: None)
         self._on_depth = on_depth or (lambda n: None)
         self._queue: deque[_Pending] = deque()
-        self._wakeup = asyncio.Event()
+        # Resolved to wake the collector: when idle, by the next request; while collecting, by the
+        # request that fills a batch (or the round's timer).
+        self._waiter: asyncio.Future[None] | None = None
+        self._wake_at = 1  # queue length at which submit() resolves the waiter
         self._slots = asyncio.Semaphore(max_concurrent)
         self._inflight: set[asyncio.Task[None]] = set()
+        self._pending = 0
         self._closed = False
         self._task: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
+        """Requests waiting in the queue (not yet taken into a round)."""
         return len(self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Requests submitted and not yet answered: queued, collected or computing."""
+        return self._pending
 
     def start(self) -> None:
         """Start the collector (call from the event loop)."""
@@ -100,15 +115,21 @@ class MicroBatcher:
                 f"request queue is full ({self.queue_size} waiting); retry later", field="queue"
             )
         fut: asyncio.Future[Any] = loop.create_future()
-        self._queue.append(_Pending(key, item, fut, deadline))
-        self._on_depth(len(self._queue))
-        self._wakeup.set()
-        return await fut
+        queue = self._queue
+        queue.append(_Pending(key, item, fut, deadline))
+        self._on_depth(len(queue))
+        if len(queue) >= self._wake_at:
+            self._wake()
+        self._pending += 1
+        try:
+            return await fut
+        finally:
+            self._pending -= 1
 
     async def close(self) -> None:
         """Refuse new requests, answer every queued one, then stop the collector."""
         self._closed = True
-        self._wakeup.set()
+        self._wake()
         if self._task is not None:
             await self._task
             self._task = None
@@ -116,32 +137,38 @@ class MicroBatcher:
             await asyncio.gather(*self._inflight, return_exceptions=True)
 
     # -- internals ----------------------------------------------------------------------------
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _sleep(self, loop: asyncio.AbstractEventLoop, wake_at: int, timeout: float | None) -> None:
+        """Wait until the queue holds ``wake_at`` requests, :meth:`close`, or ``timeout`` seconds."""
+        self._wake_at = wake_at
+        self._waiter = waiter = loop.create_future()
+        timer = None if timeout is None else loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
+
     async def _collect(self) -> None:
         loop = asyncio.get_running_loop()
+        queue = self._queue
         while True:
-            while not self._queue:
+            while not queue:
                 if self._closed:
                     return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-            batch = [self._queue.popleft()]
-            end = loop.time() + self.max_wait
-            while len(batch) < self.max_batch:
-                if self._queue:
-                    batch.append(self._queue.popleft())
-                    continue
-                remaining = end - loop.time()
-                if remaining <= 0 or self._closed:
-                    break
-                self._wakeup.clear()
-                try:
-                    await asyncio.wait_for(self._wakeup.wait(), remaining)
-                except TimeoutError:
-                    break
+                await self._sleep(loop, 1, None)
+            if len(queue) < self.max_batch and self.max_wait > 0 and not self._closed:
+                await self._sleep(loop, self.max_batch, self.max_wait)  # let the round fill
+            batch = [queue.popleft() for _ in range(min(self.max_batch, len(queue)))]
             await self._slots.acquire()
-            while len(batch) < self.max_batch and self._queue:  # arrived while waiting for a slot
-                batch.append(self._queue.popleft())
-            self._on_depth(len(self._queue))
+            while len(batch) < self.max_batch and queue:  # arrived while waiting for a slot
+                batch.append(queue.popleft())
+            self._on_depth(len(queue))
             task = loop.create_task(self._dispatch(batch))
             self._inflight.add(task)
             task.add_done_callback(self._inflight.discard)
@@ -180,3 +207,8 @@ class MicroBatcher:
                         p.future.set_result(res)
         finally:
             self._slots.release()
+
+
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)

@@ -32,8 +32,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--queue-size", type=int, default=1024, help="most waiting Nearest calls (default 1024)")
     p.add_argument("--threads", type=int, default=2, help="search threads (default 2)")
     p.add_argument(
-        "--faiss-threads", type=int, default=None, help="FAISS threads per search (default cores/threads)"
+        "--batch-concurrency",
+        type=int,
+        default=1,
+        help="batched Nearest rounds computing at once (default 1, at most --threads)",
     )
+    p.add_argument("--faiss-threads", type=int, default=None, help="FAISS threads per search (default 1)")
     p.add_argument(
         "--reload-interval", type=float, default=2.0, help="seconds between index polls (default 2; 0: off)"
     )
@@ -70,6 +74,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
         search_threads=args.threads,
+        batch_concurrency=args.batch_concurrency,
         faiss_threads=args.faiss_threads,
         reload_interval=args.reload_interval,
         verify=args.verify,

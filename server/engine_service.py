@@ -13,18 +13,28 @@ import json
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
 from api.latentsearch.v1 import latentsearch_pb2 as pb
 from indexer.root import IndexRoot
+from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine
-from latentsearch.engine.results import SearchResult
+from latentsearch.engine.results import BatchResult
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from model.loader import LoadedModel
 
-__all__ = ["DEFAULT_K", "EngineService", "NearestQuery", "QueryKey", "Snapshot", "load_snapshot"]
+__all__ = [
+    "DEFAULT_K",
+    "EngineService",
+    "NearestQuery",
+    "QueryKey",
+    "Snapshot",
+    "load_snapshot",
+    "nearest_responses",
+]
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +67,7 @@ def load_snapshot(root: IndexRoot, *, verify: bool = False, num_threads: int | N
     return Snapshot(version=version, engine=engine, model_hash=str(manifest.get("model_hash") or ""))
 
 
-@dataclass(frozen=True)
-class QueryKey:
+class QueryKey(NamedTuple):
     """What concurrent Nearest calls must share to be answered by one ``search_batch``."""
 
     version: str
@@ -67,13 +76,13 @@ class QueryKey:
     labels: tuple[int, ...] | None
 
 
-@dataclass(frozen=True)
-class NearestQuery:
+class NearestQuery(NamedTuple):
     """A validated Nearest request bound to the snapshot that will answer it."""
 
     snapshot: Snapshot
     key: QueryKey
-    z: np.ndarray = field(repr=False)
+    # (d,) coordinates, finite and within +-MAX_ABS_COORDINATE (a list: one array per batch, not per call)
+    z: list[float]
 
 
 class EngineService:
@@ -128,25 +137,37 @@ class EngineService:
 
     # -- Nearest ------------------------------------------------------------------------------
     def parse_nearest(self, request: pb.NearestRequest, snapshot: Snapshot | None = None) -> NearestQuery:
-        """Validate one Nearest request against ``snapshot`` (default: the current one)."""
+        """Validate one Nearest request against ``snapshot`` (default: the current one).
+
+        Plain Python on the hot path (no array per call); the batch becomes one array in
+        :meth:`search_group`.
+        """
         snap = snapshot or self.snapshot()
         engine = snap.engine
-        z = _vector(request.z, "z", engine.dim)
+        z = _point(request.z, "z", engine.dim)
         k = self._k(request.k, engine)
         mode = _mode(request.mode)
-        labels = _labels(request.labels, engine)
-        return NearestQuery(snapshot=snap, key=QueryKey(snap.version, k, mode, labels), z=z)
+        labels = _labels(request.labels, engine) if request.labels else None
+        return NearestQuery(snap, QueryKey(snap.version, k, mode, labels), z)
 
     @staticmethod
-    def search_group(snapshot: Snapshot, key: QueryKey, zs: Sequence[np.ndarray]) -> list[SearchResult]:
-        """Answer several queries sharing ``key`` with one ``search_batch`` (blocking)."""
-        return snapshot.engine.search_batch(np.stack(zs), key.k, mode=key.mode, labels=key.labels)  # type: ignore[arg-type]
+    def search_group(
+        snapshot: Snapshot, key: QueryKey, zs: Sequence[Sequence[float]]
+    ) -> list[pb.NearestResponse]:
+        """Answer several queries sharing ``key`` with one search (blocking); one reply per query."""
+        engine = snapshot.engine
+        batch = engine.search_batch_arrays(
+            np.array(zs, dtype=np.float64),
+            key.k,
+            mode=key.mode,
+            labels=key.labels,  # type: ignore[arg-type]
+        )
+        return nearest_responses(batch, engine.bank, snapshot.version)
 
     def nearest(self, request: pb.NearestRequest) -> pb.NearestResponse:
         """One Nearest call answered alone (blocking)."""
         q = self.parse_nearest(request)
-        result = q.snapshot.engine.search(q.z, q.key.k, mode=q.key.mode, labels=q.key.labels)  # type: ignore[arg-type]
-        return nearest_response(result, q.snapshot.version)
+        return self.search_group(q.snapshot, q.key, [q.z])[0]
 
     def nearest_batch(self, request: pb.NearestBatchRequest) -> pb.NearestBatchResponse:
         """Every query of the batch answered by one snapshot, in order (blocking)."""
@@ -169,13 +190,12 @@ class EngineService:
         groups: dict[QueryKey, list[int]] = {}
         for i, q in enumerate(parsed):
             groups.setdefault(q.key, []).append(i)
-        results: list[SearchResult | None] = [None] * n
+        results: list[pb.NearestResponse | None] = [None] * n
         for key, idx in groups.items():
             for i, res in zip(idx, self.search_group(snap, key, [parsed[i].z for i in idx]), strict=True):
                 results[i] = res
         return pb.NearestBatchResponse(
-            results=[nearest_response(r, snap.version) for r in results if r is not None],
-            index_version=snap.version,
+            results=[r for r in results if r is not None], index_version=snap.version
         )
 
     # -- NearestToDistribution ----------------------------------------------------------------
@@ -301,14 +321,44 @@ class EngineService:
         return k
 
 
-def nearest_response(result: SearchResult, version: str) -> pb.NearestResponse:
-    """A :class:`SearchResult` as a NearestResponse answered by ``version``."""
-    return pb.NearestResponse(
-        neighbors=[pb.Neighbor(id=n.id, log_likelihood=n.score, label=n.label, rank=n.rank) for n in result],
-        index_version=version,
-        mode=_MODE_ENUM[result.mode],
-        certified=result.certified,
-    )
+def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:
+    """One NearestResponse per query of ``batch`` (answered by ``version``), built from whole arrays:
+    ids, scores and labels are gathered once for the batch, not per neighbour."""
+    valid = batch.rows >= 0  # (B, k); the valid entries of each row are a prefix
+    counts = valid.sum(axis=1).tolist()
+    rows = batch.rows[valid]  # (M,) row-major: query 0's results, then query 1's, ...
+    ids = bank.id_of(rows)
+    scores = batch.scores[valid].tolist()
+    labels = None if bank.labels is None else np.asarray(bank.labels[rows]).tolist()
+    mode = _MODE_ENUM[batch.mode]
+    certified = batch.certified.tolist()
+    out = []
+    start = 0
+    for b, n in enumerate(counts):
+        resp = pb.NearestResponse(index_version=version, mode=mode, certified=certified[b])
+        add = resp.neighbors.add
+        if labels is None:
+            for j in range(n):
+                add(id=ids[start + j], log_likelihood=scores[start + j], rank=j)
+        else:
+            for j in range(n):
+                add(id=ids[start + j], log_likelihood=scores[start + j], label=labels[start + j], rank=j)
+        start += n
+        out.append(resp)
+    return out
+
+
+def _point(values: Sequence[float], name: str, dim: int) -> list[float]:
+    """A request's coordinates as a list, checked in plain Python (the fast path of :func:`_vector`)."""
+    z = list(values)
+    if len(z) == dim:
+        lim = MAX_ABS_COORDINATE
+        for v in z:
+            if not -lim <= v <= lim:  # NaN, inf or too large: _vector names the problem
+                break
+        else:
+            return z
+    return _vector(z, name, dim).tolist()  # raises, naming the problem
 
 
 def _vector(values: Sequence[float], name: str, dim: int) -> np.ndarray:

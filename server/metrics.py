@@ -41,6 +41,12 @@ class ServerMetrics:
             buckets=_BATCH_BUCKETS,
             registry=r,
         )
+        self.batch_search = Histogram(
+            "latentsearch_batch_search_seconds",
+            "Wall-clock seconds of one batched Nearest round on a search thread (search and replies)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.queue_depth = Gauge(
             "latentsearch_queue_depth", "Nearest calls waiting to be batched", registry=r
         )
@@ -54,12 +60,19 @@ class ServerMetrics:
         self.reloads = Counter(
             "latentsearch_index_reloads", "Index reload attempts, by result", ["result"], registry=r
         )
+        # Label children by (method, code): labels() takes a lock and builds a key on every call.
+        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
 
     def observe(self, method: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, code).inc()
-        self.latency.labels(method).observe(seconds)
+        """Count one answered RPC and its latency."""
+        children = self._children.get((method, code))
+        if children is None:
+            children = (self.requests.labels(method, code), self.latency.labels(method))
+            self._children[(method, code)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def set_index(self, version: str, items: int) -> None:
         self.index.info({"version": version})

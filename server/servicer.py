@@ -18,7 +18,7 @@ from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.errors import LatentSearchError
 from server.admission import AdmissionControl
 from server.batcher import MicroBatcher
-from server.engine_service import EngineService, NearestQuery, QueryKey, nearest_response
+from server.engine_service import EngineService, NearestQuery, QueryKey
 from server.metrics import ServerMetrics
 
 __all__ = ["LatentSearchServicer", "run_nearest_group", "status_details"]
@@ -62,13 +62,13 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
 
     # -- RPCs ---------------------------------------------------------------------------------
     async def Nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
-        return await self._call("Nearest", context, lambda: self._nearest(request, context))
+        return await self._call("Nearest", context, self._nearest(request, context))
 
     async def NearestBatch(
         self, request: pb.NearestBatchRequest, context: aio.ServicerContext
     ) -> pb.NearestBatchResponse:
         return await self._call(
-            "NearestBatch", context, lambda: self._blocking(context, self.service.nearest_batch, request)
+            "NearestBatch", context, self._blocking(context, self.service.nearest_batch, request)
         )
 
     async def NearestToDistribution(
@@ -77,47 +77,42 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         return await self._call(
             "NearestToDistribution",
             context,
-            lambda: self._blocking(context, self.service.nearest_to_distribution, request),
+            self._blocking(context, self.service.nearest_to_distribution, request),
         )
 
     async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext) -> pb.EncodeResponse:
-        return await self._call(
-            "Encode", context, lambda: self._blocking(context, self.service.encode, request)
-        )
+        return await self._call("Encode", context, self._blocking(context, self.service.encode, request))
 
     async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> pb.DecodeResponse:
-        return await self._call(
-            "Decode", context, lambda: self._blocking(context, self.service.decode, request)
-        )
+        return await self._call("Decode", context, self._blocking(context, self.service.decode, request))
 
     async def GetItem(self, request: pb.GetItemRequest, context: aio.ServicerContext) -> pb.GetItemResponse:
-        return await self._call(
-            "GetItem", context, lambda: self._blocking(context, self.service.get_item, request)
-        )
+        return await self._call("GetItem", context, self._blocking(context, self.service.get_item, request))
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
-        return await self._call("Info", context, lambda: self._blocking(context, self.service.info, request))
+        return await self._call("Info", context, self._blocking(context, self.service.info, request))
 
     # -- internals ----------------------------------------------------------------------------
     async def _nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
         query = self.service.parse_nearest(request)  # captures the snapshot that answers
         if self.batcher is None:
-            results = await self._blocking(
+            replies = await self._blocking(
                 context, self.service.search_group, query.snapshot, query.key, [query.z]
             )
-            return nearest_response(results[0], query.snapshot.version)
-        result = await self.batcher.submit(query.key, query, deadline=_deadline(context))
-        return nearest_response(result, query.snapshot.version)
+            return replies[0]
+        reply: pb.NearestResponse = await self.batcher.submit(query.key, query, deadline=_deadline(context))
+        return reply
 
     async def _blocking(self, context: aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the search threads through the bounded in-flight counter."""
         return await self.admission.run(fn, *args, deadline=_deadline(context))
 
-    async def _call(self, method: str, context: aio.ServicerContext, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, method: str, context: aio.ServicerContext, work: Awaitable[T]) -> T:
+        """Await ``work``, translating project errors to status codes and recording metrics."""
         start = time.perf_counter()
         code = "OK"
         try:
-            return await fn()
+            return await work
         except LatentSearchError as exc:
             code = exc.grpc_code
             status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
@@ -142,10 +137,21 @@ def _deadline(context: aio.ServicerContext) -> float | None:
     return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
-def run_nearest_group(service: EngineService) -> Callable[[QueryKey, list[NearestQuery]], list[Any]]:
-    """The batcher's function: one ``search_batch`` for queries sharing a key (and a snapshot)."""
+def run_nearest_group(
+    service: EngineService, *, on_search: Callable[[float], None] | None = None
+) -> Callable[[QueryKey, list[NearestQuery]], list[Any]]:
+    """The batcher's function: one search for queries sharing a key (and a snapshot), one reply each.
+
+    The replies are built here, on the search thread, from the batch's arrays. ``on_search`` gets
+    each round's wall-clock seconds (metrics).
+    """
 
     def run(key: QueryKey, queries: list[NearestQuery]) -> list[Any]:
-        return service.search_group(queries[0].snapshot, key, [q.z for q in queries])
+        start = time.perf_counter()
+        try:
+            return service.search_group(queries[0].snapshot, key, [q.z for q in queries])
+        finally:
+            if on_search is not None:
+                on_search(time.perf_counter() - start)
 
     return run

@@ -54,8 +54,8 @@ def test_concurrent_calls_equal_single_answers(tmp_path: Path, start_server, bat
             for z, k, labels in specs
         ]
         wait_until(lambda: groups)
-        if batching:  # everything else is queued behind the blocked search
-            wait_until(lambda: srv.server._batcher.depth + len(groups) >= 2)
+        if batching:  # every call is in the batcher (queued, or collected behind the blocked search)
+            wait_until(lambda: srv.server._batcher.pending == len(specs))
         release.set()
         for (z, k, labels), fut in zip(specs, futures, strict=True):
             resp = fut.result(timeout=60)

@@ -19,7 +19,7 @@ from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
-from latentsearch.engine.results import SearchResult
+from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.errors import InvalidArgumentError
 from model.posterior import LOG_2PI, DiagonalGaussian
 
@@ -33,6 +33,15 @@ MAX_ABS_COORDINATE = 1e6
 _SELECTION_CACHE = 32
 _PARALLEL_MIN_QUERIES = 8
 _DEFAULT_THREADS = faiss.omp_get_max_threads()
+# FAISS flat searches (the exact screens and the approximate index's coarse quantizer) score a batch
+# with one BLAS matrix product from this many queries up, one dot product per (query, item) below.
+# faiss-cpu 1.15 ships 128,000, so every batch took the per-pair path; at 20, a batch of 64 queries
+# over 70,000 d = 10 items screens 3.4x faster on one core. The float32 error bound of the exact
+# screens holds for any summation order (see lifting.error_coefficient), so results are unchanged.
+# The setting is process-wide; a smaller value already set by the application is kept.
+BLAS_MIN_QUERIES = 20
+if faiss.cvar.distance_compute_blas_threshold > BLAS_MIN_QUERIES:
+    faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES
 
 
 @contextmanager
@@ -184,6 +193,23 @@ class SearchEngine:
         z_arr = self._check_points(z, "z", single=False)
         return self._search(z_arr, None, k, mode, labels, nprobe)
 
+    def search_batch_arrays(
+        self,
+        z: Any,
+        k: int = 10,
+        *,
+        mode: SearchMode | None = None,
+        labels: Iterable[int] | None = None,
+        nprobe: int | None = None,
+    ) -> BatchResult:
+        """:meth:`search_batch` as one :class:`BatchResult` of ``(B, k)`` arrays.
+
+        The same search without building a :class:`SearchResult` per query (no per-query Python
+        objects): what a server answering many small calls uses.
+        """
+        z_arr = self._check_points(z, "z", single=False)
+        return self._search_arrays(z_arr, None, k, mode, labels, nprobe)
+
     def search_distribution(
         self,
         mean: Any,
@@ -227,7 +253,7 @@ class SearchEngine:
         rows, scores = self.exact._brute(
             np.arange(z_arr.shape[0]), k_eff, rescore, selection, groups=range(len(self.exact.groups))
         )
-        return [self._result(rows[b], scores[b], "exact", True, None, None) for b in range(z_arr.shape[0])]
+        return [self._result(rows[b], scores[b], "exact", True, None) for b in range(z_arr.shape[0])]
 
     # -- internals ----------------------------------------------------------------------------
     def _search(
@@ -239,6 +265,27 @@ class SearchEngine:
         labels: Iterable[int] | None,
         nprobe: int | None,
     ) -> list[SearchResult]:
+        batch = self._search_arrays(points, std, k, mode, labels, nprobe)
+        return [
+            self._result(
+                batch.rows[b],
+                batch.scores[b],
+                batch.mode,
+                bool(batch.certified[b]),
+                None if batch.kl is None else batch.kl[b],
+            )
+            for b in range(points.shape[0])
+        ]
+
+    def _search_arrays(
+        self,
+        points: np.ndarray,
+        std: np.ndarray | None,
+        k: int,
+        mode: SearchMode | None,
+        labels: Iterable[int] | None,
+        nprobe: int | None,
+    ) -> BatchResult:
         k_eff = self._check_k(k)
         if nprobe is not None and (
             isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1
@@ -252,15 +299,13 @@ class SearchEngine:
             rows, scores, certified = self._run(
                 points, std, queries, k_eff, resolved, selection, rescore, nprobe
             )
-        entropy = None
+        kl = None
         if std is not None and np.all(std > 0):
             entropy = np.log(std).sum(axis=1) + 0.5 * self.dim * (1.0 + LOG_2PI)  # (B,)
-        return [
-            self._result(
-                rows[b], scores[b], resolved, bool(certified[b]), None if entropy is None else entropy[b], std
-            )
-            for b in range(points.shape[0])
-        ]
+            kl = np.where(rows >= 0, -entropy[:, None] - scores, np.inf)  # (B, k)
+        return BatchResult(
+            rows=rows, scores=scores, certified=np.asarray(certified, bool), mode=resolved, kl=kl
+        )
 
     def _threads_for(self, nq: int) -> int:
         """FAISS threads for a call with ``nq`` queries.
@@ -316,13 +361,11 @@ class SearchEngine:
         scores: np.ndarray,
         mode: str,
         certified: bool,
-        entropy: float | None,
-        std: np.ndarray | None,
+        kl: np.ndarray | None,
     ) -> SearchResult:
         keep = rows >= 0
         rows, scores = rows[keep], scores[keep]
         labels = None if self.bank.labels is None else np.asarray(self.bank.labels[rows], dtype=np.int64)
-        kl = None if entropy is None else -entropy - scores
         return SearchResult(
             ids=self.bank.id_of(rows),
             rows=rows,
@@ -330,7 +373,7 @@ class SearchEngine:
             labels=labels,
             mode=mode,
             certified=certified,
-            kl=kl,
+            kl=None if kl is None else kl[keep],
         )
 
     def _rescorer(self, points: np.ndarray, std: np.ndarray | None) -> Rescore:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Neighbor", "SearchResult"]
+__all__ = ["BatchResult", "Neighbor", "SearchResult"]
 
 
 @dataclass(frozen=True)
@@ -56,3 +56,33 @@ class SearchResult:
                 score=float(self.scores[i]),
                 label=None if self.labels is None else int(self.labels[i]),
             )
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The top-k of B queries as arrays, best first per row (what the server builds replies from).
+
+    Rows past the number of selected items are padded (row -1, score -inf), so the valid entries of
+    each row are a prefix.
+
+    Attributes:
+        rows: ``(B, k)`` int64 bank rows.
+        scores: ``(B, k)`` float64 exact ``log q(z|x)`` (expected log-likelihood for distributions).
+        certified: ``(B,)`` bool, True where the top-k is proven identical to the brute force.
+        mode: ``"exact"`` or ``"approx"``.
+        kl: ``(B, k)`` float64 KL divergences for distribution queries with every std > 0.
+    """
+
+    rows: np.ndarray
+    scores: np.ndarray
+    certified: np.ndarray
+    mode: str
+    kl: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def counts(self) -> np.ndarray:
+        """``(B,)`` int64 number of valid results of each query."""
+        return (self.rows >= 0).sum(axis=1)
