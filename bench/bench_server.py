@@ -1,22 +1,28 @@
 """Server benchmark: Nearest throughput and latency over gRPC against a no-search echo ceiling.
 
-Scenarios, in one run, each measured with :mod:`latentsearch.loadgen` from a separate (spawned)
-process so client and server do not share a GIL; the servers run in this process:
+Scenarios, each measured with :mod:`latentsearch.loadgen` from a separate (spawned) process so client
+and server do not share a GIL; the servers run in this process, one at a time, with the default
+:class:`~server.app.ServerConfig`:
 
 * ``echo``: a grpc.aio LatentSearch service whose Nearest returns a fixed 10-neighbour response
   without searching (same request/response messages, same server options): the ceiling;
-* ``exact_70k``: Nearest over a 70,000-item d=10 index (exact engine), micro-batching on;
+* ``exact_2k``: Nearest over 2,000 items (exact): the serving path with almost no search cost;
+* ``exact_70k``: Nearest over a 70,000-item d=10 index in its default mode (exact below 100,000);
+* ``approx_70k``: the same items with an approximate index, Nearest in approximate mode;
 * ``approx_1m_batched`` / ``approx_1m_unbatched``: Nearest over 1,000,000 items in approximate
   mode, micro-batching on and off.
 
-Queries mix the ``box`` (z uniform in [-5, 5]^d) and ``prior`` (z ~ N(0, I)) families, k = 10.
-Each scenario gets a short warm-up run first. CPU seconds used by the server process and by the load
-process are recorded (the machine's cores are shared by both), and so is the search cost alone
-(``search_batch`` in-process, batch of 1 and of 64), to show where the time goes.
+Two cores are shared by the server and the load generator, and a shared machine drifts by 10-20%
+between runs, so the whole set is measured ``--rounds`` times (echo first in each round) and every
+ratio to echo is taken within its round; the report gives each round and the medians. Queries mix the
+``box`` (z uniform in [-5, 5]^d) and ``prior`` (z ~ N(0, I)) families, k = 10. Each scenario gets a
+short warm-up run first. Recorded beside throughput and latency: CPU seconds of the server process and
+of the load process, the mean batch, and the wall time of each batched search round (search plus
+replies, on the search thread), and the search cost alone (``search_batch_arrays`` in-process).
 
 Usage::
 
-    python -m bench.bench_server [--duration 8] [--concurrency 64]
+    python -m bench.bench_server [--duration 8] [--concurrency 64] [--rounds 3]
 
 Writes ``bench/results/server-<date>.json`` and ``.md``.
 """
@@ -124,16 +130,20 @@ def measure(
     warmup: float,
     dim: int,
     mode: str | None = None,
+    seed: int = 0,
     server_stats: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then one measured load run; returns rps, latencies, errors and CPU use."""
+    """Warm up, then one measured load run; returns rps, latencies, errors and CPU use.
+
+    ``seed`` picks the load's query pool (each round of the benchmark uses its own).
+    """
     target = f"127.0.0.1:{port}"
     common = {"target": target, "concurrency": concurrency, "dim": dim, "mode": mode, "k": K}
     if warmup > 0:
         pool.submit(_load_in_child, LoadConfig(duration=warmup, seed=99, **common)).result()
     before = server_stats() if server_stats else {}
     cpu0, wall0 = os.times(), time.perf_counter()
-    doc = pool.submit(_load_in_child, LoadConfig(duration=duration, **common)).result()
+    doc = pool.submit(_load_in_child, LoadConfig(duration=duration, seed=seed, **common)).result()
     cpu1, wall = os.times(), time.perf_counter() - wall0
     after = server_stats() if server_stats else {}
     lat = {d["percentage"]: d["latency"] / 1e6 for d in doc["latencyDistribution"]}
@@ -158,6 +168,10 @@ def measure(
     if before and after:
         batches = after["batches"] - before["batches"]
         row["mean_batch_size"] = (after["batched"] - before["batched"]) / batches if batches else None
+        rounds = after["rounds"] - before["rounds"]
+        round_s = after["round_s"] - before["round_s"]
+        row["search_round_ms"] = 1e3 * round_s / rounds if rounds else None
+        row["search_busy"] = round_s / wall  # share of the time a batched round was computing
     log.info(
         "%s: %.0f rps, p50 %.2f ms, p99 %.2f ms, %d errors", name, row["rps"], lat[50], lat[99], row["errors"]
     )
@@ -170,6 +184,8 @@ def _batch_stats(server: LatentSearchServer) -> Callable[[], dict[str, Any]]:
         return {
             "batches": reg.get_sample_value("latentsearch_batch_size_count") or 0.0,
             "batched": reg.get_sample_value("latentsearch_batch_size_sum") or 0.0,
+            "rounds": reg.get_sample_value("latentsearch_batch_search_seconds_count") or 0.0,
+            "round_s": reg.get_sample_value("latentsearch_batch_search_seconds_sum") or 0.0,
         }
 
     return stats
@@ -197,7 +213,7 @@ def run_server_scenario(
 def search_cost(engine: SearchEngine, queries: np.ndarray, mode: str, repeats: int = 3) -> dict[str, float]:
     """In-process ``search_batch`` cost per query (ms), batch of 1 (median) and of 64 (best).
 
-    FAISS threads are capped as the server caps them (cores // its 2 search threads).
+    FAISS threads are set as the server sets them (``LatentSearchServer.faiss_threads``).
     """
     threads = LatentSearchServer(ServerConfig(index="unused")).faiss_threads
     engine.config = dataclasses.replace(engine.config, num_threads=threads)
@@ -224,6 +240,20 @@ def build_root(root: Path, n: int, d: int, *, approx: bool, seed: int) -> tuple[
 
 
 # -- the run ------------------------------------------------------------------------------------
+# name -> (index, batching, Nearest mode); indexes are built once per run.
+SCENARIOS: dict[str, tuple[str, bool, str | None]] = {
+    "exact_2k": ("tiny", True, None),
+    "exact_70k": ("small", True, None),
+    "approx_70k": ("small_approx", True, "approx"),
+    "approx_1m_batched": ("large", True, "approx"),
+    "approx_1m_unbatched": ("large", False, "approx"),
+}
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     d = args.d
     common = {"duration": args.duration, "concurrency": args.concurrency, "warmup": args.warmup, "dim": d}
@@ -239,9 +269,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "settings": {
             **common,
             "k": K,
+            "rounds": args.rounds,
             "families": ["box", "prior"],
+            "n_tiny": args.n_tiny,
             "n_small": args.n_small,
             "n_large": args.n_large,
+            "server_config": dataclasses.asdict(ServerConfig(index="unused")),
         },
     }
     loop = LoopThread()
@@ -251,66 +284,72 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ProcessPoolExecutor(1, mp_context=ctx) as pool,
     ):
         pool.submit(time.sleep, 0).result()  # start the load process before timing anything
-        scenarios: list[dict[str, Any]] = []
-        echo, port = loop.run(start_echo(d))
-        try:
-            scenarios.append(measure(pool, port, name="echo", **common))
-        finally:
-            loop.run(echo.stop(1.0))
-
         queries = np.concatenate(list(query_families(vae_like_posteriors(1000, d), 64, seed=7).values())[:2])
-        small_root = Path(tmp) / "small"
-        engine, build_s = build_root(small_root, args.n_small, d, approx=False, seed=1)
-        report["small_index"] = {
-            "items": args.n_small,
-            "build_s": build_s,
-            "has_approx": engine.approx is not None,
-        }
-        report["small_index"]["search_cost_exact"] = search_cost(engine, queries, "exact")
-        del engine
-        scenarios.append(
-            run_server_scenario(loop, pool, small_root, batching=True, name="exact_70k_batched", **common)
-        )
-
-        large_root = Path(tmp) / "large"
-        engine, build_s = build_root(large_root, args.n_large, d, approx=True, seed=2)
-        report["large_index"] = {"items": args.n_large, "build_s": build_s}
-        report["large_index"]["search_cost_approx"] = search_cost(engine, queries, "approx")
-        del engine
-        for batching in (True, False):
-            name = f"approx_1m_{'batched' if batching else 'unbatched'}"
-            scenarios.append(
-                run_server_scenario(
-                    loop, pool, large_root, batching=batching, name=name, mode="approx", **common
+        roots: dict[str, Path] = {}
+        indexes: dict[str, Any] = {}
+        for name, n, approx, seed, mode in (
+            ("tiny", args.n_tiny, False, 3, "exact"),
+            ("small", args.n_small, False, 1, "exact"),
+            ("small_approx", args.n_small, True, 1, "approx"),
+            ("large", args.n_large, True, 2, "approx"),
+        ):
+            roots[name] = Path(tmp) / name
+            engine, build_s = build_root(roots[name], n, d, approx=approx, seed=seed)
+            cost = search_cost(engine, queries, mode)
+            indexes[name] = {"items": n, "build_s": build_s, "mode": mode, **cost}
+            del engine
+        report["indexes"] = indexes
+        rounds: list[dict[str, dict[str, Any]]] = []
+        for r in range(args.rounds):
+            log.info("round %d of %d", r + 1, args.rounds)
+            rows: dict[str, dict[str, Any]] = {}
+            echo, port = loop.run(start_echo(d))
+            try:
+                rows["echo"] = measure(pool, port, name="echo", seed=r, **common)
+            finally:
+                loop.run(echo.stop(1.0))
+            for name, (index, batching, mode) in SCENARIOS.items():
+                rows[name] = run_server_scenario(
+                    loop, pool, roots[index], batching=batching, name=name, mode=mode, seed=r, **common
                 )
-            )
+                rows[name]["vs_echo"] = rows[name]["rps"] / rows["echo"]["rps"]
+            on, off = rows["approx_1m_batched"], rows["approx_1m_unbatched"]
+            on["vs_unbatched"] = on["rps"] / off["rps"] if off["rps"] else float("inf")
+            rounds.append(rows)
     loop.close()
-    report["scenarios"] = scenarios
+    report["rounds"] = rounds
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    by = {s["name"]: s for s in scenarios}
-    echo_rps = by["echo"]["rps"]
-    small, on, off = by["exact_70k_batched"], by["approx_1m_batched"], by["approx_1m_unbatched"]
-    report["ratios"] = {
-        "exact_70k_vs_echo": small["rps"] / echo_rps,
-        "approx_1m_batched_vs_echo": on["rps"] / echo_rps,
-        "approx_1m_unbatched_vs_echo": off["rps"] / echo_rps,
-        "approx_1m_batched_vs_unbatched": on["rps"] / off["rps"] if off["rps"] else float("inf"),
-    }
-    r = report["ratios"]
+    median: dict[str, dict[str, float | None]] = {}
+    for name in ("echo", *SCENARIOS):
+        per = [rows[name] for rows in rounds]
+        median[name] = {
+            key: _median([p[key] for p in per])
+            for key in ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "client_cpu_cores")
+        }
+        for key in ("vs_echo", "vs_unbatched", "mean_batch_size", "search_round_ms", "search_busy"):
+            values = [p[key] for p in per if p.get(key) is not None]
+            median[name][key] = _median(values) if values else None
+    report["median"] = median
+    small, on = median["exact_70k"], median["approx_1m_batched"]
     report["targets"] = {
-        "exact_70k >= 80% of echo": r["exact_70k_vs_echo"] >= 0.8,
-        "exact_70k p99 < 50 ms": small["p99_ms"] < 50,
-        "exact_70k zero errors": small["errors"] == 0,
-        "approx_1m batched >= 50% of echo": r["approx_1m_batched_vs_echo"] >= 0.5,
-        "approx_1m batching on >= 3x off": r["approx_1m_batched_vs_unbatched"] >= 3.0,
+        "exact_70k >= 80% of echo": bool(small["vs_echo"] >= 0.8),
+        "exact_70k p99 < 50 ms": bool(small["p99_ms"] < 50),
+        "exact_70k zero errors": all(rows["exact_70k"]["errors"] == 0 for rows in rounds),
+        "approx_1m batched >= 50% of echo": bool(on["vs_echo"] >= 0.5),
+        "approx_1m batching on >= 3x off": bool(on["vs_unbatched"] >= 3.0),
     }
     return report
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
 
 
 def markdown(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     la0 = ", ".join(f"{v:.2f}" for v in m["load_average_at_start"])
     la1 = ", ".join(f"{v:.2f}" for v in m["load_average_at_end"])
+    cfg = s["server_config"]
     lines = [
         f"# Server benchmark, {report['date'][:10]}",
         "",
@@ -318,39 +357,53 @@ def markdown(report: dict[str, Any]) -> str:
         f"(load average {la0} at start, {la1} at end), grpcio {m['grpcio']}. Load: "
         f"`latentsearch.loadgen` in a separate process, concurrency {s['concurrency']}, {s['duration']} s "
         f"per scenario after a {s['warmup']} s warm-up, Nearest k = {s['k']}, queries from the box and "
-        f"prior families, d = {s['dim']}. Servers: default config (2 search threads; batching: max_batch "
-        "64, max_wait 2 ms).",
+        f"prior families, d = {s['dim']}; {s['rounds']} rounds, each starting with echo. Servers: default "
+        f"config ({cfg['search_threads']} search threads, {cfg['batch_concurrency']} batched round at a "
+        f"time, max_batch {cfg['max_batch']}, max_wait {cfg['max_wait_ms']} ms, FAISS threads 1).",
         "",
-        "| scenario | rps | vs echo | p50 ms | p90 ms | p99 ms | errors | mean batch | server cores "
+        "Medians over the rounds (each ratio taken against the echo of its own round):",
+        "",
+        "| scenario | rps | vs echo | p50 ms | p99 ms | errors | mean batch | round ms | search busy "
         "| server CPU ms/call | load cores |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    echo = report["scenarios"][0]["rps"]
-    for sc in report["scenarios"]:
-        mb = sc.get("mean_batch_size")
+    for name, row in report["median"].items():
         lines.append(
-            f"| {sc['name']} | {sc['rps']:.0f} | {sc['rps'] / echo:.2f} | {sc['p50_ms']:.2f} | "
-            f"{sc['p90_ms']:.2f} | {sc['p99_ms']:.2f} | {sc['errors']} | "
-            f"{'' if mb is None else f'{mb:.1f}'} | {sc['server_cpu_cores']:.2f} | "
-            f"{sc['server_cpu_ms_per_call']:.2f} | {sc['client_cpu_cores']:.2f} |"
+            f"| {name} | {row['rps']:.0f} | {_fmt(row['vs_echo'], '.2f') or '1.00'} | {row['p50_ms']:.2f} | "
+            f"{row['p99_ms']:.2f} | {row['errors']:.0f} | {_fmt(row['mean_batch_size'], '.1f')} | "
+            f"{_fmt(row['search_round_ms'], '.2f')} | {_fmt(row['search_busy'], '.2f')} | "
+            f"{row['server_cpu_ms_per_call']:.3f} | {row['client_cpu_cores']:.2f} |"
         )
-    small, large = report["small_index"], report["large_index"]
-    ce, ca = small["search_cost_exact"], large["search_cost_approx"]
-    r = report["ratios"]
+    lines += ["", "Each round (rps, ratio to that round's echo):", ""]
+    names = list(report["median"])
+    lines.append("| round | " + " | ".join(names) + " |")
+    lines.append("| --- |" + " ---: |" * len(names))
+    for r, rows in enumerate(report["rounds"], 1):
+        cells = [
+            f"{rows[n]['rps']:.0f}" + ("" if n == "echo" else f" ({rows[n]['vs_echo']:.2f})") for n in names
+        ]
+        lines.append(f"| {r} | " + " | ".join(cells) + " |")
+    on = report["median"]["approx_1m_batched"]
     lines += [
         "",
-        f"Ratios: exact 70k / echo {r['exact_70k_vs_echo']:.2f}; approx 1M batched / echo "
-        f"{r['approx_1m_batched_vs_echo']:.2f}; approx 1M batching on / off "
-        f"{r['approx_1m_batched_vs_unbatched']:.2f}x.",
+        f"Micro-batching on / off at 1M (median of per-round ratios): {on['vs_unbatched']:.2f}x.",
         "",
-        f"Search cost alone (in-process `search_batch`, per query): exact 70k {ce['single_ms']:.2f} ms "
-        f"single, {ce['batch64_ms_per_query']:.3f} ms in a batch of 64; approx 1M {ca['single_ms']:.2f} ms "
-        f"single, {ca['batch64_ms_per_query']:.3f} ms in a batch of 64. Index builds: 70k "
-        f"{small['build_s']:.1f} s, 1M {large['build_s']:.1f} s.",
+        "Search cost alone (in-process `search_batch`, per query, FAISS threads as the server sets them):",
         "",
-        "Server / load cores: CPU seconds per wall second of the server process (all its threads) and "
-        "of the load process. By Little's law the mean latency at concurrency C is C / rps, so a "
-        "p99 bound at C = 64 also bounds the rps (p99 < 50 ms needs well over 1,280 rps).",
+        "| index | items | mode | single query ms | in a batch of 64, ms/query | build s |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for name, idx in report["indexes"].items():
+        lines.append(
+            f"| {name} | {idx['items']} | {idx['mode']} | {idx['single_ms']:.3f} | "
+            f"{idx['batch64_ms_per_query']:.3f} | {idx['build_s']:.1f} |"
+        )
+    lines += [
+        "",
+        "Round ms: wall time of one batched Nearest round on the search thread (search and replies); "
+        "search busy: the share of the scenario's time such a round was running. Server / load cores: "
+        "CPU seconds per wall second of the server process (all its threads) and of the load process. "
+        "By Little's law the mean latency at concurrency C is C / rps.",
         "",
         "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items()),
         "",
@@ -364,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent calls (default 64)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per scenario (default 1)")
     parser.add_argument("--d", type=int, default=10, help="latent dimension (default 10)")
+    parser.add_argument("--rounds", type=int, default=3, help="measured rounds of every scenario (default 3)")
+    parser.add_argument(
+        "--n-tiny", type=int, default=2_000, help="serving-overhead index size (default 2,000)"
+    )
     parser.add_argument("--n-small", type=int, default=70_000, help="exact index size (default 70,000)")
     parser.add_argument(
         "--n-large", type=int, default=1_000_000, help="approx index size (default 1,000,000)"

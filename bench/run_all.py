@@ -61,7 +61,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         name="server",
         module="bench.bench_server",
-        quick_args=("--duration", "2", "--warmup", "0.5", "--n-small", "5000", "--n-large", "50000"),
+        quick_args=(
+            *("--duration", "2", "--warmup", "0.5", "--rounds", "1"),
+            *("--n-small", "5000", "--n-large", "50000"),
+        ),
     ),
 )
 

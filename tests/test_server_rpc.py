@@ -133,6 +133,7 @@ BAD = [
     ("Nearest", pb.NearestRequest(z=[0.0] * 3), "INVALID_ARGUMENT", "z"),
     ("Nearest", pb.NearestRequest(z=[0.0, float("nan"), 0.0, 0.0]), "INVALID_ARGUMENT", "z"),
     ("Nearest", pb.NearestRequest(z=[0.0, float("inf"), 0.0, 0.0]), "INVALID_ARGUMENT", "z"),
+    ("Nearest", pb.NearestRequest(z=[0.0, 0.0, -2e6, 0.0]), "INVALID_ARGUMENT", "z"),
     ("Nearest", pb.NearestRequest(z=[0.0] * 4, k=1001), "INVALID_ARGUMENT", "k"),
     ("Nearest", pb.NearestRequest(z=[0.0] * 4, labels=[99]), "INVALID_ARGUMENT", "labels"),
     ("Nearest", pb.NearestRequest(z=[0.0] * 4, mode=7), "INVALID_ARGUMENT", "mode"),

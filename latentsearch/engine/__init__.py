@@ -6,11 +6,12 @@ from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
-from latentsearch.engine.results import Neighbor, SearchResult
+from latentsearch.engine.results import BatchResult, Neighbor, SearchResult
 
 __all__ = [
     "MAX_ABS_COORDINATE",
     "ApproxIndex",
+    "BatchResult",
     "EngineConfig",
     "ExactIndex",
     "Neighbor",

@@ -1,0 +1,136 @@
+"""The Nearest hot path: replies built from batch arrays, plain-Python validation, server settings.
+
+Replies are checked against the engine's per-query results (themselves checked against a float64
+brute force in the engine tests); validation against the messages of the array validator.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+
+import grpc
+import numpy as np
+import pytest
+
+from api.latentsearch.v1 import latentsearch_pb2 as pb
+from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.engine import SearchEngine
+from latentsearch.errors import InvalidArgumentError
+from server import ServerConfig
+from server.engine_service import EngineService, Snapshot, nearest_responses
+from tests.server_fixtures import DIM, make_engine, publish, start_server
+
+__all__ = ["start_server"]
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _expected(engine: SearchEngine, z: np.ndarray, k: int, **kwargs) -> list[pb.NearestResponse]:
+    """Replies built the slow, obvious way: one SearchResult per query, one Neighbor per item."""
+    out = []
+    for res in engine.search_batch(z, k, **kwargs):
+        out.append(
+            pb.NearestResponse(
+                neighbors=[
+                    pb.Neighbor(id=n.id, log_likelihood=n.score, label=n.label, rank=n.rank) for n in res
+                ],
+                index_version="v1",
+                mode=pb.MODE_EXACT if res.mode == "exact" else pb.MODE_APPROX,
+                certified=res.certified,
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("labels", [None, [0, 2]])
+@pytest.mark.parametrize("k", [1, 10, 500])  # 500: more than the bank (and the filtered subset) holds
+def test_replies_equal_per_result_replies(labels, k: int) -> None:
+    engine = make_engine(300, seed=7)
+    z = np.random.default_rng(1).normal(size=(9, DIM))
+    batch = engine.search_batch_arrays(z, k, labels=labels)
+    got = nearest_responses(batch, engine.bank, "v1")
+    assert got == _expected(engine, z, k, labels=labels)
+    if k == 500:
+        want = 300 if labels is None else int(np.isin(engine.bank.labels, labels).sum())
+        assert [len(r.neighbors) for r in got] == [want] * 9
+
+
+def test_replies_without_labels_leave_label_unset() -> None:
+    rng = np.random.default_rng(2)
+    engine = SearchEngine.build(rng.normal(size=(50, DIM)), log_sigma=rng.uniform(-1, 0, size=(50, DIM)))
+    z = rng.normal(size=(3, DIM))
+    got = nearest_responses(engine.search_batch_arrays(z, 5), engine.bank, "v1")
+    assert got == _expected(engine, z, 5)
+    assert not any(n.HasField("label") for r in got for n in r.neighbors)
+    assert [n.id for n in got[0].neighbors] == engine.search(z[0], 5).ids  # row numbers as ids
+
+
+def _service() -> EngineService:
+    service = EngineService(max_k=50)
+    service.set_snapshot(Snapshot(version="v1", engine=make_engine(40, seed=3)))
+    return service
+
+
+@pytest.mark.parametrize(
+    ("z", "message"),
+    [
+        ([0.0, 1.0, 2.0], "z must hold 4 numbers, got 3"),
+        ([0.0, math.nan, 0.0, 0.0], "z contains NaN or inf"),
+        ([0.0, -math.inf, 0.0, 0.0], "z contains NaN or inf"),
+        ([0.0, 0.0, 2e6, 0.0], "z coordinates must be within +-1e+06"),
+    ],
+)
+def test_parse_nearest_rejects_bad_points(z, message: str) -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        _service().parse_nearest(pb.NearestRequest(z=z))
+    assert err.value.field == "z" and err.value.message == message
+
+
+def test_parse_nearest_keeps_the_point_and_the_defaults() -> None:
+    z = [0.25, -1e6, 1e6, 3.0]  # the coordinate limit itself is allowed
+    query = _service().parse_nearest(pb.NearestRequest(z=z, labels=[2, 1, 2]))
+    assert query.z == z and all(isinstance(v, float) for v in query.z)
+    assert query.key == ("v1", 10, None, (1, 2))
+    assert query.key.k == 10 and query.key.labels == (1, 2)
+
+
+def test_batch_concurrency_is_bounded_by_search_threads() -> None:
+    with pytest.raises(InvalidArgumentError) as err:
+        ServerConfig(index="x", search_threads=2, batch_concurrency=3)
+    assert err.value.field == "batch_concurrency"
+    with pytest.raises(InvalidArgumentError):
+        ServerConfig(index="x", batch_concurrency=0)
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_gc_freeze_after_load(tmp_path, start_server, freeze: bool) -> None:
+    publish(tmp_path / "idx", make_engine(30, seed=4))
+    gc.unfreeze()
+    try:
+        start_server(index=tmp_path / "idx", gc_freeze=freeze)
+        assert (gc.get_freeze_count() > 0) is freeze
+    finally:
+        gc.unfreeze()
+
+
+def test_metrics_count_calls_and_batched_rounds(tmp_path, start_server) -> None:
+    publish(tmp_path / "idx", make_engine(100, seed=5))
+    srv = start_server(index=tmp_path / "idx", max_wait_ms=20)
+    reg = srv.server.metrics.registry
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        futures = [
+            stub.Nearest.future(pb.NearestRequest(z=[0.1 * i] * DIM, k=3), timeout=30) for i in range(12)
+        ]
+        assert all(len(f.result().neighbors) == 3 for f in futures)
+        with pytest.raises(grpc.RpcError):
+            stub.Nearest(pb.NearestRequest(z=[0.0]), timeout=10)
+    assert reg.get_sample_value("latentsearch_requests_total", {"method": "Nearest", "code": "OK"}) == 12
+    bad = {"method": "Nearest", "code": "INVALID_ARGUMENT"}
+    assert reg.get_sample_value("latentsearch_requests_total", bad) == 1
+    rounds = reg.get_sample_value("latentsearch_batch_search_seconds_count")
+    assert 1 <= rounds <= 12
+    assert rounds == reg.get_sample_value("latentsearch_batch_size_count")
+    assert reg.get_sample_value("latentsearch_batch_size_sum") == 12
+    assert reg.get_sample_value("latentsearch_batch_search_seconds_sum") > 0
