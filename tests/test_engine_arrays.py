@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 
 from latentsearch.engine import BatchResult, EngineConfig, SearchEngine
+from latentsearch.engine import exact as exact_mod
 from latentsearch.engine.engine import BLAS_MIN_QUERIES
-from tests.test_engine_exact import make_bank, ref_scores, ref_topk
+from latentsearch.synthetic import vae_like_posteriors
+from tests.test_engine_exact import SIGMA_REGIMES, make_bank, ref_scores, ref_topk
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +84,10 @@ def test_faiss_batches_use_blas() -> None:
     assert faiss.cvar.distance_compute_blas_threshold <= BLAS_MIN_QUERIES
 
 
-@pytest.mark.parametrize("regime", ["moderate", "loguniform", "tiny", "mixed", "collapsed"])
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
 def test_blas_batched_exact_screen_matches_brute_force(regime: str) -> None:
     """Batches of >= BLAS_MIN_QUERIES take FAISS's matrix-product path; the certified top-k holds."""
-    rng = np.random.default_rng(["moderate", "loguniform", "tiny", "mixed", "collapsed"].index(regime))
+    rng = np.random.default_rng(SIGMA_REGIMES.index(regime))
     n, d, k = 2500, 8, 12
     mu, log_sigma = make_bank(n, d, regime, rng)
     engine = SearchEngine.build(mu, log_sigma=log_sigma, config=EngineConfig(num_threads=1))
@@ -97,3 +99,81 @@ def test_blas_batched_exact_screen_matches_brute_force(regime: str) -> None:
         want = ref_topk(ref[b], k)
         np.testing.assert_array_equal(batch.rows[b], want)
         np.testing.assert_allclose(batch.scores[b], ref[b][want], rtol=1e-12, atol=1e-9)
+
+
+# -- the dense screen (exact.ScaleGroup.dense_screen) --------------------------------------------
+
+
+def _count_dense(monkeypatch) -> list[int]:
+    """Record how many candidates each dense screen returned (None: it handed over to FAISS)."""
+    calls: list[int] = []
+    original = exact_mod.ScaleGroup.dense_screen
+
+    def spy(self, q32, kg):
+        out = original(self, q32, kg)
+        calls.append(-1 if out is None else int((out[0] >= 0).sum()))
+        return out
+
+    monkeypatch.setattr(exact_mod.ScaleGroup, "dense_screen", spy)
+    return calls
+
+
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
+@pytest.mark.parametrize("k", [1, 10, 40])
+def test_dense_screen_matches_brute_force(monkeypatch, regime: str, k: int) -> None:
+    monkeypatch.setattr(exact_mod, "DENSE_BLOCK", 4)  # engage it on a small bank, for batches too
+    monkeypatch.setattr(exact_mod, "DENSE_MAX_QUERIES", 64)
+    calls = _count_dense(monkeypatch)
+    rng = np.random.default_rng(SIGMA_REGIMES.index(regime) * 100 + k)
+    n, d = 1500, 5
+    mu, log_sigma = make_bank(n, d, regime, rng)
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=EngineConfig(num_threads=1))
+    tiniest = int(np.argmin(log_sigma.sum(1)))
+    z = np.concatenate([rng.uniform(-5, 5, size=(30, d)), mu[rng.integers(0, n, 10)], mu[[tiniest]]])
+    ref = ref_scores(z, mu, log_sigma)
+    batches = [engine.search_batch_arrays(z, k, mode="exact"), engine.search_batch_arrays(z[:1], k)]
+    assert any(c > 0 for c in calls), "the dense screen was not used"
+    for batch, queries in zip(batches, (range(z.shape[0]), [0]), strict=True):
+        assert batch.certified.all()
+        for b in queries:
+            want = ref_topk(ref[b], k)
+            np.testing.assert_array_equal(batch.rows[b], want)
+            np.testing.assert_allclose(batch.scores[b], ref[b][want], rtol=1e-12, atol=1e-9)
+
+
+def test_dense_screen_hands_flat_scores_to_faiss(monkeypatch) -> None:
+    """Hundreds of identical rows tie at the threshold: too many candidates, FAISS answers, ties by row."""
+    monkeypatch.setattr(exact_mod, "DENSE_BLOCK", 8)
+    monkeypatch.setattr(exact_mod, "DENSE_MAX_QUERIES", 64)
+    calls = _count_dense(monkeypatch)
+    rng = np.random.default_rng(9)
+    mu = np.concatenate([np.zeros((800, 3)), rng.normal(3.0, 1.0, size=(400, 3))])
+    log_sigma = np.concatenate([np.full((800, 3), -1.0), rng.uniform(-1, 0.5, size=(400, 3))])
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=EngineConfig(num_threads=1))
+    z = np.zeros((2, 3))
+    batch = engine.search_batch_arrays(z, 10, mode="exact")
+    assert -1 in calls
+    ref = ref_scores(z, mu, log_sigma)
+    for b in range(2):
+        np.testing.assert_array_equal(batch.rows[b], ref_topk(ref[b], 10))
+
+
+@pytest.mark.parametrize("nq", [1, 30])
+def test_dense_screen_at_its_default_block(monkeypatch, nq: int) -> None:
+    """Single queries take the dense screen at the default settings; batches (here forced) agree."""
+    if nq > 1:
+        monkeypatch.setattr(exact_mod, "DENSE_MAX_QUERIES", nq * 2)
+    calls = _count_dense(monkeypatch)
+    bank = vae_like_posteriors(8000, 10, seed=3)
+    engine = SearchEngine.build(bank.mu, log_sigma=bank.log_sigma, config=EngineConfig(num_threads=1))
+    rng = np.random.default_rng(nq)
+    z = np.concatenate([rng.uniform(-5, 5, size=(nq, 10)), rng.standard_normal((nq, 10))])
+    if nq == 1:
+        batch = engine.search_batch_arrays(z[:1], 10, mode="exact")
+        z = z[:1]
+    else:
+        batch = engine.search_batch_arrays(z, 10, mode="exact")
+    assert calls and all(c >= 26 for c in calls)  # k + max(k, extra=16) candidates at least
+    ref = ref_scores(z, bank.mu, bank.log_sigma)
+    for b in range(z.shape[0]):
+        np.testing.assert_array_equal(batch.rows[b], ref_topk(ref[b], 10))

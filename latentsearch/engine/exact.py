@@ -14,6 +14,15 @@ that radius and the extra items are reranked. The result is the exact float64 to
 Grouping keeps one tiny-sigma item from loosening the bound of every other item.
 
 Groups whose float32 lifted vectors would overflow are kept in float64 and always scored exactly.
+
+A single unfiltered query on the CPU over a group of more than ``(k + extra) * DENSE_BLOCK`` items
+skips FAISS's per-pair search and heap: one matrix-vector product gives every float32 score, the
+maxima of blocks of ``DENSE_BLOCK`` items give t, the (k + extra)-th largest block maximum (at most
+the (k + extra)-th largest score: it is one of k + extra distinct items), and the candidates are the
+items scoring >= t, found inside the blocks whose maximum reaches t. Items left out score < t, which
+plays the part of the k-th float32 score above. Over 70,000 d = 10 posteriors on one core this took a
+single exact query from 0.58-0.80 ms to 0.39-0.57 ms; batches of 2 or more were no faster than
+FAISS's matrix-product search, so they keep it.
 """
 
 from __future__ import annotations
@@ -38,6 +47,11 @@ log = logging.getLogger(__name__)
 
 _FLOAT32_SAFE = 1e30  # lifted magnitudes above this are scored in float64 only
 _LIFT_CHUNK = 262_144
+# Dense screen (ScaleGroup.dense_screen): items per block, the most queries and the largest group it
+# serves. Batches, larger groups, filtered calls and GPU screens use FAISS.
+DENSE_BLOCK = 256
+DENSE_MAX_QUERIES = 1
+DENSE_MAX_ITEMS = 1 << 18
 
 
 class ScaleGroup:
@@ -96,6 +110,47 @@ class ScaleGroup:
                         index.add(np.ascontiguousarray(lifted, dtype=np.float32))
                     self._index = index
         return self._index
+
+    def dense_ok(self, nq: int, kg: int) -> bool:
+        """Whether :meth:`dense_screen` serves a screen of ``nq`` queries for ``kg`` candidates."""
+        n = len(self)
+        return self._device != "cuda" and nq <= DENSE_MAX_QUERIES and kg * DENSE_BLOCK < n <= DENSE_MAX_ITEMS
+
+    def dense_screen(self, q32: np.ndarray, kg: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every item whose float32 score reaches a per-query threshold t (see the module docstring).
+
+        Args:
+            q32: ``(B, n)`` float32 lifted queries.
+            kg: candidates wanted per query; requires ``len(self) > kg * DENSE_BLOCK``.
+
+        Returns:
+            ``local (B, C)`` int64 local ids (-1 padding), at least ``kg`` per query, and
+            ``t (B,)`` float64 with every other item's float32 score ``< t``; ``None`` when the
+            scores are so flat that over ``4 kg`` candidates per query would come back (the caller
+            then asks FAISS for the top ``kg``).
+        """
+        index = self.index
+        m, n = len(self), self.absmax.size
+        xb = faiss.rev_swig_ptr(index.get_xb(), m * n).reshape(m, n)  # FAISS's own copy, no new one
+        nq, bs = q32.shape[0], DENSE_BLOCK
+        nb = -(-m // bs)
+        scores = np.empty((nq, nb * bs), dtype=np.float32)
+        np.matmul(q32, xb.T, out=scores[:, :m])
+        scores[:, m:] = -np.inf  # the last block's padding never reaches a (finite) threshold
+        blocks = scores.reshape(nq, nb, bs)
+        block_max = blocks.max(axis=2)  # (B, nb)
+        t = np.partition(block_max, nb - kg, axis=1)[:, nb - kg]  # kg-th largest block maximum
+        qb, blk = np.nonzero(block_max >= t[:, None])  # blocks holding candidates
+        vals = blocks[qb, blk]  # (M, bs)
+        hit, col = np.nonzero(vals >= t[qb, None])
+        if hit.size > 4 * kg * nq:
+            return None
+        query = qb[hit]  # ascending: np.nonzero walks (qb, blk) in row-major order
+        counts = np.bincount(query, minlength=nq)
+        local = np.full((nq, int(counts.max())), -1, dtype=np.int64)
+        first = np.cumsum(counts) - counts
+        local[query, np.arange(query.size) - first[query]] = blk[hit] * bs + col
+        return local, t.astype(np.float64)
 
     def screen_index(self, filtered: bool) -> faiss.Index:
         """The index for a top-k screen: the GPU clone when on CUDA and unfiltered, else the CPU one."""
@@ -256,10 +311,15 @@ class ExactIndex:
             if group.direct:
                 direct.append(gi)
                 continue
-            dist, local = group.screen_index(params is not None).search(q32, kg, params=params)
+            dense = group.dense_screen(q32, kg) if params is None and group.dense_ok(nq, kg) else None
+            if dense is not None:
+                local, kth = dense  # every unscreened item scores < kth in float32
+            else:
+                dist, local = group.screen_index(params is not None).search(q32, kg, params=params)
+                kth = dist[:, kg - 1].astype(np.float64)  # every unscreened item scores <= kth
             cands.append(np.where(local >= 0, group.rows[np.maximum(local, 0)], -1))
             if kg < count:
-                pending.append((gi, dist[:, kg - 1].astype(np.float64)))
+                pending.append((gi, kth))
         if direct:
             cands.append(self._brute(np.arange(nq), k, rescore, selection, groups=direct)[0])
         cand = np.concatenate(cands, axis=1) if cands else np.full((nq, 1), -1, np.int64)
