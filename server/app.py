@@ -205,8 +205,8 @@ class LatentSearchServer:
         if port == 0:
             raise UnavailableError(f"could not bind {address}", field="port")
         self.port = port
-        await self.reload_now()
-        self._freeze_heap()
+        if not await self.reload_now():  # a loaded version has frozen the heap already
+            self._freeze_heap()
         await self._server.start()
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
