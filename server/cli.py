@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
-__all__ = ["register_cli"]
+if TYPE_CHECKING:
+    from server.app import ServerConfig
+
+__all__ = ["register_cli", "serve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +63,11 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_cmd_query)
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from server.app import ServerConfig, serve
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`~server.app.ServerConfig` of parsed ``latentsearch serve`` arguments."""
+    from server.app import ServerConfig
 
-    config = ServerConfig(
+    return ServerConfig(
         index=args.index,
         model=args.model,
         host=args.host,
@@ -83,7 +88,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         token=args.token,
         grace=args.grace,
     )
-    asyncio.run(serve(config))
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server.app import serve
+
+    asyncio.run(serve(serve_config(args)))
     return 0
 
 

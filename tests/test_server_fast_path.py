@@ -6,6 +6,7 @@ brute force in the engine tests); validation against the messages of the array v
 
 from __future__ import annotations
 
+import argparse
 import gc
 import math
 
@@ -18,6 +19,7 @@ from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.engine import SearchEngine
 from latentsearch.errors import InvalidArgumentError
 from server import ServerConfig
+from server.cli import register_cli, serve_config
 from server.engine_service import EngineService, Snapshot, nearest_responses
 from tests.server_fixtures import DIM, make_engine, publish, start_server
 
@@ -134,3 +136,17 @@ def test_metrics_count_calls_and_batched_rounds(tmp_path, start_server) -> None:
     assert rounds == reg.get_sample_value("latentsearch_batch_size_count")
     assert reg.get_sample_value("latentsearch_batch_size_sum") == 12
     assert reg.get_sample_value("latentsearch_batch_search_seconds_sum") > 0
+
+
+def test_serve_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    register_cli(parser.add_subparsers())
+    flags = "serve --index /srv/idx --max-batch 32 --max-wait-ms 0.5 --threads 3 --batch-concurrency 2"
+    config = serve_config(parser.parse_args([*flags.split(), "--faiss-threads", "2", "--metrics-port", "0"]))
+    assert (config.max_batch, config.max_wait_ms, config.search_threads) == (32, 0.5, 3)
+    assert (config.batch_concurrency, config.faiss_threads, config.metrics_port) == (2, 2, None)
+    defaults = serve_config(parser.parse_args(["serve", "--index", "x"]))
+    assert defaults.batch_concurrency == ServerConfig(index="x").batch_concurrency == 1
+    assert defaults.search_threads == 2 and defaults.metrics_port == 9100
+    with pytest.raises(InvalidArgumentError):
+        serve_config(parser.parse_args(["serve", "--index", "x", "--batch-concurrency", "3"]))
