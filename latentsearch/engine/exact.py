@@ -114,7 +114,12 @@ class ScaleGroup:
     def dense_ok(self, nq: int, kg: int) -> bool:
         """Whether :meth:`dense_screen` serves a screen of ``nq`` queries for ``kg`` candidates."""
         n = len(self)
-        return self._device != "cuda" and nq <= DENSE_MAX_QUERIES and kg * DENSE_BLOCK < n <= DENSE_MAX_ITEMS
+        return (
+            self._factory == "Flat"  # reads the float32 vectors FAISS holds
+            and self._device != "cuda"
+            and nq <= DENSE_MAX_QUERIES
+            and kg * DENSE_BLOCK < n <= DENSE_MAX_ITEMS
+        )
 
     def dense_screen(self, q32: np.ndarray, kg: int) -> tuple[np.ndarray, np.ndarray] | None:
         """Every item whose float32 score reaches a per-query threshold t (see the module docstring).
