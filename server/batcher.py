@@ -138,9 +138,8 @@ class MicroBatcher:
 
     # -- internals ----------------------------------------------------------------------------
     def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if self._waiter is not None:
+            _resolve(self._waiter)
 
     async def _sleep(self, loop: asyncio.AbstractEventLoop, wake_at: int, timeout: float | None) -> None:
         """Wait until the queue holds ``wake_at`` requests, :meth:`close`, or ``timeout`` seconds."""

@@ -329,7 +329,7 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
     rows = batch.rows[valid]  # (M,) row-major: query 0's results, then query 1's, ...
     ids = bank.id_of(rows)
     scores = batch.scores[valid].tolist()
-    labels = None if bank.labels is None else np.asarray(bank.labels[rows]).tolist()
+    labels = None if bank.labels is None else bank.labels[rows].tolist()
     mode = _MODE_ENUM[batch.mode]
     certified = batch.certified.tolist()
     out = []
