@@ -99,6 +99,8 @@ def start_server() -> Iterator[Callable[..., RunningServer]]:
     def factory(*, model: Any = None, **config: Any) -> RunningServer:
         config.setdefault("port", 0)
         config.setdefault("reload_interval", 0)
+        # gc.freeze is process-wide: keep the test process's heap as it is (tested on its own).
+        config.setdefault("gc_freeze", False)
         srv = RunningServer(ServerConfig(**config), model=model)
         servers.append(srv)
         return srv

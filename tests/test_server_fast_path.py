@@ -21,7 +21,7 @@ from latentsearch.errors import InvalidArgumentError
 from server import ServerConfig
 from server.cli import register_cli, serve_config
 from server.engine_service import EngineService, Snapshot, nearest_responses
-from tests.server_fixtures import DIM, make_engine, publish, start_server
+from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
 __all__ = ["start_server"]
 
@@ -128,9 +128,10 @@ def test_metrics_count_calls_and_batched_rounds(tmp_path, start_server) -> None:
         assert all(len(f.result().neighbors) == 3 for f in futures)
         with pytest.raises(grpc.RpcError):
             stub.Nearest(pb.NearestRequest(z=[0.0]), timeout=10)
-    assert reg.get_sample_value("latentsearch_requests_total", {"method": "Nearest", "code": "OK"}) == 12
-    bad = {"method": "Nearest", "code": "INVALID_ARGUMENT"}
-    assert reg.get_sample_value("latentsearch_requests_total", bad) == 1
+    # A call is counted once its handler returns, which can be just after the client has the answer.
+    ok, bad = {"method": "Nearest", "code": "OK"}, {"method": "Nearest", "code": "INVALID_ARGUMENT"}
+    wait_until(lambda: reg.get_sample_value("latentsearch_requests_total", bad) == 1)
+    assert reg.get_sample_value("latentsearch_requests_total", ok) == 12
     rounds = reg.get_sample_value("latentsearch_batch_search_seconds_count")
     assert 1 <= rounds <= 12
     assert rounds == reg.get_sample_value("latentsearch_batch_size_count")
