@@ -18,7 +18,7 @@ ratio to echo is taken within its round; the report gives each round and the med
 ``box`` (z uniform in [-5, 5]^d) and ``prior`` (z ~ N(0, I)) families, k = 10. Each scenario gets a
 short warm-up run first. Recorded beside throughput and latency: CPU seconds of the server process and
 of the load process, the mean batch, and the wall time of each batched search round (search plus
-replies, on the search thread), and the search cost alone (``search_batch_arrays`` in-process).
+replies, on the search thread), and the search cost alone (``search_batch`` in-process).
 
 Usage::
 
