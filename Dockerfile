@@ -30,11 +30,7 @@ WORKDIR /app
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
 COPY pyproject.toml README.md ./
-COPY api ./api
 COPY latentsearch ./latentsearch
-COPY model ./model
-COPY indexer ./indexer
-COPY server ./server
 COPY proto ./proto
 COPY deploy ./deploy
 RUN pip install . \

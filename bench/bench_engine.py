@@ -40,9 +40,9 @@ import faiss
 import numpy as np
 
 from bench.results_io import write_results
+from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
-from latentsearch.synthetic import query_families, vae_like_posteriors
-from model.posterior import LOG_2PI
+from latentsearch.posterior import LOG_2PI
 
 K = 10
 
@@ -177,7 +177,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         bank = vae_like_posteriors(args.n, args.d, seed=args.seed)
         mu, log_sigma = bank.mu, bank.log_sigma
-        source = "synthetic VAE-like posteriors (latentsearch.synthetic.vae_like_posteriors)"
+        source = "synthetic VAE-like posteriors (latentsearch.data.banks.vae_like_posteriors)"
     n, d = mu.shape
     print(f"bank: {n} x d={d} ({source})", flush=True)
     t = time.perf_counter()

@@ -47,13 +47,13 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
 
 
 def _images(data: Path, n: int) -> tuple[np.ndarray, str]:
-    from model.readers import open_dataset
+    from latentsearch.data.readers import open_dataset
 
     sample = data / "sample-images-idx3-ubyte.gz"
     if sample.is_file():
         base, source = open_dataset(sample).to_array()[..., 0], f"fashion-mnist sample {sample}"
     else:
-        from model.synthetic import garment_dataset
+        from latentsearch.data.garments import garment_dataset
 
         base, source = garment_dataset(n=6000, seed=0).to_array()[..., 0], "generated garments"
     reps = -(-n // len(base))
@@ -61,12 +61,12 @@ def _images(data: Path, n: int) -> tuple[np.ndarray, str]:
 
 
 def bench_encode(data: Path, n: int, batch_size: int, repeats: int, tmp: Path) -> dict[str, Any]:
-    from indexer.encode import encode_dataset
-    from model.checkpoint import save_checkpoint
-    from model.device import configure_cpu_threads
-    from model.loader import load_model
-    from model.readers import open_dataset
-    from model.vae import build_vae
+    from latentsearch.data.readers import open_dataset
+    from latentsearch.indexer.encode import encode_dataset
+    from latentsearch.model.checkpoint import save_checkpoint
+    from latentsearch.model.device import configure_cpu_threads
+    from latentsearch.model.loader import load_model
+    from latentsearch.model.vae import build_vae
 
     threads = configure_cpu_threads()
     images, source = _images(data, n)
@@ -116,7 +116,7 @@ def bench_encode(data: Path, n: int, batch_size: int, repeats: int, tmp: Path) -
 
 _CHILD = """
 import json, sys
-from indexer import IndexJobConfig, parse_index_spec, run_index_job
+from latentsearch.indexer import IndexJobConfig, parse_index_spec, run_index_job
 cfg = IndexJobConfig(
     out=sys.argv[2], posteriors=sys.argv[1], engine=parse_index_spec(sys.argv[3]), progress=False, keep=1
 )
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuned-spec", default="kmeans_sample=65536,kmeans_iters=10")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = ap.parse_args(argv)
-    from latentsearch.synthetic import vae_like_posteriors
+    from latentsearch.data.banks import vae_like_posteriors
 
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),

@@ -4,7 +4,7 @@
 
 Reports validation -ELBO (single sample, beta = 1), top-1 label agreement of log q(z|x)
 neighbours (query = held-out image's posterior mean, bank = training posteriors; brute force
-:func:`model.posterior.log_prob_matrix`), the raw-pixel nearest-neighbour baseline on the same
+:func:`latentsearch.posterior.log_prob_matrix`), the raw-pixel nearest-neighbour baseline on the same
 split, and encode throughput (median of several runs) vs a bare forward pass of the same network.
 Writes ``<out>/model-<date>.json`` and ``.md``.
 """
@@ -27,13 +27,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.config import TrainConfig
-from model.device import configure_cpu_threads
-from model.loader import encode_batch, load_model
-from model.posterior import log_prob_matrix
-from model.readers import open_dataset
-from model.synthetic import NOTICE, garment_dataset
-from model.train import split_indices, train
+from latentsearch.data.garments import NOTICE, garment_dataset
+from latentsearch.data.readers import open_dataset
+from latentsearch.model.config import TrainConfig
+from latentsearch.model.device import configure_cpu_threads
+from latentsearch.model.loader import encode_batch, load_model
+from latentsearch.model.train import split_indices, train
+from latentsearch.posterior import log_prob_matrix
 
 log = logging.getLogger("bench.bench_model")
 

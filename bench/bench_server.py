@@ -49,14 +49,14 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from bench.results_io import write_results
-from indexer.root import IndexRoot
+from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import SearchEngine
+from latentsearch.indexer.root import IndexRoot
 from latentsearch.loadgen import LoadConfig, run_load_sync
-from latentsearch.synthetic import query_families, vae_like_posteriors
-from server.app import LatentSearchServer, ServerConfig, grpc_options
+from latentsearch.server.app import LatentSearchServer, ServerConfig, grpc_options
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ def model_bank(model_dir: str, n: int, *, seed: int = 0, batch: int = 4096) -> d
     """Return ``mu``, ``logvar`` (float32, (n, d)) of decode-binarise-encode samples."""
     import torch
 
-    from model import load_model
+    from latentsearch.model import load_model
 
     model = load_model(model_dir, device="cpu")
     torch.manual_seed(seed)
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     bank = model_bank(args.model, args.n, seed=args.seed)
     np.savez(args.out, **bank)
     sigma = np.exp(0.5 * bank["logvar"])
-    from model.checkpoint import read_model_hash
+    from latentsearch.model.checkpoint import read_model_hash
 
     provenance = {
         "method": "z ~ N(0, I) decoded, Bernoulli-binarised, encoded (bench/model_bank.py)",

@@ -1,16 +1,27 @@
 """latentsearch: vector search over VAE latent posteriors, ranked by exact log q(z|x).
 
-The exception tree loads eagerly; the engine loads on first use (PEP 562), so that importing
-``latentsearch.errors`` (as ``model`` does) never pulls the engine in mid-import.
+Layers, each importing only those before it (``tests/test_layers.py`` checks this):
+
+1. base: :mod:`latentsearch.errors`, :mod:`latentsearch.posterior` (the Gaussian type), the
+   generated gRPC stubs :mod:`latentsearch.v1`;
+2. :mod:`latentsearch.data` (dataset readers, generated garments and banks) and
+   :mod:`latentsearch.model` (the VAE, training, checkpoints, users' own models);
+3. :mod:`latentsearch.engine` (exact and approximate search);
+4. :mod:`latentsearch.indexer` (encode, build, publish versioned index roots);
+5. :mod:`latentsearch.server` (the gRPC service) and :mod:`latentsearch.client`;
+6. the application: :mod:`latentsearch.cli`, :mod:`latentsearch.quickstart`,
+   :mod:`latentsearch.loadgen`.
+
+The base names load eagerly; the engine and the client load on first use (PEP 562), so
+``import latentsearch`` pulls in neither faiss nor torch nor grpc.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from latentsearch._lazy import lazy_exports
 from latentsearch.errors import (
     CorruptIndexError,
+    DeadlineExceededError,
     FailedPreconditionError,
     InvalidArgumentError,
     LatentSearchError,
@@ -18,6 +29,7 @@ from latentsearch.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from latentsearch.posterior import LOG_2PI, DiagonalGaussian
 
 __version__ = "0.1.0"
 
@@ -26,13 +38,18 @@ _LAZY = {
     "PosteriorBank": "latentsearch.engine",
     "SearchEngine": "latentsearch.engine",
     "SearchResult": "latentsearch.engine",
+    "LatentSearchClient": "latentsearch.client",
 }
 
 __all__ = [
+    "LOG_2PI",
     "CorruptIndexError",
+    "DeadlineExceededError",
+    "DiagonalGaussian",
     "EngineConfig",
     "FailedPreconditionError",
     "InvalidArgumentError",
+    "LatentSearchClient",
     "LatentSearchError",
     "NotFoundError",
     "PosteriorBank",
@@ -43,15 +60,4 @@ __all__ = [
     "__version__",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'latentsearch' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _LAZY)

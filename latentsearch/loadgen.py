@@ -19,7 +19,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import datetime as dt
 import ipaddress
@@ -36,9 +35,9 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
 __all__ = [
     "FAMILIES",
@@ -46,7 +45,6 @@ __all__ = [
     "LoadReport",
     "check_target",
     "load_queries",
-    "register_cli",
     "run_load",
     "run_load_sync",
 ]
@@ -431,62 +429,3 @@ async def run_load(config: LoadConfig) -> LoadReport:
 def run_load_sync(config: LoadConfig) -> LoadReport:
     """:func:`run_load` on a fresh event loop (call from a thread without a running loop)."""
     return asyncio.run(run_load(config))
-
-
-# -- CLI ----------------------------------------------------------------------------------------
-def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``loadtest`` sub-command."""
-    p = subparsers.add_parser(
-        "loadtest",
-        help="load-test a running server's Nearest (ghz-style report)",
-        description="Drive Nearest with concurrent workers and print a ghz-style report.",
-    )
-    p.add_argument("--target", required=True, help="server host:port (loopback unless --allow-remote)")
-    p.add_argument("-c", "--concurrency", type=int, default=50, help="concurrent workers (default 50)")
-    bound = p.add_mutually_exclusive_group()
-    bound.add_argument("-z", "--duration", type=float, default=None, help="seconds to run")
-    bound.add_argument(
-        "-n", "--total", type=int, default=None, help=f"calls to send (default {DEFAULT_TOTAL})"
-    )
-    p.add_argument("--rps", type=float, default=None, help="overall calls per second (default: unpaced)")
-    p.add_argument("--data-file", default=None, help="query points (.npy (n, d) or .json), mixed in")
-    p.add_argument(
-        "--families", default="box,prior", help="comma-separated query families: box, prior (default both)"
-    )
-    p.add_argument("-k", type=int, default=10, help="number of results per call (default 10)")
-    p.add_argument("--mode", choices=["auto", "exact", "approx"], default=None, help="search mode")
-    p.add_argument("--token", default=None, help="bearer token")
-    p.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
-    p.add_argument("--timeout", type=float, default=20.0, help="per-call deadline in seconds (default 20)")
-    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
-    p.add_argument("-O", "--output-format", choices=["text", "json"], default="text", help="report format")
-    p.set_defaults(func=_cmd_loadtest)
-
-
-def _cmd_loadtest(args: argparse.Namespace) -> int:
-    families = tuple(f.strip() for f in args.families.split(",") if f.strip())
-    data = None
-    if args.data_file:
-        data = load_queries(args.data_file)
-        families = (*families, "data")
-    config = LoadConfig(
-        target=args.target,
-        allow_remote=args.allow_remote,
-        concurrency=args.concurrency,
-        duration=args.duration,
-        total=args.total,
-        rps=args.rps,
-        k=args.k,
-        mode=args.mode,
-        families=families,
-        data=data,
-        token=args.token,
-        tls_ca=args.tls_ca,
-        timeout=args.timeout,
-    )
-    report = run_load_sync(config)
-    if args.output_format == "json":
-        print(json.dumps(report.to_ghz_json(), indent=2))
-    else:
-        print(report.summary(), end="")
-    return 0 if report.count and not report.errors else 1

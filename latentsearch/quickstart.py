@@ -7,7 +7,7 @@
 3. index: run the indexer (:func:`indexer.run_index_job`), which publishes a new version into
    the versioned index root ``OUT/index``;
 4. serve: start the gRPC server in-process on 127.0.0.1 (``--port 0``: any free port);
-5. query through the Python client (:class:`server.client.LatentSearchClient`): Info, Nearest
+5. query through the Python client (:class:`latentsearch.client.LatentSearchClient`): Info, Nearest
    for a slider point z (checked against the float64 brute force over the indexed posteriors
    and contrasted with nearest-mu search), Encode + Nearest + NearestToDistribution for the
    held-out items, and Decode of the slider point; print the neighbours as tables;
@@ -20,7 +20,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import logging
@@ -35,14 +34,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from server.app import LatentSearchServer, ServerConfig
-    from server.client import Hit, SearchAnswer
+    from latentsearch.client import Hit, SearchAnswer
+    from latentsearch.server.app import LatentSearchServer, ServerConfig
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
     "QuickstartConfig",
     "QuickstartResult",
-    "register_cli",
     "run_quickstart",
 ]
 
@@ -111,49 +109,12 @@ class QuickstartResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def register_cli(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Add the ``quickstart`` sub-command (alias ``demo``)."""
-    p = subparsers.add_parser(
-        "quickstart",
-        aliases=["demo"],
-        help="train, index, serve and query end to end on a built-in default (offline, 1-2 min)",
-        description=__doc__.splitlines()[0] if __doc__ else None,
-    )
-    p.add_argument("--data", help="Fashion-MNIST IDX file or folder (default: generated garment shapes)")
-    p.add_argument("--out", default="quickstart-out", help="output directory (default ./quickstart-out)")
-    p.add_argument(
-        "--items", type=int, default=None, help="items used (default 3000 generated, or all of --data)"
-    )
-    p.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
-    p.add_argument("--time-limit", type=float, default=60.0, help="training seconds at most (default 60)")
-    p.add_argument("--port", type=int, default=0, help="gRPC port on 127.0.0.1 (default 0: any free port)")
-    p.add_argument("-k", type=int, default=5, help="neighbours shown per query (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=_cmd_quickstart)
-
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    config = QuickstartConfig(
-        out=Path(args.out),
-        data=args.data,
-        items=args.items,
-        epochs=args.epochs,
-        time_limit_s=args.time_limit,
-        port=args.port,
-        k=args.k,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
-    return 0 if run_quickstart(config).matches_brute_force else 1
-
-
 # -- the job ------------------------------------------------------------------------------------
 def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     """Run the whole pipeline (see the module docstring) and print what it does."""
-    from indexer import IndexJobConfig, IndexRoot, run_index_job
-    from server.app import ServerConfig
-    from server.client import LatentSearchClient
+    from latentsearch.client import LatentSearchClient
+    from latentsearch.indexer import IndexJobConfig, IndexRoot, run_index_job
+    from latentsearch.server.app import ServerConfig
 
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -292,8 +253,8 @@ class _Data:
 
 def _prepare_data(config: QuickstartConfig) -> _Data:
     """Pick the items, hold a few out, write the rest to ``OUT/data/items.npz`` (when changed)."""
-    from model.readers import open_dataset
-    from model.synthetic import GARMENT_CLASSES, NOTICE, garment_dataset
+    from latentsearch.data.garments import GARMENT_CLASSES, NOTICE, garment_dataset
+    from latentsearch.data.readers import open_dataset
 
     if config.data:
         dataset = open_dataset(config.data)
@@ -354,7 +315,7 @@ def _load_items(path: Path) -> dict[str, np.ndarray]:
 
 
 def _train_settings(config: QuickstartConfig) -> Any:
-    from model.config import TrainConfig
+    from latentsearch.model.config import TrainConfig
 
     return TrainConfig(
         epochs=config.epochs, time_limit_s=config.time_limit_s, seed=config.seed, progress=config.progress
@@ -367,11 +328,11 @@ def _comparable(training: dict[str, Any]) -> dict[str, Any]:
 
 def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path) -> bool:
     """Train into ``model_dir``, unless the model there matches settings and data. True when reused."""
+    from latentsearch.data.readers import open_dataset
     from latentsearch.errors import LatentSearchError
-    from model.checkpoint import CONFIG_FILE, is_checkpoint_dir
-    from model.loader import load_model
-    from model.readers import open_dataset
-    from model.train import train
+    from latentsearch.model.checkpoint import CONFIG_FILE, is_checkpoint_dir
+    from latentsearch.model.loader import load_model
+    from latentsearch.model.train import train
 
     dataset = open_dataset(items_file)
     settings = _train_settings(config)
@@ -412,7 +373,7 @@ class _InProcessServer:
         self.server: LatentSearchServer | None = None
 
     def __enter__(self) -> int:
-        from server.app import LatentSearchServer
+        from latentsearch.server.app import LatentSearchServer
 
         self.thread.start()
         self.server = LatentSearchServer(self.config)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from indexer import IndexRoot
 from latentsearch.engine.engine import SearchEngine
-from server import LatentSearchServer, ServerConfig
+from latentsearch.indexer import IndexRoot
+from latentsearch.server import LatentSearchServer, ServerConfig
 
 DIM = 4
 

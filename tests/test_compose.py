@@ -124,7 +124,7 @@ def test_referenced_files_exist(compose: dict[str, Any]) -> None:
 def test_dockerfile_copies_what_the_services_use() -> None:
     text = (ROOT / "Dockerfile").read_text()
     copied = set(re.findall(r"^COPY (\S+) ", text, flags=re.M))
-    for path in ("api", "latentsearch", "model", "indexer", "server", "proto", "deploy"):
+    for path in ("latentsearch", "proto", "deploy"):
         assert path in copied, path
         assert (ROOT / path).is_dir()
     assert "download.pytorch.org/whl/cpu" in text
@@ -169,7 +169,7 @@ def test_ghz_config() -> None:
     # The request data is a valid NearestRequest (protobuf JSON mapping).
     from google.protobuf import json_format
 
-    from api.latentsearch.v1 import latentsearch_pb2 as pb
+    from latentsearch.v1 import latentsearch_pb2 as pb
 
     request = json_format.ParseDict(config["data"], pb.NearestRequest())
     assert len(request.z) == 10 and request.k == 10

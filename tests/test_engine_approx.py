@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
+from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, PosteriorBank, SearchEngine
-from latentsearch.synthetic import query_families, vae_like_posteriors
 
 LOG_2PI_REF = math.log(2.0 * math.pi)
 N_SYNTH, D, NLIST, K = 20_000, 10, 64, 10

@@ -12,10 +12,10 @@ import faiss
 import numpy as np
 import pytest
 
+from latentsearch.data.banks import vae_like_posteriors
 from latentsearch.engine import BatchResult, EngineConfig, SearchEngine
 from latentsearch.engine import exact as exact_mod
 from latentsearch.engine.engine import BLAS_MIN_QUERIES
-from latentsearch.synthetic import vae_like_posteriors
 from tests.test_engine_exact import SIGMA_REGIMES, make_bank, ref_scores, ref_topk
 
 

@@ -12,8 +12,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
-from latentsearch.synthetic import query_families, vae_like_posteriors
 
 LOG_2PI = math.log(2 * math.pi)
 

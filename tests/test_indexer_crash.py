@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import IndexJobConfig, IndexRoot, parse_index_spec, run_index_job
-from latentsearch.synthetic import vae_like_posteriors
+from latentsearch.data.banks import vae_like_posteriors
+from latentsearch.indexer import IndexJobConfig, IndexRoot, parse_index_spec, run_index_job
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = "kmeans_iters=3,kmeans_sample=20000"

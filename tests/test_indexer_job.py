@@ -10,16 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from indexer import IndexJobConfig, IndexRoot, run_index_job
-from indexer.encode import encode_dataset
 from latentsearch.cli import main
+from latentsearch.data.readers import open_dataset
 from latentsearch.engine import EngineConfig, SearchEngine
 from latentsearch.errors import CorruptIndexError, NotFoundError, UnavailableError
-from model.checkpoint import save_checkpoint
-from model.loader import encode_batch, load_model
-from model.posterior import log_prob_matrix
-from model.readers import open_dataset
-from model.vae import build_vae
+from latentsearch.indexer import IndexJobConfig, IndexRoot, run_index_job
+from latentsearch.indexer.encode import encode_dataset
+from latentsearch.model.checkpoint import save_checkpoint
+from latentsearch.model.loader import encode_batch, load_model
+from latentsearch.model.vae import build_vae
+from latentsearch.posterior import log_prob_matrix
 from tests.model_fixtures import write_idx
 
 
@@ -102,7 +102,7 @@ def test_cuda_bf16_encoding_matches_cpu(model_and_data: tuple[Path, Path], tmp_p
 
 
 def _npz(path: Path, n: int, d: int = 5, seed: int = 0) -> Path:
-    from latentsearch.synthetic import vae_like_posteriors
+    from latentsearch.data.banks import vae_like_posteriors
 
     b = vae_like_posteriors(n, d, seed=seed)
     np.savez(path, mu=b.mu, logvar=2 * b.log_sigma, labels=b.labels)

@@ -7,9 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer import IndexJobConfig, IndexRoot, parse_index_spec, read_posteriors_npz, run_index_job
 from latentsearch.engine import EngineConfig
 from latentsearch.errors import InvalidArgumentError, NotFoundError
+from latentsearch.indexer import (
+    IndexJobConfig,
+    IndexRoot,
+    parse_index_spec,
+    read_posteriors_npz,
+    run_index_job,
+)
 
 
 def _arrays(n: int = 50, d: int = 3, seed: int = 0) -> dict[str, np.ndarray]:

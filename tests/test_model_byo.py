@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from model.loader import encode_batch, load_model
+from latentsearch.model.loader import encode_batch, load_model
 
 
 class GoodModel(nn.Module):

@@ -9,10 +9,16 @@ import pytest
 import torch
 
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
-from model.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_checkpoint, read_model_hash, save_checkpoint
-from model.config import TrainConfig, VAEConfig
-from model.loader import encode_batch, load_model
-from model.vae import build_vae
+from latentsearch.model.checkpoint import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_checkpoint,
+    read_model_hash,
+    save_checkpoint,
+)
+from latentsearch.model.config import TrainConfig, VAEConfig
+from latentsearch.model.loader import encode_batch, load_model
+from latentsearch.model.vae import build_vae
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from latentsearch.data.garments import GARMENT_CLASSES, garment_dataset, garment_images
+from latentsearch.data.readers import ArrayDataset, ImageFolderDataset, open_dataset, read_idx
 from latentsearch.errors import InvalidArgumentError, NotFoundError
-from model.readers import ArrayDataset, ImageFolderDataset, open_dataset, read_idx
-from model.synthetic import GARMENT_CLASSES, garment_dataset, garment_images
 from tests.model_fixtures import fashion_mnist_dir, write_idx
 
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from latentsearch.cli import train as model_cli
+from latentsearch.data.garments import NOTICE
+from latentsearch.data.readers import ArrayDataset
 from latentsearch.errors import FailedPreconditionError
-from model import cli as model_cli
-from model.checkpoint import WEIGHTS_FILE, load_checkpoint
-from model.config import TrainConfig, VAEConfig
-from model.readers import ArrayDataset
-from model.synthetic import NOTICE
-from model.train import TRAIN_STATE, default_vae_config, split_indices, train
+from latentsearch.model.checkpoint import WEIGHTS_FILE, load_checkpoint
+from latentsearch.model.config import TrainConfig, VAEConfig
+from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train
 from tests.model_fixtures import tiny_images
 
 TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from latentsearch.errors import InvalidArgumentError
-from model.config import Normalization, VAEConfig
-from model.loader import encode_batch
-from model.posterior import DiagonalGaussian
-from model.vae import build_vae
+from latentsearch.model.config import Normalization, VAEConfig
+from latentsearch.model.loader import encode_batch
+from latentsearch.model.vae import build_vae
+from latentsearch.posterior import DiagonalGaussian
 
 
 @pytest.mark.parametrize("shape", [(28, 28, 1), (20, 12, 3), (7, 5, 2), (1, 1, 1)])

@@ -1,4 +1,4 @@
-"""model.posterior.DiagonalGaussian: numpy float64 and torch (autograd) paths."""
+"""latentsearch.posterior.DiagonalGaussian: numpy float64 and torch (autograd) paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentsearch.errors import InvalidArgumentError
-from model.posterior import LOG_2PI, DiagonalGaussian, log_prob_matrix
+from latentsearch.posterior import LOG_2PI, DiagonalGaussian, log_prob_matrix
 
 # Hand-picked 2-D example: mean (1, -1), sigma (2, 1/2), z = (2, 0).
 #   u = ((2 - 1) / 2, (0 + 1) / 0.5) = (0.5, 2)      sum u^2 = 0.25 + 4 = 4.25

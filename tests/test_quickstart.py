@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from indexer import IndexRoot
 from latentsearch import cli
 from latentsearch.errors import InvalidArgumentError
+from latentsearch.indexer import IndexRoot
 from latentsearch.quickstart import QuickstartConfig, run_quickstart, write_grid
 
 ITEMS, K, HELD = 240, 4, 2

@@ -8,8 +8,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
 __all__ = ["start_server"]

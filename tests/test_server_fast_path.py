@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 import pytest
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.cli.serve import register_cli, serve_config
 from latentsearch.engine import SearchEngine
 from latentsearch.errors import InvalidArgumentError
-from server import ServerConfig
-from server.cli import register_cli, serve_config
-from server.engine_service import EngineService, Snapshot, nearest_responses
+from latentsearch.server import ServerConfig
+from latentsearch.server.engine_service import EngineService, Snapshot, nearest_responses
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
 __all__ = ["start_server"]

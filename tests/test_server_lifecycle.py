@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 import pytest
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from indexer import IndexRoot
-from server import LatentSearchClient
+from latentsearch.client import LatentSearchClient
+from latentsearch.indexer import IndexRoot
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from tests.server_fixtures import DIM, health_rpc, make_engine, publish, start_server, wait_until
 
 __all__ = ["start_server"]

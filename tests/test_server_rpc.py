@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from api.latentsearch.v1 import latentsearch_pb2 as pb
-from api.latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from indexer import IndexRoot
-from model.checkpoint import save_checkpoint
-from model.loader import load_model
-from model.vae import build_vae
-from server import LatentSearchClient
+from latentsearch.client import LatentSearchClient
+from latentsearch.indexer import IndexRoot
+from latentsearch.model.checkpoint import save_checkpoint
+from latentsearch.model.loader import load_model
+from latentsearch.model.vae import build_vae
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from tests.server_fixtures import DIM, health_rpc, make_engine, publish, start_server
 
 __all__ = ["start_server"]  # the fixture, re-exported so pytest finds it

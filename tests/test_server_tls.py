@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from latentsearch.client import LatentSearchClient
 from latentsearch.loadgen import LoadConfig, run_load_sync
-from server import LatentSearchClient
 from tests.server_fixtures import DIM, make_engine, publish, start_server
 
 __all__ = ["start_server"]

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
-from latentsearch.synthetic import query_families, vae_like_posteriors
 
 
 @pytest.fixture(scope="module")

@@ -60,7 +60,7 @@ import numpy as np
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import _rescore_padded, _topk
 from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
-from model.posterior import LOG_2PI
+from latentsearch.posterior import LOG_2PI
 
 __all__ = ["ApproxIndex", "default_nlist", "default_nprobe"]
 

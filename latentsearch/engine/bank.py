@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from latentsearch.errors import InvalidArgumentError, NotFoundError
-from model.posterior import LOG_2PI, DiagonalGaussian
+from latentsearch.posterior import LOG_2PI, DiagonalGaussian
 
 __all__ = ["LOG_SIGMA_LIMIT", "PosteriorBank", "first_bad_row", "normalise_ids", "normalise_labels"]
 
@@ -248,7 +248,7 @@ class PosteriorBank:
             rows: ``(B, C)`` int64 rows (all valid).
 
         Returns:
-            ``(B, C)`` float64, computed as ``model.posterior.log_prob_matrix`` does.
+            ``(B, C)`` float64, computed as ``latentsearch.posterior.log_prob_matrix`` does.
         """
         inv_sigma = np.exp(-self.log_sigma[rows])  # (B, C, d)
         u = (z[:, None, :] - self.mu[rows]) * inv_sigma

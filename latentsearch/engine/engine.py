@@ -21,7 +21,7 @@ from latentsearch.engine.gpu import resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.errors import InvalidArgumentError
-from model.posterior import LOG_2PI, DiagonalGaussian
+from latentsearch.posterior import LOG_2PI, DiagonalGaussian
 
 __all__ = ["MAX_ABS_COORDINATE", "SearchEngine"]
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from model.posterior import LOG_2PI
+from latentsearch.posterior import LOG_2PI
 
 __all__ = ["FLOAT32_EPS", "error_coefficient", "lift_distributions", "lift_items", "lift_points"]
 

@@ -1,1 +1,0 @@
-"""Generated gRPC API packages (see proto/ and scripts/gen_proto.py)."""

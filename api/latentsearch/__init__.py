@@ -1,1 +1,0 @@
-"""latentsearch gRPC API."""

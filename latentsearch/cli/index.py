@@ -1,0 +1,137 @@
+"""``latentsearch index``: build and publish an index version; ``ls``, ``verify``, ``rollback``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["register_cli"]
+
+log = logging.getLogger(__name__)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``index`` sub-command (and its ``ls`` / ``verify`` / ``rollback`` actions)."""
+    p = subparsers.add_parser(
+        "index",
+        help="encode a dataset (or read posteriors) and publish a new index version; ls/verify/rollback",
+        description=(
+            "Build a search index and publish it as the new current version of INDEX_ROOT. "
+            "Either --model with --data, or --posteriors FILE.npz. "
+            "Actions: 'index ls ROOT', 'index verify ROOT [VERSION]', 'index rollback ROOT [VERSION]'."
+        ),
+    )
+    p.add_argument("--model", help="model directory, TorchScript file or package.module:function")
+    p.add_argument("--data", help="IDX file/folder, .npy, .npz or folder of images to encode")
+    p.add_argument("--posteriors", help="npz with mu and logvar|log_sigma|sigma (+ optional ids, labels)")
+    p.add_argument("--out", help="index root (created if needed)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--batch-size", type=int, default=1024, help="items per encoder batch (default 1024)")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast for the encoder on CUDA")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all cores)")
+    p.add_argument(
+        "--input-shape", default=None, help="item shape for TorchScript/factory models, e.g. 28,28,1"
+    )
+    p.add_argument(
+        "--index-spec",
+        default=None,
+        help="engine options as key=value pairs, e.g. approx_nlist=4096,approx_nprobe=120,mode=auto",
+    )
+    p.add_argument("--keep", type=int, default=3, help="versions to keep (default 3; never the current)")
+    p.add_argument("--verify", action="store_true", help="re-hash every file of the new version")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_index)
+    actions = p.add_subparsers(dest="action", metavar="ACTION")
+
+    ls = actions.add_parser("ls", help="list versions (current marked with *)")
+    ls.add_argument("root", help="index root")
+    ls.set_defaults(func=_cmd_ls)
+
+    verify = actions.add_parser("verify", help="check the checksums of a version (default: current)")
+    verify.add_argument("root", help="index root")
+    verify.add_argument("version", nargs="?", default=None, help="version id (default: current)")
+    verify.add_argument("--all", action="store_true", help="verify every version")
+    verify.set_defaults(func=_cmd_verify)
+
+    rollback = actions.add_parser("rollback", help="make an older version current")
+    rollback.add_argument("root", help="index root")
+    rollback.add_argument("version", nargs="?", default=None, help="version id (default: the previous one)")
+    rollback.set_defaults(func=_cmd_rollback)
+
+
+def _cmd_index(args: argparse.Namespace) -> int:
+    from latentsearch.errors import InvalidArgumentError
+    from latentsearch.indexer.config import IndexJobConfig, parse_index_spec
+    from latentsearch.indexer.job import run_index_job
+
+    if not args.out:
+        raise InvalidArgumentError("--out INDEX_ROOT is required", field="out")
+    shape = None
+    if args.input_shape:
+        try:
+            shape = tuple(int(s) for s in args.input_shape.replace("x", ",").split(","))
+        except ValueError as exc:
+            raise InvalidArgumentError(
+                f"bad --input-shape {args.input_shape!r}", field="input_shape"
+            ) from exc
+    config = IndexJobConfig(
+        out=args.out,
+        model=args.model,
+        data=args.data,
+        posteriors=args.posteriors,
+        input_shape=shape,
+        device=args.device,
+        batch_size=args.batch_size,
+        bf16=args.bf16,
+        num_threads=args.threads,
+        engine=parse_index_spec(args.index_spec),
+        keep=args.keep,
+        verify=args.verify,
+        progress=not args.no_progress,
+    )
+    result = run_index_job(config)
+    print(result.summary(), flush=True)
+    return 0
+
+
+def _cmd_ls(args: argparse.Namespace) -> int:
+    from latentsearch.indexer.root import IndexRoot
+
+    rows = IndexRoot(args.root).list()
+    if not rows:
+        print(f"{args.root}: no versions")
+        return 0
+    for r in rows:
+        mark = "*" if r.current else " "
+        items = "?" if r.items is None else str(r.items)
+        print(
+            f"{mark} {r.version}  created {r.created or '?'}  items {items}  d {r.latent_dim or '?'}  "
+            f"{r.bytes / 2**20:.1f} MiB  model {(r.model_hash or '-')[:12]}"
+        )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from latentsearch.indexer.root import IndexRoot
+
+    root = IndexRoot(args.root)
+    versions = root.versions() if args.all else [args.version or root._require_current()]
+    failed = 0
+    for v in versions:
+        problems = root.check(v)
+        if problems:
+            failed += 1
+            print(f"FAILED {v}")
+            for line in problems:
+                print(f"  {line}")
+        else:
+            print(f"OK {v}")
+    return 1 if failed else 0
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    from latentsearch.indexer.root import IndexRoot
+
+    version = IndexRoot(args.root).rollback(args.version)
+    print(f"current version of {args.root} is now {version}")
+    return 0

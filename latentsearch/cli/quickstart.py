@@ -1,0 +1,49 @@
+"""``latentsearch quickstart`` (alias ``demo``): train, index, serve and query end to end."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from latentsearch.quickstart import QuickstartConfig, run_quickstart
+
+__all__ = ["register_cli"]
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``quickstart`` sub-command (alias ``demo``)."""
+    p = subparsers.add_parser(
+        "quickstart",
+        aliases=["demo"],
+        help="train, index, serve and query end to end on a built-in default (offline, 1-2 min)",
+        description="Train, index, serve and query end to end, offline, in a minute or two.",
+    )
+    p.add_argument("--data", help="Fashion-MNIST IDX file or folder (default: generated garment shapes)")
+    p.add_argument("--out", default="quickstart-out", help="output directory (default ./quickstart-out)")
+    p.add_argument(
+        "--items", type=int, default=None, help="items used (default 3000 generated, or all of --data)"
+    )
+    p.add_argument("--epochs", type=int, default=30, help="maximum training epochs (default 30)")
+    p.add_argument("--time-limit", type=float, default=60.0, help="training seconds at most (default 60)")
+    p.add_argument("--port", type=int, default=0, help="gRPC port on 127.0.0.1 (default 0: any free port)")
+    p.add_argument("-k", type=int, default=5, help="neighbours shown per query (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_quickstart)
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    config = QuickstartConfig(
+        out=Path(args.out),
+        data=args.data,
+        items=args.items,
+        epochs=args.epochs,
+        time_limit_s=args.time_limit,
+        port=args.port,
+        k=args.k,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    return 0 if run_quickstart(config).matches_brute_force else 1
+
+

@@ -1,0 +1,118 @@
+"""``latentsearch serve`` (run the gRPC server) and ``latentsearch query`` (one Nearest call)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latentsearch.server.app import ServerConfig
+
+__all__ = ["register_cli", "serve_config"]
+
+log = logging.getLogger(__name__)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` and ``query`` sub-commands."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an index root over gRPC (hot reload, micro-batching, health, metrics)",
+        description="Serve INDEX_ROOT's current version over gRPC until SIGTERM/SIGINT.",
+    )
+    p.add_argument("--index", required=True, help="index root (polled for new versions)")
+    p.add_argument("--model", default=None, help="model directory for Encode/Decode (optional)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any free port)")
+    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port (default 9100; 0: off)")
+    p.add_argument(
+        "--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)"
+    )
+    p.add_argument("--max-batch", type=int, default=64, help="most Nearest calls per search (default 64)")
+    p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch collection wait (default 2 ms)")
+    p.add_argument("--no-batching", action="store_true", help="search each Nearest call alone")
+    p.add_argument("--queue-size", type=int, default=1024, help="most waiting Nearest calls (default 1024)")
+    p.add_argument("--threads", type=int, default=2, help="search threads (default 2)")
+    p.add_argument(
+        "--batch-concurrency",
+        type=int,
+        default=1,
+        help="batched Nearest rounds computing at once (default 1, at most --threads)",
+    )
+    p.add_argument("--faiss-threads", type=int, default=None, help="FAISS threads per search (default 1)")
+    p.add_argument(
+        "--reload-interval", type=float, default=2.0, help="seconds between index polls (default 2; 0: off)"
+    )
+    p.add_argument("--verify", action="store_true", help="re-hash every file of a version before serving it")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (health stays open)")
+    p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    p.set_defaults(func=_cmd_serve)
+
+    q = subparsers.add_parser("query", help="send one Nearest query to a running server")
+    q.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
+    q.add_argument("--z", required=True, help="comma-separated latent point, e.g. 0.1,0.2,-0.3")
+    q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
+    q.add_argument("--labels", default=None, help="comma-separated label filter")
+    q.add_argument("--mode", choices=["auto", "exact", "approx"], default=None, help="search mode")
+    q.add_argument("--token", default=None, help="bearer token")
+    q.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
+    q.set_defaults(func=_cmd_query)
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    """The :class:`~server.app.ServerConfig` of parsed ``latentsearch serve`` arguments."""
+    from latentsearch.server.app import ServerConfig
+
+    return ServerConfig(
+        index=args.index,
+        model=args.model,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port or None,
+        metrics_host=args.metrics_host,
+        batching=not args.no_batching,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        search_threads=args.threads,
+        batch_concurrency=args.batch_concurrency,
+        faiss_threads=args.faiss_threads,
+        reload_interval=args.reload_interval,
+        verify=args.verify,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        token=args.token,
+        grace=args.grace,
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from latentsearch.server.app import serve
+
+    asyncio.run(serve(serve_config(args)))
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    import grpc
+
+    from latentsearch.client import LatentSearchClient
+
+    z = [float(v) for v in args.z.split(",") if v.strip()]
+    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
+    with LatentSearchClient(args.target, token=args.token, tls_ca=args.tls_ca) as client:
+        try:
+            answer = client.nearest(z, args.k, labels=labels, mode=args.mode)
+        except grpc.RpcError as exc:
+            print(f"error: {exc.code().name}: {exc.details()}")
+            return 2
+    print(f"index version {answer.index_version}  mode {answer.mode}  certified {answer.certified}")
+    print(f"{'rank':>4}  {'id':<24} {'log q(z|x)':>14}  {'label':>6}")
+    for h in answer.hits:
+        label = "" if h.label is None else str(h.label)
+        print(f"{h.rank:>4}  {h.id:<24} {h.score:>14.6f}  {label:>6}")
+    return 0

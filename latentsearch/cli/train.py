@@ -1,0 +1,80 @@
+"""``latentsearch train``: train a VAE into a model directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+__all__ = ["register_cli"]
+
+log = logging.getLogger(__name__)
+
+
+def register_cli(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``train`` sub-command to the ``latentsearch`` parser."""
+    p = subparsers.add_parser(
+        "train",
+        help="train a VAE on a dataset (or the built-in generated garments) into a model directory",
+        description="Train a VAE. Without --data, trains on the built-in generated garment-shapes dataset.",
+    )
+    p.add_argument("--data", help="IDX file/folder, .npy, .npz or a folder of images (default: generated)")
+    p.add_argument("--labels", help="labels file for --data (default: found next to the data)")
+    p.add_argument("--max-items", type=int, default=None, help="use only the first N items (quick runs)")
+    p.add_argument("--out", required=True, help="model directory to write")
+    p.add_argument("--latent-dim", type=int, default=10, help="latent dimension d (default 10)")
+    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (default 40)")
+    p.add_argument("--batch-size", type=int, default=64, help="items per step (default 64)")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
+    p.add_argument("--beta", type=float, default=1.0, help="KL weight (default 1.0)")
+    p.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up (default 0)")
+    p.add_argument("--patience", type=int, default=8, help="early-stop patience in epochs (default 8)")
+    p.add_argument("--val-fraction", type=float, default=0.15, help="held-out fraction (default 0.15)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", action="store_true", help="continue from OUT/training/last.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace a model already in --out")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from latentsearch.data.garments import NOTICE, garment_dataset
+    from latentsearch.data.readers import ArrayDataset, Dataset, open_dataset
+    from latentsearch.model.config import TrainConfig
+    from latentsearch.model.train import train
+
+    if args.data is None:
+        print(NOTICE, flush=True)
+        data: Dataset = garment_dataset(n=args.max_items or 6000, seed=args.seed)
+    else:
+        data = open_dataset(args.data, labels=args.labels)
+        if args.max_items is not None:
+            data = ArrayDataset(
+                data.read(0, args.max_items),
+                labels=None if data.labels is None else data.labels[: args.max_items],
+                path=data.path,
+            )
+        log.info("training data: %s", data)
+    cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        beta=args.beta,
+        kl_warmup_epochs=args.kl_warmup,
+        patience=args.patience,
+        val_fraction=args.val_fraction,
+        device=args.device,
+        seed=args.seed,
+        time_limit_s=args.time_limit,
+        progress=not args.no_progress,
+    )
+    result = train(
+        data, args.out, config=cfg, latent_dim=args.latent_dim, resume=args.resume, overwrite=args.overwrite
+    )
+    print(
+        f"model written to {result.out_dir} (model_hash {result.model_hash}); best validation -ELBO "
+        f"{result.best_val_neg_elbo:.2f} nats/item at epoch {result.best_epoch} of {result.epochs_run}"
+    )
+    return 0

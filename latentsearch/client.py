@@ -1,0 +1,201 @@
+"""A blocking Python client returning plain Python / numpy results."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+
+__all__ = ["DecodedImage", "Hit", "ItemPosterior", "LatentSearchClient", "Posterior", "SearchAnswer"]
+
+_MODE = {
+    None: pb.MODE_UNSPECIFIED,
+    "auto": pb.MODE_UNSPECIFIED,
+    "exact": pb.MODE_EXACT,
+    "approx": pb.MODE_APPROX,
+}
+_MODE_NAME = {pb.MODE_UNSPECIFIED: "auto", pb.MODE_EXACT: "exact", pb.MODE_APPROX: "approx"}
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One ranked item; ``score`` is log q(z|x) (distribution queries: the expected value)."""
+
+    rank: int
+    id: str
+    score: float
+    label: int | None
+    kl: float | None = None
+
+
+@dataclass(frozen=True)
+class SearchAnswer:
+    hits: list[Hit]
+    index_version: str
+    mode: str
+    certified: bool
+
+    @property
+    def ids(self) -> list[str]:
+        return [h.id for h in self.hits]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([h.score for h in self.hits], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Posterior:
+    mean: np.ndarray
+    sigma: np.ndarray
+    model_hash: str
+
+
+@dataclass(frozen=True)
+class ItemPosterior:
+    id: str
+    mean: np.ndarray
+    sigma: np.ndarray
+    label: int | None
+    index_version: str
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    values: np.ndarray  # the reconstruction, shaped as the model's items
+    png: bytes  # b"" when the reconstruction is not an image
+    model_hash: str
+
+
+class LatentSearchClient:
+    """Client of ``latentsearch.v1.LatentSearch``.
+
+    Args:
+        target: ``host:port``.
+        token: bearer token sent as ``authorization`` metadata.
+        tls_ca: PEM file of the CA that signed the server certificate (enables TLS).
+        timeout: default per-call deadline in seconds (``None``: none).
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls_ca: str | os.PathLike[str] | None = None,
+        timeout: float | None = 30.0,
+    ) -> None:
+        if tls_ca is not None:
+            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self.channel = grpc.secure_channel(target, creds)
+        else:
+            self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.LatentSearchStub(self.channel)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> LatentSearchClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- calls --------------------------------------------------------------------------------
+    def nearest(
+        self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None, mode: str | None = None
+    ) -> SearchAnswer:
+        return _answer(self._call(self.stub.Nearest, _nearest_request(z, k, labels, mode)))
+
+    def nearest_batch(
+        self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None, mode: str | None = None
+    ) -> list[SearchAnswer]:
+        """One query per row of ``z (B, d)``; all answered by one index version."""
+        rows = np.asarray(z, dtype=np.float64)
+        req = pb.NearestBatchRequest(queries=[_nearest_request(r, k, labels, mode) for r in rows])
+        return [_answer(r) for r in self._call(self.stub.NearestBatch, req).results]
+
+    def nearest_to_distribution(
+        self,
+        mean: Any,
+        sigma: Any,
+        k: int = 10,
+        *,
+        labels: Iterable[int] | None = None,
+        mode: str | None = None,
+    ) -> SearchAnswer:
+        req = pb.NearestToDistributionRequest(
+            mean=_floats(mean), sigma=_floats(sigma), k=k, labels=list(labels or ()), mode=_MODE[mode]
+        )
+        resp = self._call(self.stub.NearestToDistribution, req)
+        hits = [
+            Hit(n.rank, n.id, n.expected_log_likelihood, n.label if n.HasField("label") else None, n.kl)
+            for n in resp.neighbors
+        ]
+        return SearchAnswer(hits, resp.index_version, _MODE_NAME[resp.mode], resp.certified)
+
+    def encode(self, image: Any) -> Posterior:
+        """Posterior of one item: uint8 arrays go as raw bytes, anything else as float values."""
+        arr = np.asarray(image)
+        if arr.dtype == np.uint8:
+            req = pb.EncodeRequest(shape=list(arr.shape), raw=arr.tobytes())
+        else:
+            req = pb.EncodeRequest(shape=list(arr.shape), values=arr.astype(np.float32).ravel().tolist())
+        resp = self._call(self.stub.Encode, req)
+        return Posterior(np.array(resp.mean), np.array(resp.sigma), resp.model_hash)
+
+    def decode(self, z: Any) -> DecodedImage:
+        resp = self._call(self.stub.Decode, pb.DecodeRequest(z=_floats(z)))
+        values = np.array(resp.values, dtype=np.float32).reshape(tuple(resp.shape))
+        return DecodedImage(values, resp.png, resp.model_hash)
+
+    def get_item(self, item_id: str) -> ItemPosterior:
+        resp = self._call(self.stub.GetItem, pb.GetItemRequest(id=str(item_id)))
+        return ItemPosterior(
+            resp.id,
+            np.array(resp.mean),
+            np.array(resp.sigma),
+            resp.label if resp.HasField("label") else None,
+            resp.index_version,
+        )
+
+    def info(self) -> dict[str, Any]:
+        import json
+
+        resp = self._call(self.stub.Info, pb.InfoRequest())
+        return {
+            "index_version": resp.index_version,
+            "item_count": resp.item_count,
+            "latent_dim": resp.latent_dim,
+            "model_hash": resp.model_hash,
+            "served_model_hash": resp.served_model_hash,
+            "engine": json.loads(resp.engine_json) if resp.engine_json else {},
+        }
+
+    def _call(self, method: Any, request: Any) -> Any:
+        return method(request, timeout=self.timeout, metadata=self._metadata)
+
+
+def _floats(values: Any) -> list[float]:
+    return np.asarray(values, dtype=np.float64).ravel().tolist()
+
+
+def _nearest_request(z: Any, k: int, labels: Iterable[int] | None, mode: str | None) -> pb.NearestRequest:
+    return pb.NearestRequest(z=_floats(z), k=k, labels=list(labels or ()), mode=_MODE[mode])
+
+
+def _answer(resp: pb.NearestResponse) -> SearchAnswer:
+    hits = [
+        Hit(n.rank, n.id, n.log_likelihood, n.label if n.HasField("label") else None) for n in resp.neighbors
+    ]
+    return SearchAnswer(hits, resp.index_version, _MODE_NAME[resp.mode], resp.certified)

@@ -1,0 +1,28 @@
+"""latentsearch.indexer: encode a dataset (or read posteriors), build the index, publish a version.
+
+Public API (the server uses :class:`IndexRoot`: ``load_current()`` at start, then polls
+``current()`` and reloads when it changes)::
+
+    from latentsearch.indexer import IndexJobConfig, IndexRoot, parse_index_spec, run_index_job
+
+    result = run_index_job(IndexJobConfig(out="idx", posteriors="post.npz"))
+    version, engine = IndexRoot("idx").load_current()
+"""
+
+from latentsearch.indexer.config import IndexJobConfig, parse_index_spec
+from latentsearch.indexer.job import JobResult, run_index_job
+from latentsearch.indexer.posteriors import Posteriors, read_posteriors_npz, validate_posteriors
+from latentsearch.indexer.root import IndexRoot, Staging, VersionInfo
+
+__all__ = [
+    "IndexJobConfig",
+    "IndexRoot",
+    "JobResult",
+    "Posteriors",
+    "Staging",
+    "VersionInfo",
+    "parse_index_spec",
+    "read_posteriors_npz",
+    "run_index_job",
+    "validate_posteriors",
+]

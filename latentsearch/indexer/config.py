@@ -1,0 +1,148 @@
+"""Typed configuration of an indexing job, and the ``--index-spec`` parser for engine options."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from latentsearch.engine.config import EngineConfig
+from latentsearch.errors import InvalidArgumentError
+
+__all__ = ["IndexJobConfig", "parse_index_spec"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class IndexJobConfig:
+    """Every knob of :func:`indexer.run_index_job`, with its default.
+
+    Give either ``model`` + ``data`` (encode a dataset) or ``posteriors`` (a precomputed npz).
+    """
+
+    # Index root to publish into (created if needed); see :class:`indexer.IndexRoot`.
+    out: Path
+    # Model directory, TorchScript file or ``package.module:function`` (see model.loader.load_model).
+    model: str | None = None
+    # Dataset path: IDX file/folder, .npy, .npz or image folder (see latentsearch.data.readers.open_dataset).
+    data: str | None = None
+    # Precomputed posteriors: npz with mu and one of logvar / log_sigma / sigma (see indexer.posteriors).
+    posteriors: str | None = None
+    # Input shape of a user model (TorchScript / factory); checkpoints know their own.
+    input_shape: tuple[int, ...] | None = None
+    # "auto" (cuda when available), "cpu" or "cuda".
+    device: str = "auto"
+    # Items per encoder forward pass.
+    batch_size: int = 1024
+    # bf16 autocast for the encoder on CUDA (mu / logvar are still returned as float32); ignored on CPU.
+    bf16: bool = False
+    # CPU threads for torch (None: all cores).
+    num_threads: int | None = None
+    # Search engine options (the ``--index-spec`` string parsed by :func:`parse_index_spec`).
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # Versions kept after publishing (the current one is never deleted).
+    keep: int = 3
+    # Re-hash every file of the new version after publishing (slower; the write path already fsyncs).
+    verify: bool = False
+    # tqdm progress bars on stderr.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        if self.posteriors is not None:
+            if self.model is not None or self.data is not None:
+                raise InvalidArgumentError(
+                    "give either --posteriors or --model with --data, not both", field="posteriors"
+                )
+        elif self.model is None or self.data is None:
+            raise InvalidArgumentError(
+                "give --model and --data (encode a dataset) or --posteriors FILE.npz", field="model"
+            )
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise InvalidArgumentError(
+                f"batch_size must be >= 1, got {self.batch_size!r}", field="batch_size"
+            )
+        if isinstance(self.keep, bool) or not isinstance(self.keep, int) or self.keep < 1:
+            raise InvalidArgumentError(f"keep must be an integer >= 1, got {self.keep!r}", field="keep")
+        if self.device not in ("auto", "cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise InvalidArgumentError(
+                f"device must be auto, cpu or cuda, got {self.device!r}", field="device"
+            )
+        if self.num_threads is not None and self.num_threads < 1:
+            raise InvalidArgumentError("num_threads must be >= 1", field="num_threads")
+
+    @property
+    def source_kind(self) -> str:
+        """``"posteriors"`` or ``"model"``."""
+        return "posteriors" if self.posteriors is not None else "model"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["out"] = os.fspath(self.out)
+        d["engine"] = self.engine.to_dict()
+        d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
+        return d
+
+
+_NONE = ("none", "null")
+_TRUE = ("true", "yes", "on", "1")
+_FALSE = ("false", "no", "off", "0")
+
+
+def _coerce(key: str, raw: str, default: Any) -> Any:
+    """Convert ``raw`` for field ``key`` guided by the field's default (int / float / bool / None / str)."""
+    text = raw.strip()
+    if text.lower() in _NONE:
+        return None
+    try:
+        if isinstance(default, bool):
+            if text.lower() in _TRUE:
+                return True
+            if text.lower() in _FALSE:
+                return False
+            raise ValueError(f"expected true or false, got {text!r}")
+        if isinstance(default, int) or (default is None and key in ("approx_nlist", "approx_nprobe")):
+            return int(text.replace("_", ""))
+        if isinstance(default, float):
+            return float(text)
+        if key == "num_threads":
+            return int(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"--index-spec: bad value for {key}: {exc}", field=key) from exc
+    return text
+
+
+def parse_index_spec(spec: str | None, *, base: EngineConfig | None = None) -> EngineConfig:
+    """Parse ``"approx_nlist=4096,approx_nprobe=120,mode=auto"`` into an :class:`EngineConfig`.
+
+    Keys are :class:`EngineConfig` field names; values are converted to the field's type
+    (``none`` for optional fields). Unset keys keep ``base``'s values (default: the defaults).
+
+    Raises:
+        InvalidArgumentError: an unknown key (the message lists the known ones), a malformed
+            ``key=value`` pair or a value the engine rejects.
+    """
+    base = base or EngineConfig()
+    if spec is None or not spec.strip():
+        return base
+    defaults = base.to_dict()
+    changes: dict[str, Any] = {}
+    for part in spec.split(","):
+        if not part.strip():
+            continue
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise InvalidArgumentError(
+                f"--index-spec: expected key=value, got {part.strip()!r}", field="index_spec"
+            )
+        if key not in defaults:
+            raise InvalidArgumentError(
+                f"--index-spec: unknown key {key!r}; known keys: {', '.join(sorted(defaults))}",
+                field="index_spec",
+            )
+        if key in changes:
+            raise InvalidArgumentError(f"--index-spec: {key!r} given twice", field="index_spec")
+        changes[key] = _coerce(key, value, EngineConfig.__dataclass_fields__[key].default)
+    return dataclasses.replace(base, **changes)

@@ -1,0 +1,211 @@
+"""Orchestration of an indexing job: source -> posteriors -> engine -> published version.
+
+Two sources: a model + dataset (encoded in batches into memory-mapped float32 files, see
+:mod:`indexer.encode`) or a precomputed posteriors npz (:mod:`indexer.posteriors`). Both end in
+the same publish step (:meth:`indexer.root.IndexRoot.publish_staged`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from latentsearch.engine.storage import file_digest
+from latentsearch.indexer.config import IndexJobConfig
+from latentsearch.indexer.root import IndexRoot, Staging
+
+__all__ = ["JobResult", "run_index_job"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job published.
+
+    ``timings``: seconds per stage (read, load, encode, fingerprint, build, save, publish).
+    """
+
+    version: str
+    items: int
+    latent_dim: int
+    seconds: float
+    bytes_on_disk: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def items_per_second(self) -> float:
+        return self.items / max(self.seconds, 1e-9)
+
+    def summary(self) -> str:
+        """The one-line summary printed at the end of a job."""
+        return (
+            f"indexed {self.items} items (d={self.latent_dim}) in {self.seconds:.1f} s "
+            f"({self.items_per_second:,.0f} items/s); version {self.version}, "
+            f"{self.bytes_on_disk / 2**20:.1f} MiB on disk"
+        )
+
+
+class _Stages:
+    """A tqdm bar over named stages, and their timings."""
+
+    def __init__(self, names: list[str], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.timings: dict[str, float] = {}
+        self._bar = tqdm(total=len(names), desc="index", unit="stage", disable=not progress, leave=True)
+        self._name: str | None = None
+        self._t0 = 0.0
+
+    def start(self, name: str) -> None:
+        self._finish()
+        self._name, self._t0 = name, time.perf_counter()
+        self._bar.set_postfix_str(name)
+        log.debug("stage %s", name)
+
+    def _finish(self) -> None:
+        if self._name is not None:
+            self.timings[self._name] = round(time.perf_counter() - self._t0, 3)
+            self._bar.update(1)
+            self._name = None
+
+    def close(self) -> None:
+        self._finish()
+        self._bar.close()
+
+
+def run_index_job(config: IndexJobConfig) -> JobResult:
+    """Run one indexing job end to end and publish a new current version under ``config.out``.
+
+    Nothing is published when any step fails (the previous current version stays current).
+
+    Raises:
+        LatentSearchError subclasses: bad input (naming the file / npz key and row), missing model or
+        data, corrupt model checkpoints.
+    """
+    t_start = time.perf_counter()
+    root = IndexRoot(config.out, create=True)
+    with root.staging() as staging:
+        if config.source_kind == "posteriors":
+            stages = _Stages(["read", "validate+build", "save", "publish"], config.progress)
+            try:
+                engine, metadata = _from_posteriors(config, stages)
+                version = _save_and_publish(root, staging, engine, metadata, config, stages)
+            finally:
+                stages.close()
+        else:
+            engine, metadata, stages = _from_model(config, staging)
+            try:
+                version = _save_and_publish(root, staging, engine, metadata, config, stages)
+            finally:
+                stages.close()
+    seconds = time.perf_counter() - t_start
+    if config.verify:
+        root.verify(version)
+    result = JobResult(
+        version=version,
+        items=len(engine),
+        latent_dim=engine.dim,
+        seconds=seconds,
+        bytes_on_disk=root.disk_bytes(version),
+        timings=dict(stages.timings),
+    )
+    log.info("%s", result.summary())
+    return result
+
+
+def _save_and_publish(
+    root: IndexRoot,
+    staging: Staging,
+    engine: Any,
+    metadata: dict[str, Any],
+    config: IndexJobConfig,
+    stages: _Stages,
+) -> str:
+    stages.start("save")
+    engine.save(staging.engine_dir, extra={k: v for k, v in metadata.items() if k != "timings"})
+    stages.start("publish")
+    metadata["timings"] = dict(stages.timings)
+    return root.publish_staged(staging, metadata, keep=config.keep)
+
+
+def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[Any, dict[str, Any]]:
+    from latentsearch.engine.bank import PosteriorBank
+    from latentsearch.engine.engine import SearchEngine
+    from latentsearch.indexer.posteriors import read_posteriors_npz
+
+    assert config.posteriors is not None
+    stages.start("read")
+    path = Path(config.posteriors)
+    post = read_posteriors_npz(path)
+    fingerprint = file_digest(path)
+    stages.start("validate+build")
+    # read_posteriors_npz already ran every check the bank would run: don't repeat them.
+    bank = PosteriorBank(post.mu, post.log_sigma, ids=post.ids, labels=post.labels, validate=False)
+    engine = SearchEngine.from_bank(bank, config.engine)
+    metadata = {
+        "source": "posteriors",
+        "posteriors_path": str(path.resolve()),
+        "scale_key": post.scale_key,
+        "model_hash": None,
+        "dataset_fingerprint": f"sha256-file:{fingerprint}",
+        "job": config.to_dict(),
+    }
+    return engine, metadata
+
+
+def _from_model(config: IndexJobConfig, staging: Staging) -> tuple[Any, dict[str, Any], _Stages]:
+    from latentsearch.data.readers import open_dataset
+    from latentsearch.engine.engine import SearchEngine
+    from latentsearch.indexer.encode import encode_dataset
+    from latentsearch.model.loader import load_model
+
+    assert config.model is not None and config.data is not None
+    t0 = time.perf_counter()
+    model = load_model(config.model, input_shape=config.input_shape, device=config.device)
+    dataset = open_dataset(config.data)
+    log.info("encoding %s with %s", dataset, model)
+    t_load = time.perf_counter() - t0
+    encoded = encode_dataset(
+        model,
+        dataset,
+        staging.path / "encode",
+        batch_size=config.batch_size,
+        bf16=config.bf16,
+        num_threads=config.num_threads,
+        progress=config.progress,
+    )
+    stages = _Stages(["fingerprint", "build", "save", "publish"], config.progress)
+    stages.timings.update({"load": round(t_load, 3), "encode": round(encoded.seconds, 3)})
+    try:
+        stages.start("fingerprint")
+        fingerprint = dataset.fingerprint()
+        n = len(dataset)
+        ids = dataset.ids
+        if np.array_equal(ids, np.arange(n).astype(str)):
+            ids = None  # row numbers: the engine's default, no ids file
+        stages.start("build")
+        engine = SearchEngine.build(
+            encoded.mu, logvar=encoded.logvar, ids=ids, labels=dataset.labels, config=config.engine
+        )
+    except BaseException:
+        stages.close()
+        raise
+    metadata = {
+        "source": "model",
+        "model": str(config.model),
+        "model_hash": model.model_hash,
+        "model_source": model.source,
+        "data_path": dataset.path,
+        "dataset_fingerprint": fingerprint,
+        "device": str(model.device),
+        "bf16": bool(config.bf16 and model.device.type == "cuda"),
+        "encode_items_per_s": round(n / max(encoded.seconds, 1e-9), 1),
+        "job": config.to_dict(),
+    }
+    return engine, metadata, stages

@@ -1,0 +1,397 @@
+"""Training: ELBO with optional beta and KL warm-up, held-out validation, early stopping, resume.
+
+CPU runs are bit-reproducible for a given seed and thread count: the split, the initialisation,
+every epoch's shuffle and every posterior sample come from generators seeded by ``(seed, epoch)``,
+so resuming from ``training/last.pt`` continues exactly as an uninterrupted run would. On CUDA
+the forward/backward passes run under bf16 autocast (the loss is computed in float32).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from latentsearch.data.readers import Dataset
+from latentsearch.errors import FailedPreconditionError, InvalidArgumentError
+from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
+from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
+from latentsearch.model.device import configure_cpu_threads, resolve_device
+from latentsearch.model.vae import VAE
+
+__all__ = ["TRAIN_STATE", "TrainResult", "default_vae_config", "split_indices", "train"]
+
+log = logging.getLogger(__name__)
+
+TRAIN_STATE = "training/last.pt"
+_EVAL_BATCH = 1024
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced. ``history`` holds one dict per epoch."""
+
+    out_dir: Path
+    model_hash: str
+    best_val_neg_elbo: float
+    best_epoch: int
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def default_vae_config(
+    data: Dataset, *, latent_dim: int = 10, train_rows: np.ndarray | None = None
+) -> VAEConfig:
+    """A :class:`VAEConfig` fitted to ``data``: conv + Bernoulli for images, MLP + Gaussian for vectors.
+
+    Images: uint8 pixels are scaled by 1/255, float pixels are taken as already in [0, 1].
+    Vectors: standardised by the mean/std of ``train_rows`` (default: all rows).
+    """
+    if data.kind == "image":
+        scale = 1.0 / 255.0 if data.dtype == np.uint8 else 1.0
+        return VAEConfig(
+            arch="conv",
+            input_shape=data.item_shape,
+            latent_dim=latent_dim,
+            likelihood="bernoulli",
+            normalization=Normalization(kind="scale", shift=0.0, scale=scale),
+        )
+    x = data.to_array().astype(np.float64)
+    if train_rows is not None:
+        x = x[train_rows]
+    mean = x.mean(0)
+    std = np.where(x.std(0) > 1e-12, x.std(0), 1.0)
+    return VAEConfig(
+        arch="mlp",
+        input_shape=data.item_shape,
+        latent_dim=latent_dim,
+        likelihood="gaussian",
+        normalization=Normalization(
+            kind="standardize", shift=[float(v) for v in mean], scale=[float(1.0 / v) for v in std]
+        ),
+    )
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded (train_rows, val_rows), both sorted; at least one row in each."""
+    if n < 2:
+        raise InvalidArgumentError(
+            f"need at least 2 items to train (1 for validation), got {n}", field="data"
+        )
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val = min(max(1, round(n * val_fraction)), n - 1)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+def _lr_at(cfg: TrainConfig, step: int, total: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warm = max(1, min(100, total // 20))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = (step - warm) / max(1, total - warm)
+    return cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _kl_weight(cfg: TrainConfig, epoch: int, step_in_epoch: int, steps: int) -> float:
+    if cfg.kl_warmup_epochs <= 0:
+        return cfg.beta
+    progress = (epoch + step_in_epoch / steps) / cfg.kl_warmup_epochs
+    return cfg.beta * min(1.0, progress)
+
+
+def _autocast(dev: torch.device, enabled: bool) -> Any:
+    return torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=enabled and dev.type == "cuda")
+
+
+@torch.no_grad()
+def evaluate(
+    model: VAE, x: torch.Tensor, *, seed: int, device: torch.device, amp: bool = False
+) -> dict[str, float]:
+    """Mean per-item ``-ELBO`` (one posterior sample, beta = 1), reconstruction and KL, in nats."""
+    was_training = model.training
+    model.eval()
+    gen = torch.Generator(device=device).manual_seed(seed)
+    tot_r = tot_k = 0.0
+    for i in range(0, len(x), _EVAL_BATCH):
+        xb = x[i : i + _EVAL_BATCH].to(device, non_blocking=True)
+        with _autocast(device, amp):
+            terms = model.elbo_terms(xb, gen)
+        tot_r += float(terms.recon.double().sum())
+        tot_k += float(terms.kl.double().sum())
+    model.train(was_training)
+    n = max(len(x), 1)
+    return {"neg_elbo": (tot_r + tot_k) / n, "recon": tot_r / n, "kl": tot_k / n}
+
+
+def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    state_path = out / TRAIN_STATE
+    existing = [p for p in (out / WEIGHTS_FILE, out / CONFIG_FILE, state_path) if p.exists()]
+    if resume:
+        if not state_path.is_file():
+            raise FailedPreconditionError(f"{state_path}: nothing to resume (no training state)")
+        return dict(torch.load(state_path, map_location="cpu", weights_only=True))
+    if existing:
+        if not overwrite:
+            raise FailedPreconditionError(
+                f"{out}: already holds a model; pass --resume to continue it or --overwrite to replace it"
+            )
+        for name in (WEIGHTS_FILE, CONFIG_FILE, CHECKSUMS_FILE):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / "training", ignore_errors=True)
+    return None
+
+
+def train(
+    data: Dataset | None,
+    out_dir: str | Path,
+    *,
+    config: TrainConfig | None = None,
+    vae_config: VAEConfig | None = None,
+    latent_dim: int = 10,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train a VAE on ``data`` and write the best (lowest validation -ELBO) model to ``out_dir``.
+
+    Args:
+        data: items to train on; ``None`` uses the built-in generated garments (and says so).
+        out_dir: model directory (:mod:`model.checkpoint` layout, plus ``training/last.pt``).
+        config: training knobs (:class:`TrainConfig`).
+        vae_config: architecture; default fitted to ``data`` (:func:`default_vae_config`).
+        latent_dim: d, when ``vae_config`` is not given.
+        resume: continue from ``out_dir/training/last.pt``.
+        overwrite: replace a model already in ``out_dir``.
+    """
+    cfg = config or TrainConfig()
+    out = Path(out_dir)
+    if data is None:
+        from latentsearch.data.garments import NOTICE, garment_dataset
+
+        log.warning("%s", NOTICE)
+        data = garment_dataset(seed=cfg.seed)
+    source = data.path or "array"
+    dev = resolve_device(cfg.device)
+    if dev.type == "cpu":
+        configure_cpu_threads()
+    state = _prepare_out(out, resume=resume, overwrite=overwrite)
+
+    train_rows, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    if vae_config is None:
+        vae_config = default_vae_config(data, latent_dim=latent_dim, train_rows=train_rows)
+    if tuple(vae_config.input_shape) != data.item_shape:
+        raise InvalidArgumentError(
+            f"model input_shape {vae_config.input_shape} does not match the data's items {data.item_shape}",
+            field="input_shape",
+        )
+    fingerprint = data.fingerprint()
+    all_x = torch.from_numpy(np.ascontiguousarray(data.to_array()).copy())
+    x_train, x_val = all_x[torch.from_numpy(train_rows)], all_x[torch.from_numpy(val_rows)]
+    del all_x
+    if dev.type == "cuda":
+        x_train, x_val = x_train.to(dev), x_val.to(dev)
+    data_info = {
+        "fingerprint": fingerprint,
+        "source": source,
+        "n_items": len(data),
+        "item_shape": list(data.item_shape),
+        "dtype": data.dtype.name,
+        "n_train": len(train_rows),
+        "n_val": len(val_rows),
+        "split_seed": cfg.seed,
+    }
+
+    torch.manual_seed(cfg.seed)
+    model = VAE(vae_config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_epoch, best, best_epoch, bad, history, model_hash = 0, math.inf, -1, 0, [], ""
+    if state is not None:
+        if state.get("vae_config") != vae_config.to_dict() or state.get("data_fingerprint") != fingerprint:
+            raise FailedPreconditionError(
+                f"{out / TRAIN_STATE}: was trained with another model config or other data; cannot resume"
+            )
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start_epoch, best, best_epoch = int(state["epoch"]), float(state["best"]), int(state["best_epoch"])
+        bad, history, model_hash = int(state["bad_epochs"]), list(state["history"]), str(state["model_hash"])
+        log.info("resuming %s at epoch %d (best val -ELBO %.2f)", out, start_epoch + 1, best)
+        # A run that plateaued or reached `epochs` is finished; a larger --epochs extends it.
+        if start_epoch >= cfg.epochs or bad >= cfg.patience:
+            log.info("%s: training had already finished (epoch %d of %d)", out, start_epoch, cfg.epochs)
+            return TrainResult(
+                out, model_hash, best, best_epoch, start_epoch, bool(state["stopped"]), history
+            )
+
+    n_train = len(x_train)
+    steps = math.ceil(n_train / cfg.batch_size)
+    total = steps * cfg.epochs
+    t0 = time.perf_counter()
+    stopped = False
+    epoch = start_epoch
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+        eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
+        order = torch.randperm(n_train, generator=gen).to(x_train.device)
+        sums = np.zeros(3)
+        t_epoch = time.perf_counter()
+        bar = _progress(cfg, steps, epoch)
+        for s in range(steps):
+            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+            xb = x_train[idx].to(dev, non_blocking=True)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, epoch * steps + s, total)
+            with _autocast(dev, cfg.amp):
+                terms = model.elbo_terms(xb, eps_gen)
+            recon, kl = terms.recon.mean(), terms.kl.mean()
+            loss = recon + _kl_weight(cfg, epoch, s, steps) * kl
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sums += (float(loss.detach()), float(recon.detach()), float(kl.detach()))
+            if bar is not None:
+                seen = min((s + 1) * cfg.batch_size, n_train)
+                bar.update(1)
+                bar.set_postfix(
+                    loss=f"{sums[0] / (s + 1):.1f}",
+                    recon=f"{sums[1] / (s + 1):.1f}",
+                    kl=f"{sums[2] / (s + 1):.2f}",
+                    items_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
+                )
+        if bar is not None:
+            bar.close()
+        val = evaluate(model, x_val, seed=cfg.seed, device=dev, amp=cfg.amp)
+        rate = n_train / (time.perf_counter() - t_epoch)
+        row = {
+            "epoch": epoch + 1,
+            "loss": float(sums[0] / steps),
+            "recon": float(sums[1] / steps),
+            "kl": float(sums[2] / steps),
+            "val_neg_elbo": val["neg_elbo"],
+            "val_recon": val["recon"],
+            "val_kl": val["kl"],
+            "items_per_s": rate,
+        }
+        history.append(row)
+        log.info(
+            "epoch %d/%d: loss %.2f (recon %.2f, kl %.2f) | val -ELBO %.2f (recon %.2f, kl %.2f) | %.0f it/s",
+            epoch + 1,
+            cfg.epochs,
+            row["loss"],
+            row["recon"],
+            row["kl"],
+            val["neg_elbo"],
+            val["recon"],
+            val["kl"],
+            rate,
+        )
+        if val["neg_elbo"] < best - cfg.min_delta:
+            best, best_epoch, bad = val["neg_elbo"], epoch + 1, 0
+            model_hash = save_checkpoint(
+                model,
+                out,
+                train_config=cfg,
+                data=data_info,
+                metrics={
+                    "val_neg_elbo": best,
+                    "epoch": best_epoch,
+                    "val_recon": val["recon"],
+                    "val_kl": val["kl"],
+                },
+            )
+        else:
+            bad += 1
+        over_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
+        stopped = bad >= cfg.patience or over_time
+        # A time-limited stop stays resumable; a plateau or the last epoch ends the run.
+        done = bad >= cfg.patience or epoch + 1 == cfg.epochs
+        _save_state(
+            out,
+            model,
+            opt,
+            epoch + 1,
+            best,
+            best_epoch,
+            bad,
+            history,
+            model_hash,
+            vae_config,
+            fingerprint,
+            done,
+            stopped,
+        )
+        if stopped:
+            why = "time limit reached" if over_time else f"no improvement for {bad} epochs"
+            log.info(
+                "early stop after epoch %d: %s (best val -ELBO %.2f at epoch %d)",
+                epoch + 1,
+                why,
+                best,
+                best_epoch,
+            )
+            break
+    return TrainResult(
+        out,
+        model_hash,
+        best,
+        best_epoch,
+        epoch + 1 if cfg.epochs > start_epoch else start_epoch,
+        stopped,
+        history,
+    )
+
+
+def _progress(cfg: TrainConfig, steps: int, epoch: int) -> Any:
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True
+    )
+
+
+def _save_state(
+    out: Path,
+    model: VAE,
+    opt: torch.optim.Optimizer,
+    epoch: int,
+    best: float,
+    best_epoch: int,
+    bad: int,
+    history: list[dict[str, float]],
+    model_hash: str,
+    vae_config: VAEConfig,
+    fingerprint: str,
+    done: bool,
+    stopped: bool,
+) -> None:
+    path = out / TRAIN_STATE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "epoch": epoch,
+        "best": best,
+        "best_epoch": best_epoch,
+        "bad_epochs": bad,
+        "history": history,
+        "model_hash": model_hash,
+        "vae_config": vae_config.to_dict(),
+        "data_fingerprint": fingerprint,
+        "done": done,
+        "stopped": stopped,
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": opt.state_dict(),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)

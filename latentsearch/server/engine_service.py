@@ -1,0 +1,404 @@
+"""The server's core, free of grpc: what is served, request validation, proto <-> engine results.
+
+Every method raises only project errors (:mod:`latentsearch.errors`, each naming its field); the
+servicer translates them to status codes. A request captures one :class:`Snapshot` at its start and
+is answered entirely by it, so a hot reload never mixes two versions in one answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import numpy as np
+
+from latentsearch.engine.bank import PosteriorBank
+from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine
+from latentsearch.engine.results import BatchResult
+from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from latentsearch.indexer.root import IndexRoot
+from latentsearch.model.loader import LoadedModel
+from latentsearch.v1 import latentsearch_pb2 as pb
+
+__all__ = [
+    "DEFAULT_K",
+    "EngineService",
+    "NearestQuery",
+    "QueryKey",
+    "Snapshot",
+    "load_snapshot",
+    "nearest_responses",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_K = 10
+_MODES: dict[int, str | None] = {pb.MODE_UNSPECIFIED: None, pb.MODE_EXACT: "exact", pb.MODE_APPROX: "approx"}
+_MODE_ENUM = {"exact": pb.MODE_EXACT, "approx": pb.MODE_APPROX}
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One loaded index version: what a request is answered by from start to end."""
+
+    version: str
+    engine: SearchEngine
+    # Hash of the model the index was built with (version manifest), or "" when unknown.
+    model_hash: str = ""
+
+
+def load_snapshot(root: IndexRoot, *, verify: bool = False, num_threads: int | None = None) -> Snapshot:
+    """Load the root's current version (blocking: call from a thread).
+
+    ``num_threads``: FAISS/OpenMP threads each batched search may use (``None``: the engine's own
+    setting). A server running several searches at once caps it so they do not oversubscribe the
+    cores (OpenMP's spinning threads made batches of 8 over 3x slower per query in measurements).
+    """
+    version, engine = root.load_current(verify=verify)
+    if num_threads is not None:
+        engine.config = dataclasses.replace(engine.config, num_threads=num_threads)
+    manifest = root.manifest(version)
+    return Snapshot(version=version, engine=engine, model_hash=str(manifest.get("model_hash") or ""))
+
+
+class QueryKey(NamedTuple):
+    """What concurrent Nearest calls must share to be answered by one ``search_batch``."""
+
+    version: str
+    k: int
+    mode: str | None
+    labels: tuple[int, ...] | None
+
+
+class NearestQuery(NamedTuple):
+    """A validated Nearest request bound to the snapshot that will answer it."""
+
+    snapshot: Snapshot
+    key: QueryKey
+    # (d,) coordinates, finite and within +-MAX_ABS_COORDINATE (a list: one array per batch, not per call)
+    z: list[float]
+
+
+class EngineService:
+    """Validates requests and answers them from the current snapshot and the optional model.
+
+    Args:
+        model: the model for Encode/Decode (``None``: those calls fail with FAILED_PRECONDITION).
+        max_k: largest k accepted (the engine's own ``config.max_k`` also applies).
+        max_batch_queries: most queries in one NearestBatch request.
+    """
+
+    def __init__(
+        self, *, model: LoadedModel | None = None, max_k: int = 1000, max_batch_queries: int = 1024
+    ) -> None:
+        self.model = model
+        self.max_k = max_k
+        self.max_batch_queries = max_batch_queries
+        self._snapshot: Snapshot | None = None
+
+    # -- what is served -----------------------------------------------------------------------
+    @property
+    def version(self) -> str | None:
+        snap = self._snapshot
+        return None if snap is None else snap.version
+
+    def set_snapshot(self, snapshot: Snapshot) -> None:
+        """Serve ``snapshot`` from now on (one reference assignment: atomic for every reader)."""
+        if self.model is not None:
+            if snapshot.engine.dim != self.model.latent_dim:
+                log.warning(
+                    "index %s has latent_dim %d but the model has %d; Encode/Decode results will not "
+                    "match the index",
+                    snapshot.version,
+                    snapshot.engine.dim,
+                    self.model.latent_dim,
+                )
+            elif snapshot.model_hash and snapshot.model_hash != self.model.model_hash:
+                log.warning(
+                    "index %s was built with model %s, serving model %s",
+                    snapshot.version,
+                    snapshot.model_hash[:12],
+                    self.model.model_hash[:12],
+                )
+        self._snapshot = snapshot
+
+    def snapshot(self) -> Snapshot:
+        """The snapshot a new request is answered by. Raises UnavailableError before the first load."""
+        snap = self._snapshot
+        if snap is None:
+            raise UnavailableError("no index version is loaded yet", field="index")
+        return snap
+
+    # -- Nearest ------------------------------------------------------------------------------
+    def parse_nearest(self, request: pb.NearestRequest, snapshot: Snapshot | None = None) -> NearestQuery:
+        """Validate one Nearest request against ``snapshot`` (default: the current one).
+
+        Plain Python on the hot path (no array per call); the batch becomes one array in
+        :meth:`search_group`.
+        """
+        snap = snapshot or self.snapshot()
+        engine = snap.engine
+        z = _point(request.z, "z", engine.dim)
+        k = self._k(request.k, engine)
+        mode = _mode(request.mode)
+        labels = _labels(request.labels, engine) if request.labels else None
+        return NearestQuery(snap, QueryKey(snap.version, k, mode, labels), z)
+
+    @staticmethod
+    def search_group(
+        snapshot: Snapshot, key: QueryKey, zs: Sequence[Sequence[float]]
+    ) -> list[pb.NearestResponse]:
+        """Answer several queries sharing ``key`` with one search (blocking); one reply per query."""
+        engine = snapshot.engine
+        batch = engine.search_batch_arrays(
+            np.array(zs, dtype=np.float64),
+            key.k,
+            mode=key.mode,
+            labels=key.labels,  # type: ignore[arg-type]
+        )
+        return nearest_responses(batch, engine.bank, snapshot.version)
+
+    def nearest(self, request: pb.NearestRequest) -> pb.NearestResponse:
+        """One Nearest call answered alone (blocking)."""
+        q = self.parse_nearest(request)
+        return self.search_group(q.snapshot, q.key, [q.z])[0]
+
+    def nearest_batch(self, request: pb.NearestBatchRequest) -> pb.NearestBatchResponse:
+        """Every query of the batch answered by one snapshot, in order (blocking)."""
+        n = len(request.queries)
+        if n == 0:
+            raise InvalidArgumentError("queries is empty", field="queries")
+        if n > self.max_batch_queries:
+            raise InvalidArgumentError(
+                f"queries holds {n} queries; at most {self.max_batch_queries} per call", field="queries"
+            )
+        snap = self.snapshot()
+        parsed = []
+        for i, req in enumerate(request.queries):
+            try:
+                parsed.append(self.parse_nearest(req, snap))
+            except InvalidArgumentError as exc:
+                raise InvalidArgumentError(
+                    f"queries[{i}]: {exc.message}", field=f"queries[{i}].{exc.field}"
+                ) from exc
+        groups: dict[QueryKey, list[int]] = {}
+        for i, q in enumerate(parsed):
+            groups.setdefault(q.key, []).append(i)
+        results: list[pb.NearestResponse | None] = [None] * n
+        for key, idx in groups.items():
+            for i, res in zip(idx, self.search_group(snap, key, [parsed[i].z for i in idx]), strict=True):
+                results[i] = res
+        return pb.NearestBatchResponse(
+            results=[r for r in results if r is not None], index_version=snap.version
+        )
+
+    # -- NearestToDistribution ----------------------------------------------------------------
+    def nearest_to_distribution(
+        self, request: pb.NearestToDistributionRequest
+    ) -> pb.NearestToDistributionResponse:
+        snap = self.snapshot()
+        engine = snap.engine
+        mean = _vector(request.mean, "mean", engine.dim)
+        sigma = _vector(request.sigma, "sigma", engine.dim)
+        if not (sigma > 0).all():
+            raise InvalidArgumentError("sigma must be > 0 in every coordinate", field="sigma")
+        k = self._k(request.k, engine)
+        result = engine.search_distribution(
+            mean,
+            sigma,
+            k,
+            mode=_mode(request.mode),  # type: ignore[arg-type]
+            labels=_labels(request.labels, engine),
+        )
+        assert result.kl is not None  # sigma > 0
+        neighbors = [
+            pb.DistributionNeighbor(
+                id=n.id,
+                expected_log_likelihood=n.score,
+                kl=float(result.kl[n.rank]),
+                label=n.label,
+                rank=n.rank,
+            )
+            for n in result
+        ]
+        return pb.NearestToDistributionResponse(
+            neighbors=neighbors,
+            index_version=snap.version,
+            mode=_MODE_ENUM[result.mode],
+            certified=result.certified,
+        )
+
+    # -- items and info -----------------------------------------------------------------------
+    def get_item(self, request: pb.GetItemRequest) -> pb.GetItemResponse:
+        snap = self.snapshot()
+        bank = snap.engine.bank
+        row = bank.row_of(request.id)  # NotFoundError(field="id")
+        label = None if bank.labels is None else int(bank.labels[row])
+        return pb.GetItemResponse(
+            id=bank.id_of(np.array([row]))[0],
+            mean=np.asarray(bank.mu[row], dtype=np.float64).tolist(),
+            sigma=np.exp(np.asarray(bank.log_sigma[row], dtype=np.float64)).tolist(),
+            label=label,
+            index_version=snap.version,
+        )
+
+    def info(self, request: pb.InfoRequest | None = None) -> pb.InfoResponse:
+        snap = self.snapshot()
+        return pb.InfoResponse(
+            index_version=snap.version,
+            item_count=len(snap.engine),
+            latent_dim=snap.engine.dim,
+            model_hash=snap.model_hash,
+            served_model_hash="" if self.model is None else self.model.model_hash,
+            engine_json=json.dumps(snap.engine.info(), sort_keys=True, default=str),
+        )
+
+    # -- model --------------------------------------------------------------------------------
+    def encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
+        model = self._model()
+        shape = tuple(int(s) for s in request.shape)
+        if shape != model.input_shape:
+            raise InvalidArgumentError(
+                f"shape must be {list(model.input_shape)} (the model's input), got {list(shape)}",
+                field="shape",
+            )
+        size = math.prod(shape)
+        has_raw, has_values = len(request.raw) > 0, len(request.values) > 0
+        if has_raw == has_values:
+            raise InvalidArgumentError(
+                "give exactly one of raw (uint8 bytes) or values (floats)", field="raw"
+            )
+        if has_raw:
+            if len(request.raw) != size:
+                raise InvalidArgumentError(
+                    f"raw holds {len(request.raw)} bytes; shape {list(shape)} needs {size}", field="raw"
+                )
+            x = np.frombuffer(request.raw, dtype=np.uint8).reshape(1, *shape).astype(np.float32)
+        else:
+            if len(request.values) != size:
+                raise InvalidArgumentError(
+                    f"values holds {len(request.values)} numbers; shape {list(shape)} needs {size}",
+                    field="values",
+                )
+            x = np.asarray(request.values, dtype=np.float32).reshape(1, *shape)
+            if not np.isfinite(x).all():
+                raise InvalidArgumentError("values contains NaN or inf", field="values")
+        mu, logvar = model.encode_params(x)
+        mean = mu[0].double().cpu().numpy()
+        sigma = np.exp(0.5 * logvar[0].double().cpu().numpy())
+        return pb.EncodeResponse(mean=mean.tolist(), sigma=sigma.tolist(), model_hash=model.model_hash)
+
+    def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
+        model = self._model()
+        if not model.has_decoder:
+            raise FailedPreconditionError("the served model has no decoder", field="model")
+        z = _vector(request.z, "z", model.latent_dim)
+        out = model.decode(z[None, :])[0].cpu().numpy().astype(np.float32)
+        return pb.DecodeResponse(
+            png=_png(out),
+            values=out.ravel().tolist(),
+            shape=list(out.shape),
+            model_hash=model.model_hash,
+        )
+
+    # -- helpers ------------------------------------------------------------------------------
+    def _model(self) -> LoadedModel:
+        if self.model is None:
+            raise FailedPreconditionError("this server was started without a model (--model)", field="model")
+        return self.model
+
+    def _k(self, k: int, engine: SearchEngine) -> int:
+        k = int(k) or DEFAULT_K
+        limit = min(self.max_k, engine.config.max_k)
+        if k > limit:
+            raise InvalidArgumentError(f"k must be at most {limit}, got {k}", field="k")
+        return k
+
+
+def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:
+    """One NearestResponse per query of ``batch`` (answered by ``version``), built from whole arrays:
+    ids, scores and labels are gathered once for the batch, not per neighbour."""
+    valid = batch.rows >= 0  # (B, k); the valid entries of each row are a prefix
+    counts = valid.sum(axis=1).tolist()
+    rows = batch.rows[valid]  # (M,) row-major: query 0's results, then query 1's, ...
+    ids = bank.id_of(rows)
+    scores = batch.scores[valid].tolist()
+    labels = None if bank.labels is None else bank.labels[rows].tolist()
+    mode = _MODE_ENUM[batch.mode]
+    certified = batch.certified.tolist()
+    out = []
+    start = 0
+    for b, n in enumerate(counts):
+        resp = pb.NearestResponse(index_version=version, mode=mode, certified=certified[b])
+        add = resp.neighbors.add
+        if labels is None:
+            for j in range(n):
+                add(id=ids[start + j], log_likelihood=scores[start + j], rank=j)
+        else:
+            for j in range(n):
+                add(id=ids[start + j], log_likelihood=scores[start + j], label=labels[start + j], rank=j)
+        start += n
+        out.append(resp)
+    return out
+
+
+def _point(values: Sequence[float], name: str, dim: int) -> list[float]:
+    """A request's coordinates as a list, checked in plain Python (the fast path of :func:`_vector`)."""
+    z = list(values)
+    if len(z) == dim:
+        lim = MAX_ABS_COORDINATE
+        for v in z:
+            if not -lim <= v <= lim:  # NaN, inf or too large: _vector names the problem
+                break
+        else:
+            return z
+    return _vector(z, name, dim).tolist()  # raises, naming the problem
+
+
+def _vector(values: Sequence[float], name: str, dim: int) -> np.ndarray:
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.shape != (dim,):
+        raise InvalidArgumentError(f"{name} must hold {dim} numbers, got {arr.shape[0]}", field=name)
+    if not np.isfinite(arr).all():
+        raise InvalidArgumentError(f"{name} contains NaN or inf", field=name)
+    if (np.abs(arr) > MAX_ABS_COORDINATE).any():
+        raise InvalidArgumentError(f"{name} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=name)
+    return arr
+
+
+def _mode(value: int) -> str | None:
+    if value not in _MODES:
+        raise InvalidArgumentError(f"unknown search mode {value}", field="mode")
+    return _MODES[value]
+
+
+def _labels(values: Sequence[int], engine: SearchEngine) -> tuple[int, ...] | None:
+    if not values:
+        return None
+    bank = engine.bank
+    if bank.labels is None:
+        raise InvalidArgumentError("this index has no labels to filter on", field="labels")
+    wanted = tuple(sorted({int(v) for v in values}))
+    unknown = [v for v in wanted if v not in bank.label_set]
+    if unknown:
+        raise InvalidArgumentError(f"unknown label(s) {unknown[:10]}", field="labels")
+    return wanted
+
+
+def _png(image: np.ndarray) -> bytes:
+    """PNG bytes of an ``(H, W, C)`` image in [0, 1] with C in 1, 3, 4; ``b""`` for anything else."""
+    if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
+        return b""
+    from PIL import Image
+
+    pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    img = Image.fromarray(pixels[:, :, 0] if image.shape[2] == 1 else pixels)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,157 @@
+"""The grpc.aio servicer: a thin layer that runs :class:`EngineService` calls off the event loop and
+translates project errors to status codes (the only place they are translated)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from latentsearch.errors import LatentSearchError
+from latentsearch.server.admission import AdmissionControl
+from latentsearch.server.batcher import MicroBatcher
+from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey
+from latentsearch.server.metrics import ServerMetrics
+from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+
+__all__ = ["LatentSearchServicer", "run_nearest_group", "status_details"]
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def status_details(exc: LatentSearchError) -> str:
+    """The status details of a project error: ``"<field>: <message>"``."""
+    return f"{exc.field}: {exc.message}" if exc.field else exc.message
+
+
+class LatentSearchServicer(pb_grpc.LatentSearchServicer):
+    """Implements ``latentsearch.v1.LatentSearch``.
+
+    Args:
+        service: the core answering requests.
+        executor: where blocking work runs (FAISS and numpy release the GIL).
+        batcher: micro-batcher for Nearest (``None``: each call searched alone).
+        metrics: where request counts and latencies go (``None``: nowhere).
+        admission: bounded in-flight counter for every call run on ``executor`` without the
+            batcher (default: 1024 in flight).
+    """
+
+    def __init__(
+        self,
+        service: EngineService,
+        *,
+        executor: Executor,
+        batcher: MicroBatcher | None = None,
+        metrics: ServerMetrics | None = None,
+        admission: AdmissionControl | None = None,
+    ) -> None:
+        self.service = service
+        self.executor = executor
+        self.admission = admission or AdmissionControl(executor=executor, limit=1024)
+        self.batcher = batcher
+        self.metrics = metrics
+
+    # -- RPCs ---------------------------------------------------------------------------------
+    async def Nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
+        return await self._call("Nearest", context, self._nearest(request, context))
+
+    async def NearestBatch(
+        self, request: pb.NearestBatchRequest, context: aio.ServicerContext
+    ) -> pb.NearestBatchResponse:
+        return await self._call(
+            "NearestBatch", context, self._blocking(context, self.service.nearest_batch, request)
+        )
+
+    async def NearestToDistribution(
+        self, request: pb.NearestToDistributionRequest, context: aio.ServicerContext
+    ) -> pb.NearestToDistributionResponse:
+        return await self._call(
+            "NearestToDistribution",
+            context,
+            self._blocking(context, self.service.nearest_to_distribution, request),
+        )
+
+    async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext) -> pb.EncodeResponse:
+        return await self._call("Encode", context, self._blocking(context, self.service.encode, request))
+
+    async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> pb.DecodeResponse:
+        return await self._call("Decode", context, self._blocking(context, self.service.decode, request))
+
+    async def GetItem(self, request: pb.GetItemRequest, context: aio.ServicerContext) -> pb.GetItemResponse:
+        return await self._call("GetItem", context, self._blocking(context, self.service.get_item, request))
+
+    async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
+        return await self._call("Info", context, self._blocking(context, self.service.info, request))
+
+    # -- internals ----------------------------------------------------------------------------
+    async def _nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
+        query = self.service.parse_nearest(request)  # captures the snapshot that answers
+        if self.batcher is None:
+            replies = await self._blocking(
+                context, self.service.search_group, query.snapshot, query.key, [query.z]
+            )
+            return replies[0]
+        reply: pb.NearestResponse = await self.batcher.submit(query.key, query, deadline=_deadline(context))
+        return reply
+
+    async def _blocking(self, context: aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the search threads through the bounded in-flight counter."""
+        return await self.admission.run(fn, *args, deadline=_deadline(context))
+
+    async def _call(self, method: str, context: aio.ServicerContext, work: Awaitable[T]) -> T:
+        """Await ``work``, translating project errors to status codes and recording metrics."""
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return await work
+        except LatentSearchError as exc:
+            code = exc.grpc_code
+            status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
+            await context.abort(status, status_details(exc))
+            raise  # unreachable: abort raises
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except Exception:
+            code = "INTERNAL"
+            log.exception("%s failed", method)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+            raise
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe(method, code, time.perf_counter() - start)
+
+
+def _deadline(context: aio.ServicerContext) -> float | None:
+    """The call's deadline in ``loop.time()`` (monotonic) seconds, or ``None``."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
+
+def run_nearest_group(
+    service: EngineService, *, on_search: Callable[[float], None] | None = None
+) -> Callable[[QueryKey, list[NearestQuery]], list[Any]]:
+    """The batcher's function: one search for queries sharing a key (and a snapshot), one reply each.
+
+    The replies are built here, on the search thread, from the batch's arrays. ``on_search`` gets
+    each round's wall-clock seconds (metrics).
+    """
+
+    def run(key: QueryKey, queries: list[NearestQuery]) -> list[Any]:
+        start = time.perf_counter()
+        try:
+            return service.search_group(queries[0].snapshot, key, [q.z for q in queries])
+        finally:
+            if on_search is not None:
+                on_search(time.perf_counter() - start)
+
+    return run
