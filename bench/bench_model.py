@@ -4,8 +4,8 @@
 
 Reports validation -ELBO (single sample, beta = 1), top-1 label agreement of log q(z|x)
 neighbours (query = held-out image's posterior mean, bank = training posteriors; brute force
-:func:`latentsearch.posterior.log_prob_matrix`), the raw-pixel nearest-neighbour baseline on the same
-split, and encode throughput (median of several runs) vs a bare forward pass of the same network.
+:meth:`latentsearch.posterior.DiagonalGaussian.log_prob`), the raw-pixel nearest-neighbour baseline
+on the same split, and encode throughput (median of several runs) vs a bare forward pass of the same network.
 Writes ``<out>/model-<date>.json`` and ``.md``.
 """
 
@@ -33,7 +33,7 @@ from latentsearch.model.config import TrainConfig
 from latentsearch.model.device import configure_cpu_threads
 from latentsearch.model.loader import encode_batch, load_model
 from latentsearch.model.train import split_indices, train
-from latentsearch.posterior import log_prob_matrix
+from latentsearch.posterior import DiagonalGaussian
 
 log = logging.getLogger("bench.bench_model")
 
@@ -51,9 +51,10 @@ BENCH_TRAIN: dict[str, Any] = {
 
 
 def _top1(query_mu: np.ndarray, bank_mu: np.ndarray, bank_logvar: np.ndarray, chunk: int = 256) -> np.ndarray:
+    bank = DiagonalGaussian.from_logvar(bank_mu, bank_logvar)  # (N,)
     out = []
     for i in range(0, len(query_mu), chunk):
-        out.append(log_prob_matrix(query_mu[i : i + chunk], bank_mu, 0.5 * bank_logvar).argmax(1))
+        out.append(bank.log_prob(query_mu[i : i + chunk, None, :]).argmax(1))  # (chunk, N) -> (chunk,)
     return np.concatenate(out)
 
 

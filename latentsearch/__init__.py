@@ -2,8 +2,8 @@
 
 Layers, each importing only those before it (``tests/test_layers.py`` checks this):
 
-1. base: :mod:`latentsearch.errors`, :mod:`latentsearch.posterior` (the Gaussian type), the
-   generated gRPC stubs :mod:`latentsearch.v1`;
+1. base: :mod:`latentsearch.errors`, :mod:`latentsearch.posterior` (the Gaussian type),
+   :mod:`latentsearch.bank` (the catalogue type), the generated gRPC stubs :mod:`latentsearch.v1`;
 2. :mod:`latentsearch.data` (dataset readers, generated garments and banks) and
    :mod:`latentsearch.model` (the VAE, training, checkpoints, users' own models);
 3. :mod:`latentsearch.engine` (exact and approximate search);
@@ -19,6 +19,7 @@ The base names load eagerly; the engine and the client load on first use (PEP 56
 from __future__ import annotations
 
 from latentsearch._lazy import lazy_exports
+from latentsearch.bank import PosteriorBank
 from latentsearch.errors import (
     CorruptIndexError,
     DeadlineExceededError,
@@ -26,7 +27,10 @@ from latentsearch.errors import (
     InvalidArgumentError,
     LatentSearchError,
     NotFoundError,
+    PermissionDeniedError,
+    RemoteError,
     ResourceExhaustedError,
+    UnauthenticatedError,
     UnavailableError,
 )
 from latentsearch.posterior import LOG_2PI, DiagonalGaussian
@@ -35,7 +39,6 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "EngineConfig": "latentsearch.engine",
-    "PosteriorBank": "latentsearch.engine",
     "SearchEngine": "latentsearch.engine",
     "SearchResult": "latentsearch.engine",
     "LatentSearchClient": "latentsearch.client",
@@ -52,10 +55,13 @@ __all__ = [
     "LatentSearchClient",
     "LatentSearchError",
     "NotFoundError",
+    "PermissionDeniedError",
     "PosteriorBank",
+    "RemoteError",
     "ResourceExhaustedError",
     "SearchEngine",
     "SearchResult",
+    "UnauthenticatedError",
     "UnavailableError",
     "__version__",
 ]

@@ -1,7 +1,14 @@
-"""A blocking Python client returning plain Python / numpy results."""
+"""A blocking Python client returning plain Python / numpy results.
+
+A failed call raises the project's error for its status code (:func:`error_from_rpc`):
+``InvalidArgumentError`` for INVALID_ARGUMENT, ``NotFoundError`` for NOT_FOUND, ``UnavailableError``
+when the server cannot be reached, and so on, each with the code in ``grpc_code``, the request field
+in ``field`` and the ``grpc.RpcError`` as ``__cause__``.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -11,18 +18,21 @@ from typing import Any
 import grpc
 import numpy as np
 
+from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, error_for_status
+from latentsearch.posterior import DiagonalGaussian
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.wire import mode_enum, mode_name
 
-__all__ = ["DecodedImage", "Hit", "ItemPosterior", "LatentSearchClient", "Posterior", "SearchAnswer"]
-
-_MODE = {
-    None: pb.MODE_UNSPECIFIED,
-    "auto": pb.MODE_UNSPECIFIED,
-    "exact": pb.MODE_EXACT,
-    "approx": pb.MODE_APPROX,
-}
-_MODE_NAME = {pb.MODE_UNSPECIFIED: "auto", pb.MODE_EXACT: "exact", pb.MODE_APPROX: "approx"}
+__all__ = [
+    "DecodedImage",
+    "Encoding",
+    "Hit",
+    "ItemPosterior",
+    "LatentSearchClient",
+    "SearchAnswer",
+    "error_from_rpc",
+]
 
 
 @dataclass(frozen=True)
@@ -53,9 +63,10 @@ class SearchAnswer:
 
 
 @dataclass(frozen=True)
-class Posterior:
-    mean: np.ndarray
-    sigma: np.ndarray
+class Encoding:
+    """What Encode returns: the served model's posterior of one item and that model's hash."""
+
+    posterior: DiagonalGaussian  # (d,) float64: .mean, .std, .log_prob(z), ...
     model_hash: str
 
 
@@ -135,24 +146,24 @@ class LatentSearchClient:
         mode: str | None = None,
     ) -> SearchAnswer:
         req = pb.NearestToDistributionRequest(
-            mean=_floats(mean), sigma=_floats(sigma), k=k, labels=list(labels or ()), mode=_MODE[mode]
+            mean=_floats(mean), sigma=_floats(sigma), k=k, labels=list(labels or ()), mode=mode_enum(mode)
         )
         resp = self._call(self.stub.NearestToDistribution, req)
         hits = [
             Hit(n.rank, n.id, n.expected_log_likelihood, n.label if n.HasField("label") else None, n.kl)
             for n in resp.neighbors
         ]
-        return SearchAnswer(hits, resp.index_version, _MODE_NAME[resp.mode], resp.certified)
+        return SearchAnswer(hits, resp.index_version, mode_name(resp.mode), resp.certified)
 
-    def encode(self, image: Any) -> Posterior:
-        """Posterior of one item: uint8 arrays go as raw bytes, anything else as float values."""
+    def encode(self, image: Any) -> Encoding:
+        """Posterior q(z|x) of one item: uint8 arrays go as raw bytes, anything else as float values."""
         arr = np.asarray(image)
         if arr.dtype == np.uint8:
             req = pb.EncodeRequest(shape=list(arr.shape), raw=arr.tobytes())
         else:
             req = pb.EncodeRequest(shape=list(arr.shape), values=arr.astype(np.float32).ravel().tolist())
         resp = self._call(self.stub.Encode, req)
-        return Posterior(np.array(resp.mean), np.array(resp.sigma), resp.model_hash)
+        return Encoding(DiagonalGaussian.from_std(np.array(resp.mean), np.array(resp.sigma)), resp.model_hash)
 
     def decode(self, z: Any) -> DecodedImage:
         resp = self._call(self.stub.Decode, pb.DecodeRequest(z=_floats(z)))
@@ -170,8 +181,6 @@ class LatentSearchClient:
         )
 
     def info(self) -> dict[str, Any]:
-        import json
-
         resp = self._call(self.stub.Info, pb.InfoRequest())
         return {
             "index_version": resp.index_version,
@@ -183,7 +192,30 @@ class LatentSearchClient:
         }
 
     def _call(self, method: Any, request: Any) -> Any:
-        return method(request, timeout=self.timeout, metadata=self._metadata)
+        try:
+            return method(request, timeout=self.timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise error_from_rpc(exc) from exc
+
+
+def error_from_rpc(exc: grpc.RpcError) -> LatentSearchError:
+    """The project error for a failed call, blocking or ``grpc.aio``: what
+    :func:`latentsearch.errors.error_for_status` makes of its status code, details and the field
+    named in its trailing metadata. Raise it ``from exc``."""
+    status = _called(exc, "code")
+    field = None
+    for key, value in _called(exc, "trailing_metadata") or ():
+        if key == FIELD_METADATA_KEY:
+            field = value.decode() if isinstance(value, bytes) else str(value)
+    return error_for_status(
+        "UNKNOWN" if status is None else status.name, _called(exc, "details") or str(exc), field=field
+    )
+
+
+def _called(exc: grpc.RpcError, name: str) -> Any:
+    """``exc.<name>()``, or ``None`` for an RpcError that is no call (grpc.Call's methods)."""
+    method = getattr(exc, name, None)
+    return method() if callable(method) else None
 
 
 def _floats(values: Any) -> list[float]:
@@ -191,11 +223,11 @@ def _floats(values: Any) -> list[float]:
 
 
 def _nearest_request(z: Any, k: int, labels: Iterable[int] | None, mode: str | None) -> pb.NearestRequest:
-    return pb.NearestRequest(z=_floats(z), k=k, labels=list(labels or ()), mode=_MODE[mode])
+    return pb.NearestRequest(z=_floats(z), k=k, labels=list(labels or ()), mode=mode_enum(mode))
 
 
 def _answer(resp: pb.NearestResponse) -> SearchAnswer:
     hits = [
         Hit(n.rank, n.id, n.log_likelihood, n.label if n.HasField("label") else None) for n in resp.neighbors
     ]
-    return SearchAnswer(hits, resp.index_version, _MODE_NAME[resp.mode], resp.certified)
+    return SearchAnswer(hits, resp.index_version, mode_name(resp.mode), resp.certified)

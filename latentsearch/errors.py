@@ -3,19 +3,31 @@
 Every error latentsearch raises on purpose derives from :class:`LatentSearchError`. Each subclass
 names the gRPC status code the server boundary translates it to (``grpc_code``), so library code
 never imports grpc. Errors raised because a library failed are re-raised with ``from exc``.
+
+The way back is here too: :func:`error_for_status` turns a failed call's status code name, details
+and field into the matching error (what the client raises), so the mapping between the tree and the
+status codes lives in this one module. A failed call carries :func:`status_details`
+(``"<field>: <message>"``) and, when there is a field, the field alone in its trailing metadata
+under :data:`FIELD_METADATA_KEY`.
 """
 
 from __future__ import annotations
 
 __all__ = [
+    "FIELD_METADATA_KEY",
     "CorruptIndexError",
     "DeadlineExceededError",
     "FailedPreconditionError",
     "InvalidArgumentError",
     "LatentSearchError",
     "NotFoundError",
+    "PermissionDeniedError",
+    "RemoteError",
     "ResourceExhaustedError",
+    "UnauthenticatedError",
     "UnavailableError",
+    "error_for_status",
+    "status_details",
 ]
 
 
@@ -26,6 +38,7 @@ class LatentSearchError(Exception):
     gRPC details can point at it.
     """
 
+    # The status code name this error travels as (grpc.StatusCode member names).
     grpc_code = "UNKNOWN"
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
@@ -78,3 +91,66 @@ class DeadlineExceededError(LatentSearchError):
     """The caller's deadline passed before its request was computed."""
 
     grpc_code = "DEADLINE_EXCEEDED"
+
+
+class UnauthenticatedError(LatentSearchError):
+    """Missing or invalid credentials (the bearer token)."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(LatentSearchError):
+    """Valid credentials that do not allow the call."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class RemoteError(LatentSearchError):
+    """A failed call whose status code has no class of its own (``INTERNAL``, ``UNIMPLEMENTED``, ...).
+
+    ``grpc_code`` holds the call's status code name.
+    """
+
+    def __init__(self, message: str, *, code: str = "UNKNOWN", field: str | None = None) -> None:
+        super().__init__(message, field=field)
+        self.grpc_code = code
+
+
+# Status code name -> the class it comes back as; CorruptIndexError travels as its base class.
+_BY_CODE: dict[str, type[LatentSearchError]] = {
+    cls.grpc_code: cls
+    for cls in (
+        InvalidArgumentError,
+        NotFoundError,
+        FailedPreconditionError,
+        UnavailableError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnauthenticatedError,
+        PermissionDeniedError,
+    )
+}
+# Trailing metadata key of a failed call's field (a request field path: "z", "queries[3].z", ...).
+FIELD_METADATA_KEY = "latentsearch-field"
+
+
+def status_details(exc: LatentSearchError) -> str:
+    """The status details ``exc`` travels with: ``"<field>: <message>"``, or the message alone."""
+    return f"{exc.field}: {exc.message}" if exc.field else exc.message
+
+
+def error_for_status(code: str, details: str, *, field: str | None = None) -> LatentSearchError:
+    """The error of a failed call: status ``code`` (a name such as ``"NOT_FOUND"``), its ``details``
+    and the ``field`` its trailing metadata named (``None``: none).
+
+    The class is the one whose ``grpc_code`` is ``code``, else :class:`RemoteError` holding it.
+    Details written by :func:`status_details` lose their ``"<field>: "`` prefix again, so a
+    server's error comes back with its class, field and message; other details (e.g. grpc's own
+    "failed to connect ...") are the message as they are.
+    """
+    prefix = f"{field}: " if field else None
+    message = details[len(prefix) :] if prefix and details.startswith(prefix) else details
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        return RemoteError(message, code=code, field=field)
+    return cls(message, field=field)

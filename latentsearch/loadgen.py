@@ -35,9 +35,10 @@ import grpc
 import numpy as np
 from grpc import aio
 
-from latentsearch.errors import InvalidArgumentError, NotFoundError, UnavailableError
+from latentsearch.errors import InvalidArgumentError, NotFoundError, error_for_status
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
+from latentsearch.wire import mode_enum
 
 __all__ = [
     "FAMILIES",
@@ -55,12 +56,6 @@ FAMILIES = ("box", "prior", "data")
 PERCENTILES = (10, 25, 50, 75, 90, 95, 99)
 HISTOGRAM_BUCKETS = 10
 DEFAULT_TOTAL = 200  # ghz's default when neither a duration nor a count is given
-_MODES = {
-    None: pb.MODE_UNSPECIFIED,
-    "auto": pb.MODE_UNSPECIFIED,
-    "exact": pb.MODE_EXACT,
-    "approx": pb.MODE_APPROX,
-}
 # grpc-go's names of the status codes (what ghz's statusCodeDistribution uses).
 _GO_CODE_NAMES = {
     "OK": "OK",
@@ -124,8 +119,7 @@ class LoadConfig:
             raise InvalidArgumentError("total must be >= 1", field="total")
         if self.rps is not None and not self.rps > 0:
             raise InvalidArgumentError("rps must be > 0", field="rps")
-        if self.mode not in _MODES:
-            raise InvalidArgumentError(f"mode must be exact, approx or auto, got {self.mode!r}", field="mode")
+        mode_enum(self.mode)  # raises InvalidArgumentError(field="mode") for an unknown mode
         unknown = set(self.families) - set(FAMILIES)
         if not self.families or unknown:
             raise InvalidArgumentError(
@@ -337,7 +331,7 @@ def _request_pool(config: LoadConfig, dim: int) -> list[pb.NearestRequest]:
         else:
             assert config.data is not None
             zs[rows] = config.data[np.arange(len(rows)) % len(config.data)]
-    mode = _MODES[config.mode]
+    mode = mode_enum(config.mode)
     return [pb.NearestRequest(z=z.tolist(), k=config.k, mode=mode, labels=list(config.labels)) for z in zs]
 
 
@@ -360,11 +354,9 @@ async def run_load(config: LoadConfig) -> LoadReport:
         if dim is None:
             try:
                 info = await stub.Info(pb.InfoRequest(), timeout=config.timeout, metadata=metadata)
-            except aio.AioRpcError as exc:
-                raise UnavailableError(
-                    f"cannot ask {config.target} for its latent dim: {exc.code().name}: {exc.details()}",
-                    field="target",
-                ) from exc
+            except aio.AioRpcError as exc:  # the error of its status code, e.g. UnavailableError
+                message = f"cannot ask {config.target} for its latent dim: {exc.details()}"
+                raise error_for_status(exc.code().name, message, field="target") from exc
             dim = int(info.latent_dim)
         pool = _request_pool(config, dim)
         latencies: list[int] = []
@@ -415,7 +407,7 @@ async def run_load(config: LoadConfig) -> LoadReport:
         data_rows=0 if config.data is None else len(config.data),
     )
     report = LoadReport(
-        date=dt.datetime.now(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z"),
         total_ns=total_ns,
         latencies_ns=np.asarray(latencies, dtype=np.int64),
         status_codes=codes,

@@ -21,21 +21,32 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
+from PIL import Image
 
-if TYPE_CHECKING:
-    from latentsearch.client import Hit, SearchAnswer
-    from latentsearch.server.app import LatentSearchServer, ServerConfig
+from latentsearch.client import DecodedImage, Hit, LatentSearchClient, SearchAnswer
+from latentsearch.data.garments import GARMENT_CLASSES, NOTICE, garment_dataset
+from latentsearch.data.readers import open_dataset
+from latentsearch.engine.engine import SearchEngine
+from latentsearch.errors import InvalidArgumentError, LatentSearchError
+from latentsearch.indexer import IndexJobConfig, IndexRoot, JobResult, run_index_job
+from latentsearch.model.checkpoint import CONFIG_FILE, is_checkpoint_dir
+from latentsearch.model.config import TrainConfig
+from latentsearch.model.loader import load_model
+from latentsearch.model.train import train
+from latentsearch.server.app import LatentSearchServer, ServerConfig
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -78,8 +89,6 @@ class QuickstartConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        from latentsearch.errors import InvalidArgumentError
-
         object.__setattr__(self, "out", Path(self.out))
         if self.items is not None and self.items < self.held_out + 20:
             raise InvalidArgumentError(f"items must be >= {self.held_out + 20}", field="items")
@@ -112,119 +121,28 @@ class QuickstartResult:
 # -- the job ------------------------------------------------------------------------------------
 def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
     """Run the whole pipeline (see the module docstring) and print what it does."""
-    from latentsearch.client import LatentSearchClient
-    from latentsearch.indexer import IndexJobConfig, IndexRoot, run_index_job
-    from latentsearch.server.app import ServerConfig
-
     started = time.perf_counter()
     timings: dict[str, float] = {}
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-
-    # -- data -----------------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    data = _prepare_data(config)
-    timings["data"] = time.perf_counter() - t0
-
-    # -- model ----------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    with _timed(timings, "data"):
+        data = _prepare_data(config)
     model_dir = out / "model"
-    reused = _train_or_reuse(config, data.items_file, model_dir)
-    timings["train"] = time.perf_counter() - t0
-
-    # -- index ----------------------------------------------------------------------------------
-    t0 = time.perf_counter()
+    with _timed(timings, "train"):
+        reused = _train_or_reuse(config, data.items_file, model_dir)
     index_root = out / "index"
-    job = run_index_job(
-        IndexJobConfig(
-            out=index_root,
-            model=str(model_dir),
-            data=str(data.items_file),
-            device="auto",
-            keep=3,
-            progress=config.progress,
-        )
-    )
-    timings["index"] = time.perf_counter() - t0
-    print(f"index: {job.summary()}")
-    print(f"       root {index_root} (versions: {', '.join(IndexRoot(index_root).versions())})")
+    with _timed(timings, "index"):
+        job = _publish_index(config, data.items_file, model_dir, index_root)
+    _print_index(job, index_root)
     # The published engine, for the brute-force check and the nearest-mu contrast.
     engine = IndexRoot(index_root).load(job.version)
-
-    # -- serve and query --------------------------------------------------------------------------
-    t0 = time.perf_counter()
-    server_config = ServerConfig(
-        index=index_root, model=model_dir, host="127.0.0.1", port=config.port, reload_interval=0.0
-    )
-    k = config.k
-    rng = np.random.default_rng(config.seed)
-    z = rng.uniform(-2.0, 2.0, size=engine.dim)
-    with _InProcessServer(server_config) as port:
-        print(f"\nserver: listening on 127.0.0.1:{port} (in-process)")
-        with LatentSearchClient(f"127.0.0.1:{port}") as client:
-            info = client.info()
-            print(
-                f"Info: version {info['index_version']}, {info['item_count']} items, "
-                f"d = {info['latent_dim']}, model {info['model_hash'][:12]}"
-            )
-            found = client.nearest(z, k, mode="exact")
-            reference = engine.brute_force(z[None, :], k)[0]
-            same = found.ids == list(reference.ids) and np.allclose(
-                found.scores, reference.scores, rtol=1e-12, atol=0.0
-            )
-            mu = np.asarray(engine.bank.mu, dtype=np.float64)
-            nearest_mu = np.argsort(((mu - z) ** 2).sum(1), kind="stable")[:k]
-            overlap = len(set(nearest_mu.tolist()) & set(np.asarray(reference.rows).tolist()))
-            print()
-            print(
-                _table(
-                    "Nearest: slider point z = " + np.array2string(z, precision=2, separator=","),
-                    found,
-                    data.names,
-                    {
-                        "identical to the float64 brute force over the index": same,
-                        "nearest-mu (Euclidean) search agrees on": f"{overlap} of {k}",
-                    },
-                )
-            )
-            held_rows: list[SearchAnswer] = []
-            for i, item in enumerate(data.held_items):
-                post = client.encode(item)
-                by_point = client.nearest(post.mean, k)
-                by_dist = client.nearest_to_distribution(post.mean, post.sigma, k)
-                held_rows.append(by_dist)
-                label = _label_name(data.held_labels[i], data.names)
-                print()
-                title = f"Nearest: held-out item {data.held_ids[i]} ({label}), z = its posterior mean"
-                print(_table(title + " (Encode)", by_point, data.names))
-                print(
-                    _table(
-                        "NearestToDistribution: same item, its whole posterior (expected log-likelihood, KL)",
-                        by_dist,
-                        data.names,
-                    )
-                )
-            decoded = client.decode(z)
-    timings["serve+query"] = time.perf_counter() - t0
-    closed = _port_closed(port)
-    print(f"\nserver: stopped (port {port} {'closed' if closed else 'STILL OPEN'})")
-
-    # -- pictures -----------------------------------------------------------------------------------
-    grid = out / "neighbours.png"
-    items = _load_items(data.items_file)
-    row_of = {item_id: r for r, item_id in enumerate(items["ids"])}
-    rows = [[decoded.values, *[items["x"][row_of[h.id]] for h in found.hits]]]
-    for item, answer in zip(data.held_items, held_rows, strict=True):
-        rows.append([item, *[items["x"][row_of[h.id]] for h in answer.hits]])
-    size = write_grid(grid, rows)
-    decoded_png = out / "decoded.png"
-    decoded_png.write_bytes(decoded.png)
+    with _timed(timings, "serve+query"):
+        answers = _serve_and_query(config, data, engine, index_root, model_dir)
+    closed = _port_closed(answers.port)
+    print(f"\nserver: stopped (port {answers.port} {'closed' if closed else 'STILL OPEN'})")
+    grid, decoded_png, size = _write_pictures(out, data, answers)
     seconds = time.perf_counter() - started
-    print(f"picture: {grid} ({size[0]}x{size[1]}; row 1: decoded z, then its {k} nearest items;")
-    print(f"         then each held-out item and its {k} nearest by posterior); server PNG {decoded_png}")
-    print(f"outputs: model {model_dir}, index {index_root} (version {job.version}), data {data.items_file}")
-    print(f"done in {seconds:.0f} s ({', '.join(f'{n} {s:.1f} s' for n, s in timings.items())})")
-    return QuickstartResult(
+    result = QuickstartResult(
         out=out,
         items_file=data.items_file,
         model_dir=model_dir,
@@ -233,29 +151,38 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         index_version=job.version,
         grid_png=grid,
         decoded_png=decoded_png,
-        port=port,
-        slider_z=z,
-        slider_hits=list(found.hits),
-        matches_brute_force=bool(same),
+        port=answers.port,
+        slider_z=answers.z,
+        slider_hits=list(answers.slider.hits),
+        matches_brute_force=answers.matches_brute_force,
         seconds=seconds,
         timings=timings,
     )
+    _print_report(result, size, config.k)
+    return result
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], step: str) -> Iterator[None]:
+    """Record the seconds the block takes as ``timings[step]``."""
+    t0 = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t0
 
 
 @dataclass(frozen=True)
 class _Data:
+    """The indexed items (written to ``items_file``) and the held-out ones, queried by posterior."""
+
     items_file: Path
-    names: list[str] | None
-    held_items: np.ndarray
+    names: list[str] | None  # class names by label
+    held_items: np.ndarray  # (held_out, *item_shape), in the dataset's dtype
     held_labels: list[int | None]
     held_ids: list[str]
 
 
 def _prepare_data(config: QuickstartConfig) -> _Data:
     """Pick the items, hold a few out, write the rest to ``OUT/data/items.npz`` (when changed)."""
-    from latentsearch.data.garments import GARMENT_CLASSES, NOTICE, garment_dataset
-    from latentsearch.data.readers import open_dataset
-
     if config.data:
         dataset = open_dataset(config.data)
         n = len(dataset) if config.items is None else min(config.items, len(dataset))
@@ -268,8 +195,6 @@ def _prepare_data(config: QuickstartConfig) -> _Data:
         names = GARMENT_CLASSES
         print(f"data: {n} generated items of shape {dataset.item_shape}")
     if n < config.held_out + 20:
-        from latentsearch.errors import InvalidArgumentError
-
         raise InvalidArgumentError(f"{n} items are too few for the quickstart", field="items")
     x = dataset.read(0, n)
     labels = None if dataset.labels is None else np.asarray(dataset.labels[:n], dtype=np.int64)
@@ -314,9 +239,7 @@ def _load_items(path: Path) -> dict[str, np.ndarray]:
         return {"x": z["x"], "ids": z["ids"].astype(str)}
 
 
-def _train_settings(config: QuickstartConfig) -> Any:
-    from latentsearch.model.config import TrainConfig
-
+def _train_settings(config: QuickstartConfig) -> TrainConfig:
     return TrainConfig(
         epochs=config.epochs, time_limit_s=config.time_limit_s, seed=config.seed, progress=config.progress
     )
@@ -328,12 +251,6 @@ def _comparable(training: dict[str, Any]) -> dict[str, Any]:
 
 def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path) -> bool:
     """Train into ``model_dir``, unless the model there matches settings and data. True when reused."""
-    from latentsearch.data.readers import open_dataset
-    from latentsearch.errors import LatentSearchError
-    from latentsearch.model.checkpoint import CONFIG_FILE, is_checkpoint_dir
-    from latentsearch.model.loader import load_model
-    from latentsearch.model.train import train
-
     dataset = open_dataset(items_file)
     settings = _train_settings(config)
     if is_checkpoint_dir(model_dir):
@@ -358,6 +275,145 @@ def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path)
     return False
 
 
+def _publish_index(
+    config: QuickstartConfig, items_file: Path, model_dir: Path, index_root: Path
+) -> JobResult:
+    """Encode the items with the model and publish a new version into ``index_root``."""
+    return run_index_job(
+        IndexJobConfig(
+            out=index_root,
+            model=str(model_dir),
+            data=str(items_file),
+            device="auto",
+            keep=3,
+            progress=config.progress,
+        )
+    )
+
+
+def _print_index(job: JobResult, index_root: Path) -> None:
+    print(f"index: {job.summary()}")
+    print(f"       root {index_root} (versions: {', '.join(IndexRoot(index_root).versions())})")
+
+
+@dataclass(frozen=True)
+class _Answers:
+    """What the queries through the client returned."""
+
+    port: int
+    z: np.ndarray  # (d,) the slider point
+    slider: SearchAnswer  # Nearest for z
+    matches_brute_force: bool  # slider == the engine's float64 brute force
+    held_out: list[SearchAnswer]  # NearestToDistribution per held-out item
+    decoded: DecodedImage  # Decode of z
+
+
+def _serve_and_query(
+    config: QuickstartConfig, data: _Data, engine: SearchEngine, index_root: Path, model_dir: Path
+) -> _Answers:
+    """Start the server in-process, make every query through the client, print them, stop it."""
+    server_config = ServerConfig(
+        index=index_root, model=model_dir, host="127.0.0.1", port=config.port, reload_interval=0.0
+    )
+    rng = np.random.default_rng(config.seed)
+    z = rng.uniform(-2.0, 2.0, size=engine.dim)
+    with _InProcessServer(server_config) as port:
+        print(f"\nserver: listening on 127.0.0.1:{port} (in-process)")
+        with LatentSearchClient(f"127.0.0.1:{port}") as client:
+            info = client.info()
+            print(
+                f"Info: version {info['index_version']}, {info['item_count']} items, "
+                f"d = {info['latent_dim']}, model {info['model_hash'][:12]}"
+            )
+            slider, same = _query_slider(client, engine, z, config.k, data.names)
+            held_out = _query_held_out(client, data, config.k)
+            decoded = client.decode(z)
+    return _Answers(port, z, slider, same, held_out, decoded)
+
+
+def _query_slider(
+    client: LatentSearchClient, engine: SearchEngine, z: np.ndarray, k: int, names: list[str] | None
+) -> tuple[SearchAnswer, bool]:
+    """Nearest for ``z (d,)``, checked against the brute force and contrasted with nearest-mu; printed.
+
+    Returns the answer and whether it is identical to the engine's float64 brute force.
+    """
+    found = client.nearest(z, k, mode="exact")
+    reference = engine.brute_force(z[None, :], k)[0]
+    same = found.ids == list(reference.ids) and np.allclose(
+        found.scores, reference.scores, rtol=1e-12, atol=0.0
+    )
+    mu = np.asarray(engine.bank.mu, dtype=np.float64)  # (N, d)
+    nearest_mu = np.argsort(((mu - z) ** 2).sum(1), kind="stable")[:k]
+    overlap = len(set(nearest_mu.tolist()) & set(np.asarray(reference.rows).tolist()))
+    print()
+    print(
+        _table(
+            "Nearest: slider point z = " + np.array2string(z, precision=2, separator=","),
+            found,
+            names,
+            {
+                "identical to the float64 brute force over the index": same,
+                "nearest-mu (Euclidean) search agrees on": f"{overlap} of {k}",
+            },
+        )
+    )
+    return found, bool(same)
+
+
+def _query_held_out(client: LatentSearchClient, data: _Data, k: int) -> list[SearchAnswer]:
+    """Encode each held-out item, then Nearest (its mean) and NearestToDistribution; printed.
+
+    Returns the NearestToDistribution answers, one per held-out item.
+    """
+    answers: list[SearchAnswer] = []
+    for i, item in enumerate(data.held_items):
+        post = client.encode(item).posterior  # (d,) q(z|x) of the item
+        by_point = client.nearest(post.mean, k)
+        by_dist = client.nearest_to_distribution(post.mean, post.std, k)
+        answers.append(by_dist)
+        label = _label_name(data.held_labels[i], data.names)
+        print()
+        title = f"Nearest: held-out item {data.held_ids[i]} ({label}), z = its posterior mean"
+        print(_table(title + " (Encode)", by_point, data.names))
+        print(
+            _table(
+                "NearestToDistribution: same item, its whole posterior (expected log-likelihood, KL)",
+                by_dist,
+                data.names,
+            )
+        )
+    return answers
+
+
+def _write_pictures(out: Path, data: _Data, answers: _Answers) -> tuple[Path, Path, tuple[int, int]]:
+    """``OUT/neighbours.png`` (the slider and each held-out item, then their neighbours) and
+    ``OUT/decoded.png`` (the server's PNG); returns both paths and the grid's (width, height)."""
+    grid = out / "neighbours.png"
+    items = _load_items(data.items_file)
+    row_of = {item_id: r for r, item_id in enumerate(items["ids"])}
+    rows = [[answers.decoded.values, *[items["x"][row_of[h.id]] for h in answers.slider.hits]]]
+    for item, answer in zip(data.held_items, answers.held_out, strict=True):
+        rows.append([item, *[items["x"][row_of[h.id]] for h in answer.hits]])
+    size = write_grid(grid, rows)
+    decoded_png = out / "decoded.png"
+    decoded_png.write_bytes(answers.decoded.png)
+    return grid, decoded_png, size
+
+
+def _print_report(result: QuickstartResult, size: tuple[int, int], k: int) -> None:
+    """Say where the outputs are and how long each step took."""
+    grid, decoded_png = result.grid_png, result.decoded_png
+    print(f"picture: {grid} ({size[0]}x{size[1]}; row 1: decoded z, then its {k} nearest items;")
+    print(f"         then each held-out item and its {k} nearest by posterior); server PNG {decoded_png}")
+    print(
+        f"outputs: model {result.model_dir}, index {result.index_root} (version {result.index_version}), "
+        f"data {result.items_file}"
+    )
+    timings = ", ".join(f"{n} {s:.1f} s" for n, s in result.timings.items())
+    print(f"done in {result.seconds:.0f} s ({timings})")
+
+
 # -- the in-process server ------------------------------------------------------------------------
 class _InProcessServer:
     """A :class:`LatentSearchServer` on its own event loop in a background thread.
@@ -373,8 +429,6 @@ class _InProcessServer:
         self.server: LatentSearchServer | None = None
 
     def __enter__(self) -> int:
-        from latentsearch.server.app import LatentSearchServer
-
         self.thread.start()
         self.server = LatentSearchServer(self.config)
         try:
@@ -448,8 +502,6 @@ def write_grid(path: Path, rows: list[list[Any]], *, scale: int = 4, gap: int = 
     Every tile has the same shape (grayscale ``(H, W)``/``(H, W, 1)`` or RGB); float tiles in
     [0, 1] are scaled to 0..255. Short rows are padded with black tiles.
     """
-    from PIL import Image
-
     tiles = [[_to_uint8(t) for t in row] for row in rows]
     h, w = tiles[0][0].shape[:2]
     extra = tiles[0][0].shape[2:]

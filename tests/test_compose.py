@@ -19,8 +19,6 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.server_fixtures import make_engine, publish, start_server  # noqa: F401 - fixture
-
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = ROOT / "proto" / "latentsearch" / "v1" / "latentsearch.proto"
 VOLUME_MOUNT = "/srv/latentsearch"
@@ -175,7 +173,7 @@ def test_ghz_config() -> None:
     assert len(request.z) == 10 and request.k == 10
 
 
-def test_healthcheck_script_against_a_server(tmp_path: Path, start_server) -> None:  # noqa: F811
+def test_healthcheck_script_against_a_server(tmp_path: Path, start_server, make_engine, publish) -> None:
     script = ROOT / "deploy" / "healthcheck.py"
     health = runpy.run_path(str(script))
     srv = start_server(index=tmp_path / "idx")  # empty root: NOT_SERVING until a version exists

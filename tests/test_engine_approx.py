@@ -3,36 +3,19 @@ tiny-sigma outliers on the exact path, label filter."""
 
 from __future__ import annotations
 
+import gc
 import math
 
 import numpy as np
 import pytest
+from reference import expected_log_q, log_q, top_k
 
 from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, PosteriorBank, SearchEngine
 
-LOG_2PI_REF = math.log(2.0 * math.pi)
 N_SYNTH, D, NLIST, K = 20_000, 10, 64, 10
 OUTLIER_ROWS = np.arange(N_SYNTH, N_SYNTH + 5)
 OUTLIER_LABEL = 3
-
-
-def ref_scores(z: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
-    """(B, N) float64 log q(z_b | x_n) from the ranking rule, chunked over queries."""
-    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
-    sigma = np.exp(log_sigma)
-    penalty = np.log(sigma).sum(-1) + mu.shape[1] / 2 * LOG_2PI_REF
-    out = np.empty((z.shape[0], mu.shape[0]))
-    step = max(1, 2_000_000 // mu.size)
-    for s in range(0, z.shape[0], step):
-        u = (z[s : s + step, None, :] - mu[None]) / sigma[None]
-        out[s : s + step] = -0.5 * (u**2).sum(-1) - penalty
-    return out
-
-
-def ref_topk(scores_row: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-    rows = np.arange(scores_row.size) if allowed is None else np.flatnonzero(allowed)
-    return rows[np.lexsort((rows, -scores_row[rows]))][:k]
 
 
 @pytest.fixture(scope="module")
@@ -54,12 +37,12 @@ def setup():
     )
     queries = query_families((bank.mu, bank.log_sigma), 60, seed=21)
     z = np.concatenate(list(queries.values()))  # box, prior, posterior: 180 queries
-    return engine, mu, log_sigma, labels, z, ref_scores(z, mu, log_sigma)
+    return engine, mu, log_sigma, labels, z, log_q(z, mu, log_sigma)
 
 
 def recall(results, ref, allowed=None) -> float:
     hits = [
-        len(set(r.rows.tolist()) & set(ref_topk(ref[b], K, allowed).tolist())) for b, r in enumerate(results)
+        len(set(r.rows.tolist()) & set(top_k(ref[b], K, allowed).tolist())) for b, r in enumerate(results)
     ]
     return float(np.mean(hits)) / K
 
@@ -98,7 +81,7 @@ def test_approx_full_probe_recall_is_one(setup):
     engine, *_, z, ref = setup
     results = engine.search_batch(z, K, mode="approx", nprobe=NLIST)
     for b, res in enumerate(results):
-        np.testing.assert_array_equal(res.rows, ref_topk(ref[b], K))
+        np.testing.assert_array_equal(res.rows, top_k(ref[b], K))
     # nprobe above nlist is clamped, not an error
     again = engine.search_batch(z[:5], K, mode="approx", nprobe=10 * NLIST)
     for b, res in enumerate(again):
@@ -110,9 +93,9 @@ def test_tiny_sigma_outliers_found_in_approx_mode(setup):
     assert (engine.approx.list_of_row[OUTLIER_ROWS] == -1).all(), "outliers should stay on the exact path"
     assert engine.approx.exact_groups
     z = mu[OUTLIER_ROWS]  # each query sits on one outlier's mean: that outlier is the true top-1
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     for b, res in enumerate(engine.search_batch(z, K, mode="approx", nprobe=1)):
-        want = ref_topk(ref[b], K)
+        want = top_k(ref[b], K)
         assert want[0] == OUTLIER_ROWS[b]  # sanity of the construction
         assert res.rows[0] == OUTLIER_ROWS[b]
         # the other outliers (ranked next, a few sigma away) are found too
@@ -130,13 +113,38 @@ def test_approx_label_filter(setup, wanted):
         assert len(res) == K
         assert set(res.labels.tolist()) <= set(wanted)
         assert np.isin(labels[res.rows], wanted).all()
-        np.testing.assert_array_equal(res.rows, ref_topk(ref[sub[i]], K, allowed))
+        np.testing.assert_array_equal(res.rows, top_k(ref[sub[i]], K, allowed))
     # fewer partitions: still k results (the probed partitions may hold none of the label: the probe
     # must widen, not return short), only the wanted labels, exact scores
     for i, res in enumerate(engine.search_batch(z, K, mode="approx", labels=wanted, nprobe=1)):
         assert len(res) == K, f"query {i}: approx label filter returned {len(res)} < k results"
         assert np.isin(labels[res.rows], wanted).all()
         np.testing.assert_allclose(res.scores, ref[i, res.rows], rtol=1e-12, atol=1e-9)
+
+
+def test_partition_filters_follow_their_selections(setup):
+    """Per-filter partition counts are right, computed once, and dropped with the selection."""
+    engine, _, _, labels, z, ref = setup
+    ap = engine.approx
+    wanted = [1, 4]
+    sel = engine._selection(wanted)
+    assert sel is not None
+    found = ap._partitions_of(sel)
+    assert ap._partitions_of(sel) is found
+    allowed = np.isin(labels, wanted)
+    want = [int((allowed & (ap.list_of_row == p)).sum()) for p in range(ap.nlist)]
+    np.testing.assert_array_equal(found.counts, want)
+    has = [found.lists.selector.is_member(p) for p in range(ap.nlist)]
+    np.testing.assert_array_equal(has, np.array(want) > 0)
+    # Many distinct filters: the engine keeps a bounded cache of selections, and the approximate
+    # index's per-selection state goes with them.
+    label_sets = [[a, b] for a in range(10) for b in range(a + 1, 10)][:40]
+    for ws in label_sets:
+        res = engine.search(z[0], K, mode="exact", labels=ws)  # branch and bound over the partitions
+        np.testing.assert_array_equal(res.rows, top_k(ref[0], K, np.isin(labels, ws)))
+    del sel, found
+    gc.collect()
+    assert len(ap._filters) <= len(engine._selections) < len(label_sets)
 
 
 def test_approx_filter_on_label_smaller_than_k(setup):
@@ -150,18 +158,16 @@ def test_approx_filter_on_label_smaller_than_k(setup):
     allowed = labels2 == 99
     for i, res in enumerate(eng.search_batch(z[:6], K, mode="approx", labels=[99], nprobe=1)):
         assert len(res) == 5
-        np.testing.assert_array_equal(res.rows, ref_topk(ref[i], K, allowed))
+        np.testing.assert_array_equal(res.rows, top_k(ref[i], K, allowed))
 
 
 def test_approx_distribution_query_scores_exact(setup):
     engine, mu, log_sigma, _, z, _ = setup
     mean, std = z[:4], np.full((4, D), 0.1)
-    sigma = np.exp(log_sigma)
     results = engine.search_distribution_batch(mean, std, K, mode="approx", nprobe=NLIST)
     for b, res in enumerate(results):
-        expected = -0.5 * ((((mean[b] - mu) ** 2 + std[b] ** 2) / sigma**2).sum(-1)) - np.log(sigma).sum(-1)
-        expected -= D / 2 * LOG_2PI_REF
-        np.testing.assert_array_equal(res.rows, ref_topk(expected, K))
+        expected = expected_log_q(mean[b], std[b], mu, log_sigma)[0]
+        np.testing.assert_array_equal(res.rows, top_k(expected, K))
         np.testing.assert_allclose(res.scores, expected[res.rows], rtol=1e-12, atol=1e-9)
 
 
@@ -177,7 +183,7 @@ def test_approx_certify_flag_is_sound(setup):
     results = cert.search_batch(z, K, mode="approx", nprobe=NLIST)
     for b, res in enumerate(results):
         if res.certified:
-            np.testing.assert_array_equal(res.rows, ref_topk(ref[b], K))
+            np.testing.assert_array_equal(res.rows, top_k(ref[b], K))
     # all partitions probed: only the dropped-candidate bound remains, so most are certified
     # (measured: 180/180)
     assert sum(r.certified for r in results) >= len(results) // 2

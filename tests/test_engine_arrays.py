@@ -1,22 +1,20 @@
 """``SearchEngine.search_batch_arrays`` (the server's path) and the BLAS-batched FAISS screens.
 
-Every answer is checked against the per-query API and against an independent float64 brute force
-(``tests.test_engine_exact.ref_scores``).
+Every answer is checked against the per-query API and against the independent float64 ground truth
+(tests/reference.py).
 """
 
 from __future__ import annotations
 
-import math
-
 import faiss
 import numpy as np
 import pytest
+from reference import SIGMA_REGIMES, kl_to, log_q, make_bank, top_k
 
 from latentsearch.data.banks import vae_like_posteriors
 from latentsearch.engine import BatchResult, EngineConfig, SearchEngine
 from latentsearch.engine import exact as exact_mod
 from latentsearch.engine.engine import BLAS_MIN_QUERIES
-from tests.test_engine_exact import SIGMA_REGIMES, make_bank, ref_scores, ref_topk
 
 
 @pytest.fixture(scope="module")
@@ -61,9 +59,9 @@ def test_arrays_pad_past_the_selected_items(labelled: SearchEngine) -> None:
     subset = int((labelled.bank.labels == 1).sum())
     batch = labelled.search_batch_arrays(z, 1000, mode="exact", labels=[1])
     assert batch.rows.shape == (3, 1000) and batch.counts.tolist() == [subset] * 3
-    ref = ref_scores(z, labelled.bank.mu, labelled.bank.log_sigma)
+    ref = log_q(z, labelled.bank.mu, labelled.bank.log_sigma)
     for b in range(3):
-        want = ref_topk(ref[b], 1000, allowed=labelled.bank.labels == 1)
+        want = top_k(ref[b], 1000, allowed=labelled.bank.labels == 1)
         np.testing.assert_array_equal(batch.rows[b, :subset], want)
 
 
@@ -72,12 +70,10 @@ def test_distribution_arrays_carry_kl(labelled: SearchEngine) -> None:
     mean, std = rng.normal(size=(4, 6)), rng.uniform(0.1, 1.0, size=(4, 6))
     batch = labelled._search_arrays(mean, std, 7, "exact", None, None)
     _assert_same(batch, labelled.search_distribution_batch(mean, std, 7, mode="exact"), "exact")
-    # KL(N(m, s^2) || q) from its closed form, by hand, for the best item of query 0.
-    row = int(batch.rows[0, 0])
-    mu, sigma = labelled.bank.mu[row], np.exp(labelled.bank.log_sigma[row])
-    kl = np.sum(np.log(sigma / std[0]) + (std[0] ** 2 + (mean[0] - mu) ** 2) / (2 * sigma**2) - 0.5)
+    # KL(N(m, s^2) || q) from its closed form, for every returned item.
+    kl = kl_to(mean, std, labelled.bank.mu, labelled.bank.log_sigma)  # (4, N)
     assert batch.kl is not None
-    assert math.isclose(batch.kl[0, 0], kl, rel_tol=1e-9, abs_tol=1e-9)
+    np.testing.assert_allclose(batch.kl, np.take_along_axis(kl, batch.rows, axis=1), rtol=1e-9, atol=1e-9)
 
 
 def test_faiss_batches_use_blas() -> None:
@@ -92,11 +88,11 @@ def test_blas_batched_exact_screen_matches_brute_force(regime: str) -> None:
     mu, log_sigma = make_bank(n, d, regime, rng)
     engine = SearchEngine.build(mu, log_sigma=log_sigma, config=EngineConfig(num_threads=1))
     z = np.concatenate([rng.uniform(-5, 5, size=(BLAS_MIN_QUERIES + 10, d)), mu[rng.integers(0, n, 10)]])
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     batch = engine.search_batch_arrays(z, k, mode="exact")
     assert batch.certified.all()
     for b in range(z.shape[0]):
-        want = ref_topk(ref[b], k)
+        want = top_k(ref[b], k)
         np.testing.assert_array_equal(batch.rows[b], want)
         np.testing.assert_allclose(batch.scores[b], ref[b][want], rtol=1e-12, atol=1e-9)
 
@@ -130,13 +126,13 @@ def test_dense_screen_matches_brute_force(monkeypatch, regime: str, k: int) -> N
     engine = SearchEngine.build(mu, log_sigma=log_sigma, config=EngineConfig(num_threads=1))
     tiniest = int(np.argmin(log_sigma.sum(1)))
     z = np.concatenate([rng.uniform(-5, 5, size=(30, d)), mu[rng.integers(0, n, 10)], mu[[tiniest]]])
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     batches = [engine.search_batch_arrays(z, k, mode="exact"), engine.search_batch_arrays(z[:1], k)]
     assert any(c > 0 for c in calls), "the dense screen was not used"
     for batch, queries in zip(batches, (range(z.shape[0]), [0]), strict=True):
         assert batch.certified.all()
         for b in queries:
-            want = ref_topk(ref[b], k)
+            want = top_k(ref[b], k)
             np.testing.assert_array_equal(batch.rows[b], want)
             np.testing.assert_allclose(batch.scores[b], ref[b][want], rtol=1e-12, atol=1e-9)
 
@@ -153,9 +149,9 @@ def test_dense_screen_hands_flat_scores_to_faiss(monkeypatch) -> None:
     z = np.zeros((2, 3))
     batch = engine.search_batch_arrays(z, 10, mode="exact")
     assert -1 in calls
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     for b in range(2):
-        np.testing.assert_array_equal(batch.rows[b], ref_topk(ref[b], 10))
+        np.testing.assert_array_equal(batch.rows[b], top_k(ref[b], 10))
 
 
 @pytest.mark.parametrize("nq", [1, 30])
@@ -174,6 +170,6 @@ def test_dense_screen_at_its_default_block(monkeypatch, nq: int) -> None:
     else:
         batch = engine.search_batch_arrays(z, 10, mode="exact")
     assert calls and all(c >= 26 for c in calls)  # k + max(k, extra=16) candidates at least
-    ref = ref_scores(z, bank.mu, bank.log_sigma)
+    ref = log_q(z, bank.mu, bank.log_sigma)
     for b in range(z.shape[0]):
-        np.testing.assert_array_equal(batch.rows[b], ref_topk(ref[b], 10))
+        np.testing.assert_array_equal(batch.rows[b], top_k(ref[b], 10))

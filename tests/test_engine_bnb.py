@@ -1,43 +1,20 @@
 """Exact mode over the partitions (branch and bound) and the partition upper bounds it relies on.
 
-References are independent float64 numpy brute forces written here, ties broken by row.
+References are the independent float64 numpy brute forces of tests/reference.py, ties broken by row.
 """
 
 from __future__ import annotations
-
-import math
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from reference import expected_log_q, log_q, top_k
 
 from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
-
-LOG_2PI = math.log(2 * math.pi)
-
-
-def reference(z: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
-    """``(B, N)`` float64 log q(z|x)."""
-    sigma = np.exp(log_sigma)
-    diff = (z[:, None, :] - mu[None]) / sigma[None]
-    return -0.5 * (diff**2).sum(-1) - np.log(sigma).sum(-1)[None] - 0.5 * mu.shape[1] * LOG_2PI
-
-
-def reference_expected(m: np.ndarray, s: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
-    var = np.exp(2 * log_sigma)
-    quad = (((m[:, None, :] - mu[None]) ** 2 + (s**2)[:, None, :]) / var[None]).sum(-1)
-    return -0.5 * quad - log_sigma.sum(-1)[None] - 0.5 * mu.shape[1] * LOG_2PI
-
-
-def top_rows(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[np.ndarray]:
-    out = []
-    for row in scores:
-        rows = np.arange(row.size) if allowed is None else np.flatnonzero(allowed)
-        order = np.lexsort((rows, -row[rows]))[:k]
-        out.append(rows[order])
-    return out
+from latentsearch.engine.approx import ApproxQuery
+from latentsearch.engine.lifting import lift_distributions, lift_points
 
 
 @pytest.fixture(scope="module")
@@ -68,12 +45,12 @@ def test_partition_exact_equals_brute_force(bank, engine: SearchEngine, k: int) 
     mu, log_sigma, _ = bank
     assert engine.approx is not None and engine.config.exact_strategy == "partitions"
     for family, z in queries(bank).items():
-        want = top_rows(reference(z, mu, log_sigma), k)
+        want = top_k(log_q(z, mu, log_sigma), k)
         got = engine.search_batch(z, k, mode="exact")
         for b, res in enumerate(got):
             assert res.certified
             np.testing.assert_array_equal(res.rows, want[b], err_msg=f"{family} query {b}")
-            ref = reference(z[b : b + 1], mu[res.rows], log_sigma[res.rows])[0]
+            ref = log_q(z[b : b + 1], mu[res.rows], log_sigma[res.rows])[0]
             np.testing.assert_allclose(res.scores, ref, rtol=1e-12, atol=1e-9)
 
 
@@ -81,7 +58,7 @@ def test_partition_exact_with_label_filter(bank, engine: SearchEngine) -> None:
     mu, log_sigma, labels = bank
     allowed = np.isin(labels, [2, 7])
     for z in queries(bank).values():
-        want = top_rows(reference(z, mu, log_sigma), 12, allowed)
+        want = top_k(log_q(z, mu, log_sigma), 12, allowed)
         for b, res in enumerate(engine.search_batch(z, 12, mode="exact", labels=[2, 7])):
             np.testing.assert_array_equal(res.rows, want[b])
             assert set(res.labels.tolist()) <= {2, 7}
@@ -91,7 +68,7 @@ def test_partition_exact_distribution_queries(bank, engine: SearchEngine) -> Non
     mu, log_sigma, _ = bank
     rows = np.arange(40, 48)
     m, s = mu[rows] + 0.05, np.exp(log_sigma[rows]) * 1.3
-    want = top_rows(reference_expected(m, s, mu, log_sigma), 9)
+    want = top_k(expected_log_q(m, s, mu, log_sigma), 9)
     for b, res in enumerate(engine.search_distribution_batch(m, s, 9, mode="exact")):
         np.testing.assert_array_equal(res.rows, want[b])
 
@@ -107,7 +84,7 @@ def test_fallback_when_the_scan_keeps_too_few_candidates(bank) -> None:
         build_approx=True,
     )
     for z in queries(bank, 8).values():
-        want = top_rows(reference(z, mu[:5000], log_sigma[:5000]), 1)
+        want = top_k(log_q(z, mu[:5000], log_sigma[:5000]), 1)
         for b, res in enumerate(small.search_batch(z, 1, mode="exact")):
             np.testing.assert_array_equal(res.rows, want[b])
 
@@ -136,7 +113,7 @@ def test_approx_certified_flag_is_truthful(bank) -> None:
         build_approx=True,
     )
     z = np.concatenate(list(queries(bank).values()))
-    want = top_rows(reference(z, mu, log_sigma), 10)
+    want = top_k(log_q(z, mu, log_sigma), 10)
     results = eng.search_batch(z, 10, mode="approx")
     certified = [b for b, r in enumerate(results) if r.certified]
     assert certified, "expected some approximate answers to be provably exact"
@@ -164,7 +141,7 @@ def test_partition_bounds_dominate_every_member(n, d, nlist, spread, distributio
     assert ap is not None
     z = np.concatenate([rng.uniform(-5, 5, size=(4, d)), mu[rng.integers(0, n, 4)] + 0.01])
     std = np.abs(rng.normal(0.2, 0.1, size=z.shape)) if distribution else None
-    truth = reference_expected(z, std, mu, log_sigma) if distribution else reference(z, mu, log_sigma)
+    truth = expected_log_q(z, std, mu, log_sigma) if distribution else log_q(z, mu, log_sigma)
     best = np.full((z.shape[0], ap.nlist), -np.inf)
     inside = ap.list_of_row >= 0
     for b in range(z.shape[0]):
@@ -173,10 +150,12 @@ def test_partition_bounds_dominate_every_member(n, d, nlist, spread, distributio
     assert np.all(ap.upper_bounds(z, std) >= best - tol)
     # The three-stage bound used by exact search: with threshold -inf every non-empty partition
     # comes back, with a bound at least its best member's score.
-    from latentsearch.engine.lifting import lift_distributions, lift_points
-
     q = lift_points(z) if std is None else lift_distributions(z, std)
+    query = ApproxQuery(
+        points=z, std=std, lifted=q, rescore=lambda qi, rows: np.take_along_axis(truth[qi], rows, 1)
+    )
     scanned = np.zeros((z.shape[0], ap.nlist), dtype=bool)
-    qi, part, ub = ap._needed(z, std, q, np.full(z.shape[0], -np.inf), scanned, ap.list_sizes)
+    needed = ap._needed(query, np.full(z.shape[0], -np.inf), scanned)
+    qi, part, ub = needed.query, needed.partition, needed.bound
     assert qi.size == z.shape[0] * int((ap.list_sizes > 0).sum())
     assert np.all(ub >= best[qi, part] - tol[qi, part])

@@ -1,6 +1,7 @@
 """Exact mode of the search engine against an independent float64 numpy brute force.
 
-The reference below is written from the ranking rule alone and shares no code with the engine:
+The reference (tests/reference.py) is written from the ranking rule alone and shares no code with
+the engine:
 
     log q(z|x) = -1/2 sum(((z - mu) / sigma)^2) - sum(log sigma) - d/2 log(2 pi)
 
@@ -11,51 +12,26 @@ from __future__ import annotations
 
 import math
 
+import faiss
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import LOG_2PI, SIGMA_REGIMES, expected_log_q, kl_to, log_q, make_bank, top_k
 
-from latentsearch.engine import EngineConfig, SearchEngine
+from latentsearch.engine import EngineConfig, ExactIndex, SearchEngine
+from latentsearch.engine.exact import BitmapFilter, Selection
 from latentsearch.errors import InvalidArgumentError, NotFoundError
-
-LOG_2PI_REF = math.log(2.0 * math.pi)
-
-
-# -- independent reference ----------------------------------------------------------------------
-def ref_scores(z: np.ndarray, mu: np.ndarray, log_sigma: np.ndarray) -> np.ndarray:
-    """(B, N) float64 log q(z_b | x_n), chunked over queries to bound memory."""
-    z = np.atleast_2d(np.asarray(z, dtype=np.float64))
-    mu = np.asarray(mu, dtype=np.float64)
-    sigma = np.exp(np.asarray(log_sigma, dtype=np.float64))
-    d = mu.shape[1]
-    out = np.empty((z.shape[0], mu.shape[0]))
-    step = max(1, 2_000_000 // max(1, mu.size))
-    for s in range(0, z.shape[0], step):
-        u = (z[s : s + step, None, :] - mu[None]) / sigma[None]
-        out[s : s + step] = -0.5 * (u**2).sum(-1) - np.log(sigma).sum(-1) - d / 2 * LOG_2PI_REF
-    return out
-
-
-def ref_topk(scores_row: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
-    """Rows of the top-k of one query's (N,) scores: score descending, ties by ascending row."""
-    rows = np.arange(scores_row.size) if allowed is None else np.flatnonzero(allowed)
-    s = scores_row[rows]
-    order = np.lexsort((rows, -s))
-    return rows[order][:k]
 
 
 def assert_matches_reference(result, scores_row, k, allowed=None):
-    want = ref_topk(scores_row, k, allowed)
+    want = top_k(scores_row, k, allowed)
     np.testing.assert_array_equal(result.rows, want, err_msg="top-k rows/order differ from brute force")
     np.testing.assert_allclose(result.scores, scores_row[want], rtol=1e-12, atol=1e-9)
     assert result.ids == [str(r) for r in want]
 
 
 # -- hypothesis-driven equivalence --------------------------------------------------------------
-SIGMA_REGIMES = ("moderate", "loguniform", "tiny", "mixed", "collapsed")
-
-
 @st.composite
 def banks(draw):
     n = draw(st.one_of(st.integers(1, 40), st.integers(1, 3000)))
@@ -64,25 +40,6 @@ def banks(draw):
     regime = draw(st.sampled_from(SIGMA_REGIMES))
     seed = draw(st.integers(0, 2**32 - 1))
     return n, d, k, regime, seed
-
-
-def make_bank(n, d, regime, rng):
-    mu = rng.uniform(-4.0, 4.0, size=(n, d))
-    if regime == "moderate":
-        log_sigma = rng.uniform(math.log(0.05), math.log(2.0), size=(n, d))
-    elif regime == "loguniform":
-        log_sigma = rng.uniform(math.log(1e-4), math.log(1e2), size=(n, d))
-    elif regime == "tiny":
-        log_sigma = rng.uniform(math.log(1e-4), math.log(1e-3), size=(n, d))
-    elif regime == "mixed":  # per-item scale: some tiny-sigma items, some huge, in one bank
-        scale = rng.choice([1e-4, 1e-2, 1.0, 1e2], size=(n, 1))
-        log_sigma = np.log(scale) + rng.uniform(-0.3, 0.3, size=(n, d))
-    else:  # collapsed dims: sigma ~ 1, mu ~ 0 on the trailing half; small sigma on the rest
-        log_sigma = rng.uniform(math.log(1e-3), math.log(0.4), size=(n, d))
-        c = np.arange(d // 2, d)
-        mu[:, c] = 0.03 * rng.standard_normal((n, c.size))
-        log_sigma[:, c] = np.log(rng.uniform(0.9, 1.02, size=(n, c.size)))
-    return mu, log_sigma
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -97,7 +54,7 @@ def test_exact_matches_brute_force(params):
     at_mu = rng.integers(0, n, size=2)
     tiniest = int(np.argmin(log_sigma.sum(1)))
     z = np.concatenate([rng.uniform(-5.0, 5.0, size=(2, d)), mu[at_mu], mu[tiniest : tiniest + 1]], axis=0)
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     results = engine.search_batch(z, k, mode="exact")
     assert len(results) == z.shape[0]
     for b, res in enumerate(results):
@@ -118,7 +75,7 @@ def test_k_above_bank_size_returns_whole_bank_sorted():
     res = engine.search(z, 50)
     assert len(res) == 7
     assert sorted(res.rows.tolist()) == list(range(7))
-    assert_matches_reference(res, ref_scores(z, mu, log_sigma)[0], 50)
+    assert_matches_reference(res, log_q(z, mu, log_sigma)[0], 50)
 
 
 def test_brute_force_method_matches_reference():
@@ -126,7 +83,7 @@ def test_brute_force_method_matches_reference():
     mu, log_sigma = make_bank(300, 5, "loguniform", rng)
     engine = SearchEngine.build(mu, log_sigma=log_sigma)
     z = rng.uniform(-5, 5, size=(3, 5))
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     for b, res in enumerate(engine.brute_force(z, 12)):
         assert_matches_reference(res, ref[b], 12)
 
@@ -138,7 +95,7 @@ def test_parameterisations_agree(param):
     value = {"log_sigma": log_sigma, "logvar": 2 * log_sigma, "sigma": np.exp(log_sigma)}[param]
     engine = SearchEngine.build(mu, **{param: value})
     z = rng.uniform(-5, 5, size=4)
-    assert_matches_reference(engine.search(z, 10), ref_scores(z, mu, log_sigma)[0], 10)
+    assert_matches_reference(engine.search(z, 10), log_q(z, mu, log_sigma)[0], 10)
 
 
 # -- float32 cancellation -----------------------------------------------------------------------
@@ -151,8 +108,8 @@ def test_naive_float32_lifted_inner_product_fails_where_engine_is_exact():
     mu = 3.0 + sigma * rng.standard_normal((n, d))  # near-duplicates, ~1 sigma apart
     log_sigma = np.full((n, d), math.log(sigma))
     queries = mu[:20]  # each query sits exactly on an item's mean: that item is the true top-1
-    ref = ref_scores(queries, mu, log_sigma)
-    truth = np.array([ref_topk(r, 1)[0] for r in ref])
+    ref = log_q(queries, mu, log_sigma)
+    truth = np.array([top_k(r, 1)[0] for r in ref])
     np.testing.assert_array_equal(truth, np.arange(20))  # sanity: the construction is as intended
 
     # naive float32 lifted scores, written here independently of the engine's lifting module
@@ -161,7 +118,7 @@ def test_naive_float32_lifted_inner_product_fails_where_engine_is_exact():
         [
             -0.5 * inv_var,
             mu * inv_var,
-            (-0.5 * (mu**2 * inv_var).sum(1) - log_sigma.sum(1) - d / 2 * LOG_2PI_REF)[:, None],
+            (-0.5 * (mu**2 * inv_var).sum(1) - log_sigma.sum(1) - d / 2 * LOG_2PI)[:, None],
         ],
         axis=1,
     ).astype(np.float32)
@@ -190,7 +147,7 @@ def test_ties_broken_by_ascending_row_across_k_boundary():
     log_sigma[[300, 3]] = math.log(0.1)
     engine = SearchEngine.build(mu, log_sigma=log_sigma)
     z = np.array([0.5, -0.5, 0.25])
-    ref = ref_scores(z, mu, log_sigma)[0]
+    ref = log_q(z, mu, log_sigma)[0]
     assert len(set(ref[copies].tolist())) == 1  # the reference sees exact ties
     sorted_copies = np.sort(copies)
     for k in (1, 3, 7, 8, 9):
@@ -230,7 +187,7 @@ def test_label_filter_equals_restricted_brute_force(labelled, wanted):
     engine, mu, log_sigma, labels = labelled
     rng = np.random.default_rng(7)
     z = np.concatenate([rng.uniform(-5, 5, size=(3, 4)), mu[:2]])
-    ref = ref_scores(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     allowed = np.isin(labels, wanted)
     for b, res in enumerate(engine.search_batch(z, 15, labels=wanted, mode="exact")):
         assert set(res.labels.tolist()) <= set(wanted)
@@ -248,7 +205,7 @@ def test_label_filter_k_larger_than_subset(labelled):
     res = engine.search(z, subset.size + 100, labels=[2])
     assert len(res) == subset.size
     np.testing.assert_array_equal(np.sort(res.rows), subset)
-    assert_matches_reference(res, ref_scores(z, mu, log_sigma)[0], subset.size + 100, labels == 2)
+    assert_matches_reference(res, log_q(z, mu, log_sigma)[0], subset.size + 100, labels == 2)
 
 
 def test_label_filter_errors(labelled):
@@ -320,20 +277,6 @@ def test_result_iteration_gives_neighbors():
 
 
 # -- distribution queries -----------------------------------------------------------------------
-def ref_expected(mean, std, mu, log_sigma):
-    """(N,) E_{z ~ N(mean, std^2)} log q(z|x) by hand."""
-    sigma = np.exp(log_sigma)
-    d = mu.shape[1]
-    quad = (((mean - mu) ** 2 + std**2) / sigma**2).sum(-1)
-    return -0.5 * quad - np.log(sigma).sum(-1) - d / 2 * LOG_2PI_REF
-
-
-def ref_kl(mean, std, mu, log_sigma):
-    """(N,) KL(N(mean, std^2) || N(mu, sigma^2)) by the closed form, per item."""
-    sigma = np.exp(log_sigma)
-    return (np.log(sigma / std) + (std**2 + (mean - mu) ** 2) / (2 * sigma**2) - 0.5).sum(-1)
-
-
 @pytest.fixture(scope="module")
 def dist_bank():
     rng = np.random.default_rng(11)
@@ -347,12 +290,12 @@ def test_search_distribution_ranks_by_expected_log_prob(dist_bank, seed):
     rng = np.random.default_rng(100 + seed)
     mean = rng.uniform(-4, 4, size=6)
     std = np.exp(rng.uniform(math.log(1e-3), math.log(3.0), size=6))
-    expected = ref_expected(mean, std, mu, log_sigma)
+    expected = expected_log_q(mean, std, mu, log_sigma)[0]
     res = engine.search_distribution(mean, std, 20, mode="exact")
     assert res.certified is True
     assert_matches_reference(res, expected, 20)
     # KL ranks identically (entropy of the query is constant) and matches the closed form
-    kl = ref_kl(mean, std, mu, log_sigma)
+    kl = kl_to(mean, std, mu, log_sigma)[0]
     assert res.kl is not None
     np.testing.assert_allclose(res.kl, kl[res.rows], rtol=1e-10, atol=1e-9)
     np.testing.assert_array_equal(res.rows, np.lexsort((np.arange(kl.size), kl))[:20])
@@ -365,8 +308,8 @@ def test_search_distribution_batch_matches_single(dist_bank):
     std = rng.uniform(0.05, 1.0, size=(3, 6))
     batch = engine.search_distribution_batch(mean, std, 7)
     for b, res in enumerate(batch):
-        assert_matches_reference(res, ref_expected(mean[b], std[b], mu, log_sigma), 7)
-        np.testing.assert_allclose(res.kl, ref_kl(mean[b], std[b], mu, log_sigma)[res.rows], rtol=1e-10)
+        assert_matches_reference(res, expected_log_q(mean[b], std[b], mu, log_sigma)[0], 7)
+        np.testing.assert_allclose(res.kl, kl_to(mean[b], std[b], mu, log_sigma)[0, res.rows], rtol=1e-10)
 
 
 def test_zero_std_equals_point_search(dist_bank):
@@ -378,7 +321,7 @@ def test_zero_std_equals_point_search(dist_bank):
     # same quantity, evaluated as (diff^2 + 0) / sigma^2 vs (diff / sigma)^2: equal to an ulp or so
     np.testing.assert_allclose(dist.scores, point.scores, rtol=1e-14, atol=0)
     assert dist.kl is None  # KL to a point mass is undefined
-    assert_matches_reference(dist, ref_scores(z, mu, log_sigma)[0], 25)
+    assert_matches_reference(dist, log_q(z, mu, log_sigma)[0], 25)
 
 
 def test_expected_log_prob_against_monte_carlo():
@@ -389,7 +332,39 @@ def test_expected_log_prob_against_monte_carlo():
     mean, std = np.array([0.0, -0.5, 1.5]), np.array([0.4, 0.7, 0.2])
     res = engine.search_distribution(mean, std, 2)
     samples = mean + std * rng.standard_normal((200_000, 3))
-    mc = ref_scores(samples, mu, log_sigma)  # (S, 2)
+    mc = log_q(samples, mu, log_sigma)  # (S, 2)
     for i, row in enumerate(res.rows):
         est, se = mc[:, row].mean(), mc[:, row].std() / math.sqrt(mc.shape[0])
         assert abs(res.scores[i] - est) < 5 * se + 1e-3, (row, res.scores[i], est, se)
+
+
+# -- label-filter selectors -----------------------------------------------------------------------
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 1000])
+def test_bitmap_filter_selects_exactly_the_mask(n):
+    mask = np.random.default_rng(n).random(n) < 0.3
+    subset = BitmapFilter.from_mask(mask)
+    assert subset.count == int(mask.sum())
+    members = np.array([subset.selector.is_member(i) for i in range(n + 16)])
+    np.testing.assert_array_equal(members[:n], mask)
+    assert not members[n:].any()  # the last byte's padding bits and ids past it
+    index = faiss.IndexFlatIP(1)  # every item scores 1: FAISS returns all the selected ones
+    index.add(np.ones((n, 1), dtype=np.float32))
+    _, ids = index.search(np.ones((1, 1), dtype=np.float32), n, params=subset.params)
+    assert sorted(ids[ids >= 0].tolist()) == np.flatnonzero(mask).tolist()
+
+
+def test_selection_selectors_address_bank_rows_and_local_ids():
+    rng = np.random.default_rng(5)
+    mu = rng.normal(size=(300, 2))
+    log_sigma = np.where(rng.random((300, 1)) < 0.2, math.log(1e-4), math.log(0.5)) + np.zeros((1, 2))
+    exact = ExactIndex.build(mu, log_sigma)
+    assert len(exact.groups) >= 2
+    mask = rng.random(300) < 0.4
+    sel = Selection(mask, exact.groups)
+    assert sel.count == int(mask.sum())
+    np.testing.assert_array_equal([sel.rows.selector.is_member(i) for i in range(300)], mask)
+    for gi, group in enumerate(exact.groups):
+        local = sel.group(gi)
+        assert local.count == int(mask[group.rows].sum())
+        members = [local.selector.is_member(i) for i in range(len(group))]
+        np.testing.assert_array_equal(members, mask[group.rows])

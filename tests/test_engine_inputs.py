@@ -6,19 +6,17 @@ import math
 
 import numpy as np
 import pytest
+from reference import log_q, top_k
 
 from latentsearch.engine import EngineConfig, SearchEngine
 from latentsearch.errors import InvalidArgumentError, LatentSearchError
 
 D = 3
-LOG_2PI_REF = math.log(2.0 * math.pi)
 
 
 def ref_top(z, mu, log_sigma, k):
-    sigma = np.exp(log_sigma)
-    s = -0.5 * (((z - mu) / sigma) ** 2).sum(-1) - np.log(sigma).sum(-1) - mu.shape[1] / 2 * LOG_2PI_REF
-    rows = np.arange(mu.shape[0])
-    return rows[np.lexsort((rows, -s))][:k]
+    """Rows of the float64 reference's top ``k`` for one point ``z (d,)``."""
+    return top_k(log_q(z, mu, log_sigma)[0], k)
 
 
 @pytest.fixture(scope="module")

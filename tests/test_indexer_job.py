@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from reference import log_q, top_k
 
 from latentsearch.cli import main
 from latentsearch.data.readers import open_dataset
@@ -19,12 +20,10 @@ from latentsearch.indexer.encode import encode_dataset
 from latentsearch.model.checkpoint import save_checkpoint
 from latentsearch.model.loader import encode_batch, load_model
 from latentsearch.model.vae import build_vae
-from latentsearch.posterior import log_prob_matrix
-from tests.model_fixtures import write_idx
 
 
 @pytest.fixture(scope="module")
-def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+def model_and_data(tmp_path_factory: pytest.TempPathFactory, write_idx) -> tuple[Path, Path]:
     tmp = tmp_path_factory.mktemp("model")
     torch.manual_seed(0)
     vae = build_vae(input_shape=(28, 28, 1), latent_dim=4, channels=(4, 8), hidden=32)
@@ -34,11 +33,6 @@ def model_and_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path
     write_idx(tmp / "train-images-idx3-ubyte", images)
     write_idx(tmp / "train-labels-idx1-ubyte", rng.integers(0, 10, size=200).astype(np.uint8))
     return tmp / "model", tmp / "train-images-idx3-ubyte"
-
-
-def _brute_top(mu: np.ndarray, log_sigma: np.ndarray, z: np.ndarray, k: int) -> np.ndarray:
-    scores = log_prob_matrix(z, mu, log_sigma)  # (B, N)
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k]
 
 
 def test_model_to_index_end_to_end(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
@@ -61,7 +55,7 @@ def test_model_to_index_end_to_end(model_and_data: tuple[Path, Path], tmp_path: 
     np.testing.assert_allclose(np.asarray(engine.bank.log_sigma), 0.5 * logvar.astype(np.float64), atol=1e-6)
     np.testing.assert_array_equal(engine.bank.labels, dataset.labels)
     z = np.random.default_rng(1).normal(size=(8, 4))
-    want = _brute_top(np.asarray(engine.bank.mu), np.asarray(engine.bank.log_sigma), z, 10)
+    want = top_k(log_q(z, engine.bank.mu, engine.bank.log_sigma), 10)
     got = np.stack([r.rows for r in engine.search_batch(z, 10, mode="exact")])
     np.testing.assert_array_equal(got, want)
     m = root.manifest(version)
@@ -127,7 +121,7 @@ def test_npz_publish_verify_rollback_retention(tmp_path: Path) -> None:
             mu, ls = z["mu"], 0.5 * z["logvar"]
         q = np.random.default_rng(i).normal(size=(4, 5))
         got = np.stack([r.rows for r in engine.search_batch(q, 7)])
-        np.testing.assert_array_equal(got, _brute_top(mu, ls, q, 7))
+        np.testing.assert_array_equal(got, top_k(log_q(q, mu, ls), 7))
     assert published == sorted(published)
     assert root.versions() == published[-3:]  # retention
     # Rollback (default: the previous one), then to an explicit version.
@@ -192,6 +186,8 @@ def test_cli_index_ls_verify_rollback(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "log_sigma.npy" in capsys.readouterr().out
     assert main(["index", "--posteriors", p, "--out", out, "--index-spec", "bogus=1"]) == 2
     assert "unknown key 'bogus'" in capsys.readouterr().err
+    assert main(["index", "--posteriors", p, "--out", out, "--index-spec", "approx_certify=maybe"]) == 2
+    assert "bad value for approx_certify: expected true or false" in capsys.readouterr().err
     assert main(["index", "--out", out]) == 2
 
 
@@ -240,7 +236,7 @@ def test_publish_engine_api(tmp_path: Path) -> None:
     v = root.publish_engine(engine, {"model_hash": "abc", "dataset_fingerprint": "fp"})
     assert root.current() == v and root.manifest(v)["model_hash"] == "abc"
     assert root.verify() == v
-    assert [(r.version, r.current, r.items) for r in root.list()] == [(v, True, 64)]
+    assert [(r.version, r.current, r.items) for r in root.version_infos()] == [(v, True, 64)]
     v2 = root.publish_engine(engine, keep=None)
     assert root.rollback() == v
     assert root.prune(1) == [] and root.versions() == [v, v2]  # newest + current survive

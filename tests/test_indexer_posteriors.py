@@ -1,4 +1,9 @@
-"""indexer.posteriors and indexer.config: npz validation (key + first bad row) and --index-spec."""
+"""indexer.posteriors and indexer.config: npz validation (key + first bad row) and --index-spec.
+
+The reader returns the one catalogue type, :class:`latentsearch.bank.PosteriorBank`, whose checks
+are the only validation of posterior values; these tests pin that the npz-specific reporting (the
+file, the key, the first bad row) survives on top of them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from reference import log_q
 
+from latentsearch.bank import PosteriorBank
 from latentsearch.engine import EngineConfig
 from latentsearch.errors import InvalidArgumentError, NotFoundError
 from latentsearch.indexer import (
@@ -65,6 +72,13 @@ def _bad_cases() -> list[tuple[str, dict[str, np.ndarray], str, str | None]]:
     a["log_sigma"][12, 1] = np.nan
     cases.append(("nan log_sigma", a, "log_sigma", "12"))
     a = _arrays()
+    a["log_sigma"] = 0.5 * a.pop("logvar")
+    a["log_sigma"][36, 2] = -400.0  # sigma underflows the lifted form
+    cases.append(("log_sigma out of range", a, "log_sigma", "36"))
+    a = _arrays()
+    a["logvar"] = a["logvar"].astype(str)
+    cases.append(("logvar not numeric", a, "logvar", None))
+    a = _arrays()
     a["ids"][44] = a["ids"][9]
     cases.append(("duplicate ids", a, "ids", "44"))
     a = _arrays()
@@ -107,8 +121,10 @@ def test_malformed_npz_is_rejected_and_nothing_published(
         run_index_job(IndexJobConfig(out=published_root, posteriors=str(path), progress=False))
     message = str(info.value)
     assert repr(key) in message, message
+    assert "bad.npz" in message, message
     if row is not None:
         assert f"row {row}" in message, message
+        assert info.value.field == key, message
     assert root.current() == before_current
     assert root.versions() == before_versions
     assert not [p for p in published_root.iterdir() if p.name.startswith((".tmp-", ".trash-"))]
@@ -118,11 +134,24 @@ def test_variants_of_scale_and_ids_are_equivalent(tmp_path: Path) -> None:
     a = _arrays()
     np.savez(tmp_path / "lv.npz", mu=a["mu"], logvar=a["logvar"], ids=np.arange(50) + 1000)
     np.savez(tmp_path / "sg.npz", mu=a["mu"], sigma=np.exp(0.5 * a["logvar"]))
+    mu32 = a["mu"].astype(np.float32)
+    np.savez(tmp_path / "ls.npz", mu=mu32, log_sigma=0.5 * a["logvar"], labels=a["labels"])
     lv = read_posteriors_npz(tmp_path / "lv.npz")
     sg = read_posteriors_npz(tmp_path / "sg.npz")
+    ls = read_posteriors_npz(tmp_path / "ls.npz")
+    assert all(isinstance(b, PosteriorBank) for b in (lv, sg, ls))
+    np.testing.assert_array_equal(lv.log_sigma, 0.5 * a["logvar"])  # logvar / 2 is exact
     np.testing.assert_allclose(lv.log_sigma, sg.log_sigma, rtol=1e-12)
+    np.testing.assert_array_equal(ls.log_sigma, lv.log_sigma)
     assert lv.ids is not None and lv.ids[0] == "1000" and sg.ids is None
-    assert lv.mu.dtype == np.float64 and lv.mu.shape == (50, 3)
+    assert lv.row_of("1049") == 49 and lv.labels is None
+    assert ls.labels is not None and ls.labels.dtype == np.int64
+    np.testing.assert_array_equal(ls.labels, a["labels"])
+    assert lv.mu.dtype == ls.mu.dtype == np.float64 and lv.mu.shape == (50, 3) and lv.mu.flags.c_contiguous
+    # The bank scores what the file holds: log q against the float64 reference.
+    z = np.random.default_rng(3).normal(size=(4, 3))
+    rows = np.tile(np.arange(50), (4, 1))
+    np.testing.assert_allclose(lv.log_prob_rows(z, rows), log_q(z, a["mu"], 0.5 * a["logvar"]), rtol=1e-12)
 
 
 def test_unreadable_and_missing_files(tmp_path: Path) -> None:

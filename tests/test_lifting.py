@@ -7,6 +7,7 @@ import math
 import faiss
 import numpy as np
 import pytest
+from reference import LOG_2PI, expected_log_q, log_q
 
 from latentsearch.engine.lifting import (
     error_coefficient,
@@ -14,22 +15,6 @@ from latentsearch.engine.lifting import (
     lift_items,
     lift_points,
 )
-
-LOG_2PI_REF = math.log(2.0 * math.pi)
-
-
-def ref_log_q(z, mu, log_sigma):
-    """(B, N) log q(z|x) straight from the ranking rule."""
-    sigma = np.exp(log_sigma)
-    u = (z[:, None, :] - mu[None]) / sigma[None]
-    return -0.5 * (u**2).sum(-1) - np.log(sigma).sum(-1) - mu.shape[1] / 2 * LOG_2PI_REF
-
-
-def ref_expected(mean, std, mu, log_sigma):
-    """(B, N) E_{z ~ N(mean, std^2)} log q(z|x) by hand."""
-    var = np.exp(2 * log_sigma)
-    quad = (((mean[:, None, :] - mu[None]) ** 2 + std[:, None, :] ** 2) / var[None]).sum(-1)
-    return -0.5 * quad - log_sigma.sum(-1) - mu.shape[1] / 2 * LOG_2PI_REF
 
 
 @pytest.mark.parametrize("d", [1, 2, 10, 64])
@@ -41,7 +26,7 @@ def test_lifted_identity_points(d):
     items, queries = lift_items(mu, log_sigma), lift_points(z)
     assert items.shape == (200, 2 * d + 1) and queries.shape == (20, 2 * d + 1)
     assert items.dtype == np.float64 and queries.dtype == np.float64
-    ref = ref_log_q(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     np.testing.assert_allclose(queries @ items.T, ref, rtol=1e-9, atol=1e-9)
 
 
@@ -50,7 +35,7 @@ def test_lifted_layout():
     log_sigma = np.log(np.array([[0.5, 2.0]]))
     x = lift_items(mu, log_sigma)[0]
     # [-1/(2 sigma^2), mu/sigma^2, c] with c = -sum mu^2/(2 sigma^2) - sum log sigma - log(2 pi)
-    c = -(1.0 / (2 * 0.25) + 4.0 / (2 * 4.0)) - 0.0 - LOG_2PI_REF
+    c = -(1.0 / (2 * 0.25) + 4.0 / (2 * 4.0)) - 0.0 - LOG_2PI
     np.testing.assert_allclose(x, [-2.0, -0.125, 4.0, -0.5, c], rtol=1e-15)
     np.testing.assert_array_equal(lift_points(np.array([[3.0, -1.0]]))[0], [9.0, 1.0, 3.0, -1.0, 1.0])
     np.testing.assert_array_equal(
@@ -66,7 +51,7 @@ def test_lifted_identity_distributions(d):
     mean = rng.uniform(-5, 5, size=(10, d))
     std = rng.uniform(0.0, 2.0, size=(10, d))
     got = lift_distributions(mean, std) @ lift_items(mu, log_sigma).T
-    np.testing.assert_allclose(got, ref_expected(mean, std, mu, log_sigma), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(got, expected_log_q(mean, std, mu, log_sigma), rtol=1e-9, atol=1e-9)
     # std = 0 is the point query
     np.testing.assert_array_equal(lift_distributions(mean, np.zeros_like(mean)), lift_points(mean))
 
@@ -88,7 +73,7 @@ def test_float32_error_bound_holds(regime):
         )
     z = np.concatenate([rng.uniform(-5, 5, size=(30, d)), mu[:30]])  # incl. z exactly at a mean
     x, q = lift_items(mu, log_sigma), lift_points(z)
-    ref = ref_log_q(z, mu, log_sigma)
+    ref = log_q(z, mu, log_sigma)
     bound = error_coefficient(2 * d + 1) * (np.abs(q) @ np.abs(x).T)
 
     blas = (q.astype(np.float32) @ x.astype(np.float32).T).astype(np.float64)

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 
 from latentsearch.cli import main
-from latentsearch.errors import InvalidArgumentError
+from latentsearch.errors import InvalidArgumentError, UnauthenticatedError, UnavailableError
 from latentsearch.loadgen import LoadConfig, check_target, load_queries, run_load_sync
-from tests.server_fixtures import DIM, make_engine, publish, start_server
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +34,7 @@ GHZ_KEYS = {
 
 
 @pytest.fixture
-def served(tmp_path: Path, start_server):
+def served(tmp_path: Path, start_server, make_engine, publish):
     publish(tmp_path / "idx", make_engine(2000, seed=3))
     return start_server(index=tmp_path / "idx", max_wait_ms=1.0)
 
@@ -88,6 +87,23 @@ def test_errors_are_counted_by_code(served) -> None:
     assert report.status_codes == {"InvalidArgument": 10}
     assert sum(report.errors.values()) == 10
     assert all(msg.startswith("rpc error: code = InvalidArgument desc = ") for msg in report.errors)
+
+
+def test_a_failed_info_raises_the_error_of_its_code(
+    tmp_path: Path, start_server, make_engine, publish
+) -> None:
+    publish(tmp_path / "idx", make_engine(40, seed=3))
+    srv = start_server(index=tmp_path / "idx", token="s3cret")
+    with pytest.raises(UnauthenticatedError) as err:  # the dim is asked of Info, which needs the token
+        run_load_sync(LoadConfig(target=srv.target, total=1, timeout=10))
+    assert err.value.field == "target" and err.value.message.startswith(f"cannot ask {srv.target} ")
+    assert run_load_sync(LoadConfig(target=srv.target, total=3, token="s3cret")).status_codes == {"OK": 3}
+    with pytest.raises(UnavailableError) as err:
+        run_load_sync(LoadConfig(target="127.0.0.1:1", total=1, timeout=10))
+    assert err.value.grpc_code == "UNAVAILABLE" and err.value.field == "target"
+    with pytest.raises(InvalidArgumentError) as err:
+        LoadConfig(target=srv.target, total=1, mode="fast")
+    assert err.value.field == "mode"
 
 
 @pytest.mark.parametrize("target", ["10.0.0.1:50051", "example.com:443", "0.0.0.0:1", "[2001:db8::1]:80"])

@@ -11,7 +11,6 @@ from PIL import Image
 from latentsearch.data.garments import GARMENT_CLASSES, garment_dataset, garment_images
 from latentsearch.data.readers import ArrayDataset, ImageFolderDataset, open_dataset, read_idx
 from latentsearch.errors import InvalidArgumentError, NotFoundError
-from tests.model_fixtures import fashion_mnist_dir, write_idx
 
 
 def _images(n: int = 10, h: int = 5, w: int = 4) -> np.ndarray:
@@ -19,7 +18,7 @@ def _images(n: int = 10, h: int = 5, w: int = 4) -> np.ndarray:
 
 
 @pytest.mark.parametrize("gz", [False, True])
-def test_idx_round_trip_with_labels(tmp_path, gz: bool) -> None:
+def test_idx_round_trip_with_labels(tmp_path, write_idx, gz: bool) -> None:
     x, y = _images(), np.arange(10, dtype=np.uint8) % 3
     suffix = ".gz" if gz else ""
     write_idx(tmp_path / f"train-images-idx3-ubyte{suffix}", x, gz=gz)
@@ -34,7 +33,7 @@ def test_idx_round_trip_with_labels(tmp_path, gz: bool) -> None:
         assert isinstance(read_idx(tmp_path / "train-images-idx3-ubyte"), np.memmap)
 
 
-def test_idx_float_big_endian_features(tmp_path) -> None:
+def test_idx_float_big_endian_features(tmp_path, write_idx) -> None:
     x = np.random.default_rng(1).standard_normal((7, 3)).astype(np.float32)
     write_idx(tmp_path / "feats.idx", x)
     ds = open_dataset(tmp_path / "feats.idx")
@@ -43,7 +42,7 @@ def test_idx_float_big_endian_features(tmp_path) -> None:
     assert ds.labels is None
 
 
-def test_iter_batches_streams_in_order(tmp_path) -> None:
+def test_iter_batches_streams_in_order(tmp_path, write_idx) -> None:
     x = _images(23)
     write_idx(tmp_path / "a-images-idx3-ubyte", x)
     ds = open_dataset(tmp_path / "a-images-idx3-ubyte")
@@ -54,7 +53,7 @@ def test_iter_batches_streams_in_order(tmp_path) -> None:
     assert list(ds.batch_ids(20, 30)) == ["20", "21", "22"]
 
 
-def test_corrupt_and_truncated_idx(tmp_path) -> None:
+def test_corrupt_and_truncated_idx(tmp_path, write_idx) -> None:
     x = _images()
     good = write_idx(tmp_path / "good-images-idx3-ubyte", x)
     raw = good.read_bytes()
@@ -75,7 +74,7 @@ def test_corrupt_and_truncated_idx(tmp_path) -> None:
         open_dataset(tmp_path / "missing.npy")
 
 
-def test_label_count_mismatch(tmp_path) -> None:
+def test_label_count_mismatch(tmp_path, write_idx) -> None:
     write_idx(tmp_path / "t-images-idx3-ubyte", _images())
     write_idx(tmp_path / "t-labels-idx1-ubyte", np.zeros(9, np.uint8))
     with pytest.raises(InvalidArgumentError, match="9 labels for 10 items"):
@@ -156,7 +155,7 @@ def test_unknown_format(tmp_path) -> None:
         open_dataset(tmp_path / "x.csv")
 
 
-def test_fingerprint_identifies_content(tmp_path) -> None:
+def test_fingerprint_identifies_content(tmp_path, write_idx) -> None:
     x = _images()
     a = ArrayDataset(x, labels=np.zeros(10))
     write_idx(tmp_path / "z-images-idx3-ubyte.gz", x, gz=True)
@@ -176,9 +175,8 @@ def test_generated_garments_deterministic() -> None:
     assert ds.item_shape == (28, 28, 1) and ds.label_names == GARMENT_CLASSES
 
 
-def test_shared_fashion_mnist_sample() -> None:
-    root = fashion_mnist_dir()
-    ds = open_dataset(root)
+def test_shared_fashion_mnist_sample(fashion_mnist_dir) -> None:
+    ds = open_dataset(fashion_mnist_dir)
     assert ds.shape == (3443, 28, 28, 1) and ds.dtype == np.uint8
     assert ds.labels is not None and set(np.unique(ds.labels)) == set(range(10))
     first = next(ds.iter_batches(512))[1]

@@ -1,8 +1,9 @@
-"""Training: loss falls, CPU determinism, resume, early stop, the CLI without --data."""
+"""Training: loss falls, CPU determinism, resume, early stop, the CLI (without --data; its defaults)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import numpy as np
 import pytest
@@ -10,13 +11,13 @@ import torch
 from safetensors.torch import load_file
 
 from latentsearch.cli import train as model_cli
+from latentsearch.cli.defaults import default_of
 from latentsearch.data.garments import NOTICE
 from latentsearch.data.readers import ArrayDataset
-from latentsearch.errors import FailedPreconditionError
+from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from latentsearch.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from latentsearch.model.config import TrainConfig, VAEConfig
 from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train
-from tests.model_fixtures import tiny_images
 
 TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)
 
@@ -28,7 +29,7 @@ def _cfg(**kw) -> TrainConfig:
 
 
 @pytest.fixture(scope="module")
-def data() -> ArrayDataset:
+def data(tiny_images) -> ArrayDataset:
     return ArrayDataset(tiny_images(80, (12, 10, 1)), labels=np.arange(80) % 2)
 
 
@@ -103,6 +104,48 @@ def test_cli_train_without_data_uses_generated_garments(tmp_path, capsys) -> Non
     ck = load_checkpoint(tmp_path / "m")
     assert ck.config["data"]["source"].startswith("generated:garments")
     assert ck.model.latent_dim == 10 and ck.model.input_shape == (28, 28, 1)
+
+
+def test_cli_train_defaults_are_the_configs() -> None:
+    parser = argparse.ArgumentParser()
+    model_cli.register_cli(sub := parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["train", "--out", "m"])
+    dest_to_field = {
+        "epochs": "epochs",
+        "batch_size": "batch_size",
+        "lr": "lr",
+        "beta": "beta",
+        "kl_warmup": "kl_warmup_epochs",
+        "patience": "patience",
+        "val_fraction": "val_fraction",
+        "device": "device",
+        "seed": "seed",
+        "time_limit": "time_limit_s",
+    }
+    defaults = TrainConfig()
+    expected = {dest: getattr(defaults, name) for dest, name in dest_to_field.items()}
+    assert {dest: getattr(args, dest) for dest in dest_to_field} == expected
+    assert args.latent_dim == VAEConfig().latent_dim
+    help_text = " ".join(sub.choices["train"].format_help().split())
+    assert f"maximum epochs (default {defaults.epochs})" in help_text
+    assert f"held-out fraction (default {defaults.val_fraction})" in help_text
+    assert "stop after this many seconds (default" not in help_text  # a None default goes unmentioned
+
+
+def test_default_of_reads_the_dataclass() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Knobs:
+        need: int
+        port: int = 50051
+        tags: list[str] = dataclasses.field(default_factory=lambda: ["a"])
+
+    assert default_of(Knobs, "port") == 50051
+    first = default_of(Knobs, "tags")
+    assert first == ["a"] and first is not default_of(Knobs, "tags")
+    with pytest.raises(InvalidArgumentError, match="no default"):
+        default_of(Knobs, "need")
+    with pytest.raises(NotFoundError, match="no field 'nope'"):
+        default_of(Knobs, "nope")
 
 
 @pytest.mark.gpu

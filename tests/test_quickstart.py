@@ -6,11 +6,14 @@ import contextlib
 import io
 import re
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from reference import log_q, top_k
 
 from latentsearch import cli
 from latentsearch.errors import InvalidArgumentError
@@ -34,15 +37,10 @@ def _slider_table(text: str) -> list[tuple[str, float]]:
 
 
 def _brute_force(root: Path, version: str, z: np.ndarray, k: int) -> tuple[list[str], np.ndarray]:
-    """log q(z|x) over every indexed posterior in float64, written out independently of the engine."""
+    """Ids and scores of the top ``k`` for ``z (d,)``: the float64 reference over the whole index."""
     bank = IndexRoot(root).load(version).bank
-    mu = np.asarray(bank.mu, dtype=np.float64)
-    log_sigma = np.asarray(bank.log_sigma, dtype=np.float64)
-    d = mu.shape[1]
-    scores = (
-        -0.5 * (((z - mu) / np.exp(log_sigma)) ** 2).sum(1) - log_sigma.sum(1) - 0.5 * d * np.log(2 * np.pi)
-    )
-    order = np.lexsort((np.arange(len(scores)), -scores))[:k]
+    scores = log_q(z, bank.mu, bank.log_sigma)[0]  # (N,)
+    order = top_k(scores, k)
     return bank.id_of(order), scores[order]
 
 
@@ -112,6 +110,24 @@ def test_cli_alias_and_arguments() -> None:
     args = parser.parse_args(["quickstart", "--items", "500", "--epochs", "2", "--port", "0", "-k", "3"])
     assert (args.items, args.epochs, args.port, args.k, args.out) == (500, 2, 0, 3, "quickstart-out")
     assert parser.parse_args(["demo"]).func is args.func
+
+
+def test_cli_parser_loads_neither_torch_nor_faiss() -> None:
+    """Building every sub-command's parser (``latentsearch --help``) leaves torch and faiss unloaded."""
+    code = (
+        "import sys; from latentsearch.cli import build_parser; build_parser(); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'faiss'}))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[]"]
 
 
 def test_config_validation() -> None:

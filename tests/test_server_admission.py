@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import pytest
 
+from latentsearch.errors import InvalidArgumentError
+from latentsearch.server.admission import AdmissionControl
+from latentsearch.server.auth import BearerTokenInterceptor
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -49,7 +52,9 @@ def _sample(srv, method: str, code: str) -> float:
     return value or 0.0
 
 
-def test_unbatched_calls_share_a_bounded_inflight_counter(tmp_path: Path, start_server) -> None:
+def test_unbatched_calls_share_a_bounded_inflight_counter(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
     publish(tmp_path / "idx", make_engine(200, seed=2))
     srv = start_server(index=tmp_path / "idx", batching=False, queue_size=2, search_threads=1)
     release, calls = _block(srv, "search_group")
@@ -73,7 +78,9 @@ def test_unbatched_calls_share_a_bounded_inflight_counter(tmp_path: Path, start_
 
 
 @pytest.mark.parametrize("method", ["Nearest", "NearestBatch", "GetItem"])
-def test_expired_deadline_is_not_computed(tmp_path: Path, start_server, method: str) -> None:
+def test_expired_deadline_is_not_computed(
+    tmp_path: Path, start_server, method: str, make_engine, publish, wait_until
+) -> None:
     publish(tmp_path / "idx", make_engine(200, seed=2))
     srv = start_server(index=tmp_path / "idx", batching=False, search_threads=1)
     release, calls = _block(srv, "search_group")
@@ -103,7 +110,7 @@ def test_expired_deadline_is_not_computed(tmp_path: Path, start_server, method: 
     assert ran == []  # nor did an expired NearestBatch / GetItem reach the service
 
 
-def test_rejected_by_auth_are_counted(tmp_path: Path, start_server) -> None:
+def test_rejected_by_auth_are_counted(tmp_path: Path, start_server, make_engine, publish, wait_until) -> None:
     publish(tmp_path / "idx", make_engine(40, seed=3))
     srv = start_server(index=tmp_path / "idx", token="s3cret")
     with grpc.insecure_channel(srv.target) as ch:
@@ -121,8 +128,23 @@ def test_rejected_by_auth_are_counted(tmp_path: Path, start_server) -> None:
 
 
 @pytest.mark.parametrize(("faiss_threads", "expected"), [(None, 1), (3, 3)])
-def test_faiss_threads_capped_per_search(tmp_path: Path, start_server, faiss_threads, expected) -> None:
+def test_faiss_threads_capped_per_search(
+    tmp_path: Path, start_server, faiss_threads, expected, make_engine, publish
+) -> None:
     publish(tmp_path / "idx", make_engine(50, seed=3))
     srv = start_server(index=tmp_path / "idx", search_threads=2, faiss_threads=faiss_threads)
     assert srv.server.faiss_threads == expected
     assert srv.server.service.snapshot().engine.config.num_threads == expected
+
+
+def test_bad_settings_name_their_field() -> None:
+    executor = ThreadPoolExecutor(1)
+    try:
+        with pytest.raises(InvalidArgumentError) as err:
+            AdmissionControl(executor=executor, limit=0)
+        assert err.value.field == "limit"
+    finally:
+        executor.shutdown()
+    with pytest.raises(InvalidArgumentError) as err:
+        BearerTokenInterceptor("")
+    assert err.value.field == "token"

@@ -1,20 +1,23 @@
-"""Micro-batching: batched answers equal single answers; full queue; expired deadlines."""
+"""Micro-batching: batched answers equal single answers; bad calls fail alone; full queue; expired
+deadlines; settings."""
 
 from __future__ import annotations
 
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
+from latentsearch.errors import InvalidArgumentError
 from latentsearch.indexer import IndexRoot
+from latentsearch.server.batcher import MicroBatcher
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -35,7 +38,9 @@ def _block(srv):
 
 
 @pytest.mark.parametrize("batching", [True, False])
-def test_concurrent_calls_equal_single_answers(tmp_path: Path, start_server, batching: bool) -> None:
+def test_concurrent_calls_equal_single_answers(
+    tmp_path: Path, start_server, batching: bool, make_engine, publish, wait_until
+) -> None:
     root = tmp_path / "idx"
     version = publish(root, make_engine(500, seed=4))
     engine = IndexRoot(root).load(version)
@@ -73,7 +78,9 @@ def test_concurrent_calls_equal_single_answers(tmp_path: Path, start_server, bat
         assert max(sizes) == 1
 
 
-def test_full_queue_is_resource_exhausted(tmp_path: Path, start_server) -> None:
+def test_full_queue_is_resource_exhausted(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
     root = tmp_path / "idx"
     publish(root, make_engine(100, seed=5))
     srv = start_server(index=root, search_threads=1, max_batch=1, queue_size=1, max_wait_ms=0)
@@ -96,7 +103,9 @@ def test_full_queue_is_resource_exhausted(tmp_path: Path, start_server) -> None:
             assert len(fut.result(timeout=30).neighbors) == 3
 
 
-def test_expired_deadline_is_not_computed(tmp_path: Path, start_server) -> None:
+def test_expired_deadline_is_not_computed(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
     root = tmp_path / "idx"
     publish(root, make_engine(100, seed=6))
     srv = start_server(index=root, search_threads=1, max_batch=1, max_wait_ms=0)
@@ -116,3 +125,58 @@ def test_expired_deadline_is_not_computed(tmp_path: Path, start_server) -> None:
         assert len(stub.Nearest(pb.NearestRequest(z=[0.0] * DIM, k=2), timeout=10).neighbors) == 2
     searched = [z for _, zs in groups for z in zs]
     assert not any(np.array_equal(z, doomed_z) for z in searched)
+
+
+def test_a_bad_call_fails_alone_beside_a_batch(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
+    """Each call is checked by the engine before it joins a batch: bad ones fail at once, and the
+    good calls queued beside them are answered by one search, correctly."""
+    root = tmp_path / "idx"
+    version = publish(root, make_engine(200, seed=6))
+    engine = IndexRoot(root).load(version)
+    srv = start_server(index=root, search_threads=1, max_batch=64, max_wait_ms=5)
+    release, groups = _block(srv)
+    good = list(np.random.default_rng(3).normal(size=(12, DIM)))
+    bad = [
+        (pb.NearestRequest(z=[0.0] * 3, k=5), "z: z must have shape (4,), got (3,)"),
+        (pb.NearestRequest(z=[0.0, float("nan"), 0.0, 0.0], k=5), "z: z contains NaN or inf"),
+        (pb.NearestRequest(z=[0.0] * DIM, k=5, labels=[99]), "labels: unknown label(s) [99]"),
+        (pb.NearestRequest(z=[0.0] * DIM, k=1001), "k: k must be in [1, 1000], got 1001"),
+    ]
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        first = stub.Nearest.future(pb.NearestRequest(z=[0.0] * DIM, k=5), timeout=60)
+        wait_until(lambda: groups)  # the only search thread is held
+        futures = [stub.Nearest.future(pb.NearestRequest(z=z.tolist(), k=5), timeout=60) for z in good]
+        wait_until(lambda: srv.server._batcher.pending == 1 + len(good))
+        for request, details in bad:  # answered while the good calls still wait for their batch
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Nearest(request, timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == details
+        assert srv.server._batcher.pending == 1 + len(good)
+        release.set()
+        assert len(first.result(timeout=30).neighbors) == 5
+        for z, fut in zip(good, futures, strict=True):
+            resp = fut.result(timeout=30)
+            expected = engine.search(z, 5)
+            assert [n.id for n in resp.neighbors] == expected.ids
+            np.testing.assert_array_equal([n.log_likelihood for n in resp.neighbors], expected.scores)
+    assert [len(zs) for _, zs in groups] == [1, len(good)]  # one search for all the good calls
+
+
+def test_bad_settings_name_their_field() -> None:
+    executor = ThreadPoolExecutor(1)
+    try:
+        for settings, field in [
+            ({"max_batch": 0}, "max_batch"),
+            ({"queue_size": 0}, "queue_size"),
+            ({"max_concurrent": 0}, "max_concurrent"),
+            ({"max_wait_ms": -1.0}, "max_wait_ms"),
+        ]:
+            with pytest.raises(InvalidArgumentError) as err:
+                MicroBatcher(lambda key, items: items, executor=executor, **settings)
+            assert err.value.field == field and field in err.value.message
+    finally:
+        executor.shutdown()

@@ -1,7 +1,7 @@
 """The Nearest hot path: replies built from batch arrays, plain-Python validation, server settings.
 
 Replies are checked against the engine's per-query results (themselves checked against a float64
-brute force in the engine tests); validation against the messages of the array validator.
+brute force in the engine tests); the per-request check against what the engine's search raises.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from latentsearch.server import ServerConfig
 from latentsearch.server.engine_service import EngineService, Snapshot, nearest_responses
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from tests.server_fixtures import DIM, make_engine, publish, start_server, wait_until
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,7 +46,7 @@ def _expected(engine: SearchEngine, z: np.ndarray, k: int, **kwargs) -> list[pb.
 
 @pytest.mark.parametrize("labels", [None, [0, 2]])
 @pytest.mark.parametrize("k", [1, 10, 500])  # 500: more than the bank (and the filtered subset) holds
-def test_replies_equal_per_result_replies(labels, k: int) -> None:
+def test_replies_equal_per_result_replies(labels, k: int, make_engine) -> None:
     engine = make_engine(300, seed=7)
     z = np.random.default_rng(1).normal(size=(9, DIM))
     batch = engine.search_batch_arrays(z, k, labels=labels)
@@ -68,8 +67,9 @@ def test_replies_without_labels_leave_label_unset() -> None:
     assert [n.id for n in got[0].neighbors] == engine.search(z[0], 5).ids  # row numbers as ids
 
 
-def _service() -> EngineService:
-    service = EngineService(max_k=50)
+@pytest.fixture
+def service(make_engine) -> EngineService:
+    service = EngineService()
     service.set_snapshot(Snapshot(version="v1", engine=make_engine(40, seed=3)))
     return service
 
@@ -77,21 +77,79 @@ def _service() -> EngineService:
 @pytest.mark.parametrize(
     ("z", "message"),
     [
-        ([0.0, 1.0, 2.0], "z must hold 4 numbers, got 3"),
+        ([0.0, 1.0, 2.0], "z must have shape (4,), got (3,)"),
         ([0.0, math.nan, 0.0, 0.0], "z contains NaN or inf"),
         ([0.0, -math.inf, 0.0, 0.0], "z contains NaN or inf"),
         ([0.0, 0.0, 2e6, 0.0], "z coordinates must be within +-1e+06"),
     ],
 )
-def test_parse_nearest_rejects_bad_points(z, message: str) -> None:
+def test_parse_nearest_rejects_bad_points(service: EngineService, z, message: str) -> None:
     with pytest.raises(InvalidArgumentError) as err:
-        _service().parse_nearest(pb.NearestRequest(z=z))
+        service.parse_nearest(pb.NearestRequest(z=z))
     assert err.value.field == "z" and err.value.message == message
 
 
-def test_parse_nearest_keeps_the_point_and_the_defaults() -> None:
+def _outcome(call) -> tuple[str | None, str] | None:
+    """``(field, message)`` of the InvalidArgumentError ``call()`` raises, ``None`` when it passes."""
+    try:
+        call()
+    except InvalidArgumentError as exc:
+        return exc.field, exc.message
+    return None
+
+
+Z_OK = [0.25, -1.0, 0.5, 3.0]
+CHECK_CASES = [  # (z, k, labels): the plain-Python path, and everything it leaves to the array rule
+    (Z_OK, 3, None),
+    ([0, 1, 2, 3], 3, None),  # ints: valid, though not plain floats
+    (np.array(Z_OK), 3, None),
+    ([0.0, -1e6, 1e6, 3.0], 3, None),  # the coordinate limit itself
+    ([0.0, -1e6 * (1 + 1e-15), 0.0, 0.0], 3, None),
+    ([True, False, True, True], 3, None),
+    ([[0.0]] * 4, 3, None),
+    (["a"] * 4, 3, None),
+    (None, 3, None),
+    ([0.0] * 5, 3, None),
+    ([], 3, None),
+    ([0.0, math.nan, 0.0, 0.0], 3, None),
+    ([math.inf, 0.0, 0.0, 0.0], 3, None),
+    (Z_OK, 0, None),
+    (Z_OK, -1, None),
+    (Z_OK, 1000, None),
+    (Z_OK, 1001, None),
+    (Z_OK, 2.0, None),
+    (Z_OK, True, None),
+    (Z_OK, np.int64(5), None),
+    (Z_OK, 3, [2, 1, 2]),
+    (Z_OK, 3, [1.0]),
+    (Z_OK, 3, (np.int64(3),)),
+    (Z_OK, 3, []),
+    (Z_OK, 3, [99]),
+    (Z_OK, 3, ["a"]),
+    (Z_OK, 3, [1.5]),
+]
+
+
+@pytest.mark.parametrize(("z", "k", "labels"), CHECK_CASES)
+def test_check_query_raises_what_search_raises(make_engine, z, k, labels) -> None:
+    engine = make_engine(40, seed=3)  # labels 0..3, config.max_k 1000
+    expected = _outcome(lambda: engine.search(z, k, labels=labels))
+    assert _outcome(lambda: engine.check_query(z, k, labels)) == expected
+    if expected is None:
+        assert engine.check_query(z, k, labels) == (None if labels is None else tuple(sorted(set(labels))))
+
+
+def test_check_query_without_labels_in_the_bank() -> None:
+    rng = np.random.default_rng(2)
+    engine = SearchEngine.build(rng.normal(size=(20, DIM)), log_sigma=rng.uniform(-1, 0, size=(20, DIM)))
+    expected = _outcome(lambda: engine.search(Z_OK, 3, labels=[1]))
+    assert expected is not None and expected[0] == "labels"
+    assert _outcome(lambda: engine.check_query(Z_OK, 3, [1])) == expected
+
+
+def test_parse_nearest_keeps_the_point_and_the_defaults(service: EngineService) -> None:
     z = [0.25, -1e6, 1e6, 3.0]  # the coordinate limit itself is allowed
-    query = _service().parse_nearest(pb.NearestRequest(z=z, labels=[2, 1, 2]))
+    query = service.parse_nearest(pb.NearestRequest(z=z, labels=[2, 1, 2]))
     assert query.z == z and all(isinstance(v, float) for v in query.z)
     assert query.key == ("v1", 10, None, (1, 2))
     assert query.key.k == 10 and query.key.labels == (1, 2)
@@ -103,10 +161,14 @@ def test_batch_concurrency_is_bounded_by_search_threads() -> None:
     assert err.value.field == "batch_concurrency"
     with pytest.raises(InvalidArgumentError):
         ServerConfig(index="x", batch_concurrency=0)
+    for name in ("max_k", "max_batch_queries"):
+        with pytest.raises(InvalidArgumentError) as err:
+            ServerConfig(index="x", **{name: 0})
+        assert err.value.field == name
 
 
 @pytest.mark.parametrize("freeze", [False, True])
-def test_gc_freeze_after_load(tmp_path, start_server, freeze: bool) -> None:
+def test_gc_freeze_after_load(tmp_path, start_server, freeze: bool, make_engine, publish) -> None:
     publish(tmp_path / "idx", make_engine(30, seed=4))
     gc.unfreeze()
     try:
@@ -116,7 +178,9 @@ def test_gc_freeze_after_load(tmp_path, start_server, freeze: bool) -> None:
         gc.unfreeze()
 
 
-def test_metrics_count_calls_and_batched_rounds(tmp_path, start_server) -> None:
+def test_metrics_count_calls_and_batched_rounds(
+    tmp_path, start_server, make_engine, publish, wait_until
+) -> None:
     publish(tmp_path / "idx", make_engine(100, seed=5))
     srv = start_server(index=tmp_path / "idx", max_wait_ms=20)
     reg = srv.server.metrics.registry

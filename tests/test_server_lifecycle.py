@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 from latentsearch.client import LatentSearchClient
+from latentsearch.errors import LatentSearchError
 from latentsearch.indexer import IndexRoot
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from tests.server_fixtures import DIM, health_rpc, make_engine, publish, start_server, wait_until
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -25,7 +25,7 @@ SERVING, NOT_SERVING = 1, 2
 
 
 def test_health_not_serving_until_index_then_serving_then_not_at_shutdown(
-    tmp_path: Path, start_server
+    tmp_path: Path, start_server, make_engine, publish, wait_until, health_rpc
 ) -> None:
     root = tmp_path / "idx"
     IndexRoot(root, create=True)
@@ -42,7 +42,7 @@ def test_health_not_serving_until_index_then_serving_then_not_at_shutdown(
     assert srv.health_status("latentsearch.v1.LatentSearch") == NOT_SERVING
 
 
-def test_hot_reload_under_load(tmp_path: Path, start_server) -> None:
+def test_hot_reload_under_load(tmp_path: Path, start_server, make_engine, publish, wait_until) -> None:
     root = tmp_path / "idx"
     v1 = publish(root, make_engine(400, seed=1, prefix="a"))
     srv = start_server(index=root, reload_interval=0.02, max_wait_ms=1.0)
@@ -58,7 +58,7 @@ def test_hot_reload_under_load(tmp_path: Path, start_server) -> None:
                 z, k = rng.normal(size=DIM), int(rng.integers(1, 12))
                 try:
                     ans = client.nearest(z, k)
-                except grpc.RpcError as exc:  # pragma: no cover - the assertion below reports it
+                except LatentSearchError as exc:  # pragma: no cover - the assertion below reports it
                     errors.append(exc)
                     return
                 records.append((ans.index_version, z, k, ans.ids, ans.scores.tolist()))
@@ -87,7 +87,7 @@ def test_hot_reload_under_load(tmp_path: Path, start_server) -> None:
         np.testing.assert_array_equal(scores, expected.scores)
 
 
-def test_failed_version_keeps_serving_old(tmp_path: Path, start_server, caplog) -> None:
+def test_failed_version_keeps_serving_old(tmp_path: Path, start_server, caplog, make_engine, publish) -> None:
     root = tmp_path / "idx"
     v1 = publish(root, make_engine(60, seed=1))
     srv = start_server(index=root)
@@ -104,7 +104,9 @@ def test_failed_version_keeps_serving_old(tmp_path: Path, start_server, caplog) 
     assert srv.server.version == v3
 
 
-def test_shutdown_lets_in_flight_calls_finish(tmp_path: Path, start_server) -> None:
+def test_shutdown_lets_in_flight_calls_finish(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
     root = tmp_path / "idx"
     version = publish(root, make_engine(100, seed=1))
     srv = start_server(index=root, search_threads=1, max_wait_ms=0, max_batch=1)

@@ -13,15 +13,16 @@ import torch
 from PIL import Image
 
 from latentsearch.client import LatentSearchClient
+from latentsearch.errors import UnauthenticatedError
 from latentsearch.indexer import IndexRoot
 from latentsearch.model.checkpoint import save_checkpoint
 from latentsearch.model.loader import load_model
 from latentsearch.model.vae import build_vae
+from latentsearch.posterior import DiagonalGaussian
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
-from tests.server_fixtures import DIM, health_rpc, make_engine, publish, start_server
 
-__all__ = ["start_server"]  # the fixture, re-exported so pytest finds it
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,7 +37,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture
-def served(tmp_path: Path, start_server, tiny_model):
+def served(tmp_path: Path, start_server, tiny_model, make_engine, publish):
     version = publish(tmp_path / "idx", make_engine(300, seed=1), model_hash=tiny_model.model_hash)
     engine = IndexRoot(tmp_path / "idx").load(version)
     srv = start_server(index=tmp_path / "idx", model=tiny_model, metrics_port=0)
@@ -100,10 +101,12 @@ def test_get_item_info_encode_decode(served, tiny_model) -> None:
     image = np.random.default_rng(0).integers(0, 256, size=(8, 8, 1), dtype=np.uint8)
     mu, logvar = tiny_model.encode_params(image[None])
     for sent in (image, image.astype(np.float32)):
-        post = client.encode(sent)
+        enc = client.encode(sent)
+        post = enc.posterior
+        assert isinstance(post, DiagonalGaussian) and post.batch_shape == () and post.dim == DIM
         np.testing.assert_allclose(post.mean, mu[0].double().numpy(), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(post.sigma, np.exp(0.5 * logvar[0].double().numpy()), rtol=1e-6)
-        assert post.model_hash == tiny_model.model_hash
+        np.testing.assert_allclose(post.std, np.exp(0.5 * logvar[0].double().numpy()), rtol=1e-6)
+        assert enc.model_hash == tiny_model.model_hash
 
     z = np.array([0.5, -0.2, 0.1, 1.0])
     decoded = client.decode(z)
@@ -183,7 +186,7 @@ BAD = [
 ]
 
 
-def test_invalid_inputs(tmp_path: Path, start_server, tiny_model) -> None:
+def test_invalid_inputs(tmp_path: Path, start_server, tiny_model, make_engine, publish) -> None:
     publish(tmp_path / "idx", make_engine(50, seed=2))
     srv = start_server(index=tmp_path / "idx", model=tiny_model, max_batch_queries=8)
     with grpc.insecure_channel(srv.target) as ch:
@@ -216,20 +219,25 @@ def test_no_model_and_no_index(tmp_path: Path, start_server) -> None:
             assert code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("model:"), details
 
 
-def test_bearer_token(tmp_path: Path, start_server) -> None:
+def test_bearer_token(tmp_path: Path, start_server, make_engine, publish, health_rpc) -> None:
     version = publish(tmp_path / "idx", make_engine(40, seed=3))
     srv = start_server(index=tmp_path / "idx", token="s3cret")
     for token in (None, "wrong"):
-        with LatentSearchClient(srv.target, token=token) as client, pytest.raises(grpc.RpcError) as err:
+        with (
+            LatentSearchClient(srv.target, token=token) as client,
+            pytest.raises(UnauthenticatedError) as err,
+        ):
             client.info()
-        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert err.value.grpc_code == "UNAUTHENTICATED"
+        assert isinstance(err.value.__cause__, grpc.RpcError)
+        assert err.value.__cause__.code() == grpc.StatusCode.UNAUTHENTICATED
     with LatentSearchClient(srv.target, token="s3cret") as client:
         assert client.info()["index_version"] == version
         assert len(client.nearest([0.0] * 4, 2).hits) == 2
     assert health_rpc(srv.target) == 1  # SERVING, no token needed
 
 
-def test_no_token_configured_accepts_any_metadata(tmp_path: Path, start_server) -> None:
+def test_no_token_configured_accepts_any_metadata(tmp_path: Path, start_server, make_engine, publish) -> None:
     publish(tmp_path / "idx", make_engine(40, seed=3))
     srv = start_server(index=tmp_path / "idx")
     with LatentSearchClient(srv.target, token="anything") as client:

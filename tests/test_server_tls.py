@@ -10,10 +10,10 @@ import grpc
 import pytest
 
 from latentsearch.client import LatentSearchClient
+from latentsearch.errors import UnavailableError
 from latentsearch.loadgen import LoadConfig, run_load_sync
-from tests.server_fixtures import DIM, make_engine, publish, start_server
 
-__all__ = ["start_server"]
+DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -38,7 +38,9 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
-def test_tls_server_with_self_signed_cert(tmp_path: Path, start_server, self_signed) -> None:
+def test_tls_server_with_self_signed_cert(
+    tmp_path: Path, start_server, self_signed, make_engine, publish
+) -> None:
     cert, key = self_signed
     version = publish(tmp_path / "idx", make_engine(100, seed=5))
     srv = start_server(index=tmp_path / "idx", tls_cert=cert, tls_key=key)
@@ -48,12 +50,14 @@ def test_tls_server_with_self_signed_cert(tmp_path: Path, start_server, self_sig
             assert len(client.nearest([0.0] * DIM, 4).hits) == 4
     report = run_load_sync(LoadConfig(target=f"localhost:{srv.port}", tls_ca=cert, concurrency=4, total=20))
     assert report.status_codes == {"OK": 20}
-    with LatentSearchClient(srv.target, timeout=3) as plain, pytest.raises(grpc.RpcError) as err:
+    with LatentSearchClient(srv.target, timeout=3) as plain, pytest.raises(UnavailableError) as err:
         plain.info()
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.grpc_code == "UNAVAILABLE" and err.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_tls_client_with_wrong_ca_fails(tmp_path: Path, start_server, self_signed) -> None:
+def test_tls_client_with_wrong_ca_fails(
+    tmp_path: Path, start_server, self_signed, make_engine, publish
+) -> None:
     cert, key = self_signed
     other = tmp_path / "other"
     other.mkdir()
@@ -69,6 +73,6 @@ def test_tls_client_with_wrong_ca_fails(tmp_path: Path, start_server, self_signe
     publish(tmp_path / "idx", make_engine(50, seed=5))
     srv = start_server(index=tmp_path / "idx", tls_cert=cert, tls_key=key)
     client = LatentSearchClient(f"localhost:{srv.port}", tls_ca=other / "c.pem", timeout=3)
-    with client, pytest.raises(grpc.RpcError) as err:
+    with client, pytest.raises(UnavailableError) as err:
         client.info()
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.value.grpc_code == "UNAVAILABLE" and err.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE

@@ -97,7 +97,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 def _cmd_ls(args: argparse.Namespace) -> int:
     from latentsearch.indexer.root import IndexRoot
 
-    rows = IndexRoot(args.root).list()
+    rows = IndexRoot(args.root).version_infos()
     if not rows:
         print(f"{args.root}: no versions")
         return 0

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from latentsearch.quickstart import QuickstartConfig, run_quickstart
-
 __all__ = ["register_cli"]
 
 
@@ -33,6 +31,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from latentsearch.quickstart import QuickstartConfig, run_quickstart
+
     config = QuickstartConfig(
         out=Path(args.out),
         data=args.data,

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import sys
 from typing import TYPE_CHECKING
+
+from latentsearch.errors import LatentSearchError, status_details
 
 if TYPE_CHECKING:
     from latentsearch.server.app import ServerConfig
@@ -98,8 +101,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    import grpc
-
     from latentsearch.client import LatentSearchClient
 
     z = [float(v) for v in args.z.split(",") if v.strip()]
@@ -107,8 +108,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
     with LatentSearchClient(args.target, token=args.token, tls_ca=args.tls_ca) as client:
         try:
             answer = client.nearest(z, args.k, labels=labels, mode=args.mode)
-        except grpc.RpcError as exc:
-            print(f"error: {exc.code().name}: {exc.details()}")
+        except LatentSearchError as exc:  # the failed call's error, with its status code
+            print(f"error: {exc.grpc_code}: {status_details(exc)}", file=sys.stderr)
             return 2
     print(f"index version {answer.index_version}  mode {answer.mode}  certified {answer.certified}")
     print(f"{'rank':>4}  {'id':<24} {'log q(z|x)':>14}  {'label':>6}")

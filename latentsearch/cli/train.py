@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 
+from latentsearch.cli.defaults import add_config_argument
+from latentsearch.model.config import TrainConfig, VAEConfig
+
 __all__ = ["register_cli"]
 
 log = logging.getLogger(__name__)
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``train`` sub-command to the ``latentsearch`` parser."""
+    """Add the ``train`` sub-command to the ``latentsearch`` parser (defaults: :class:`TrainConfig`)."""
     p = subparsers.add_parser(
         "train",
         help="train a VAE on a dataset (or the built-in generated garments) into a model directory",
@@ -21,17 +24,21 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", help="labels file for --data (default: found next to the data)")
     p.add_argument("--max-items", type=int, default=None, help="use only the first N items (quick runs)")
     p.add_argument("--out", required=True, help="model directory to write")
-    p.add_argument("--latent-dim", type=int, default=10, help="latent dimension d (default 10)")
-    p.add_argument("--epochs", type=int, default=40, help="maximum epochs (default 40)")
-    p.add_argument("--batch-size", type=int, default=64, help="items per step (default 64)")
-    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default 2e-3)")
-    p.add_argument("--beta", type=float, default=1.0, help="KL weight (default 1.0)")
-    p.add_argument("--kl-warmup", type=int, default=0, help="epochs of linear KL warm-up (default 0)")
-    p.add_argument("--patience", type=int, default=8, help="early-stop patience in epochs (default 8)")
-    p.add_argument("--val-fraction", type=float, default=0.15, help="held-out fraction (default 0.15)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    add_config_argument(p, "--latent-dim", VAEConfig, "latent_dim", "latent dimension d", type=int)
+    add_config_argument(p, "--epochs", TrainConfig, "epochs", "maximum epochs", type=int)
+    add_config_argument(p, "--batch-size", TrainConfig, "batch_size", "items per step", type=int)
+    add_config_argument(p, "--lr", TrainConfig, "lr", "peak learning rate", type=float)
+    add_config_argument(p, "--beta", TrainConfig, "beta", "KL weight", type=float)
+    add_config_argument(
+        p, "--kl-warmup", TrainConfig, "kl_warmup_epochs", "epochs of linear KL warm-up", type=int
+    )
+    add_config_argument(p, "--patience", TrainConfig, "patience", "early-stop patience in epochs", type=int)
+    add_config_argument(p, "--val-fraction", TrainConfig, "val_fraction", "held-out fraction", type=float)
+    add_config_argument(p, "--device", TrainConfig, "device", "device", choices=["auto", "cpu", "cuda"])
+    add_config_argument(p, "--seed", TrainConfig, "seed", "random seed", type=int)
+    add_config_argument(
+        p, "--time-limit", TrainConfig, "time_limit_s", "stop after this many seconds", type=float
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--resume", action="store_true", help="continue from OUT/training/last.pt")
@@ -42,12 +49,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 def _cmd_train(args: argparse.Namespace) -> int:
     from latentsearch.data.garments import NOTICE, garment_dataset
     from latentsearch.data.readers import ArrayDataset, Dataset, open_dataset
-    from latentsearch.model.config import TrainConfig
     from latentsearch.model.train import train
 
     if args.data is None:
         print(NOTICE, flush=True)
-        data: Dataset = garment_dataset(n=args.max_items or 6000, seed=args.seed)
+        data: Dataset = (
+            garment_dataset(seed=args.seed)
+            if args.max_items is None
+            else garment_dataset(n=args.max_items, seed=args.seed)
+        )
     else:
         data = open_dataset(args.data, labels=args.labels)
         if args.max_items is not None:

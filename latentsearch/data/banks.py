@@ -9,26 +9,21 @@ features so a search method can be judged without a model; real posteriors come 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-__all__ = ["SyntheticBank", "query_families", "vae_like_posteriors"]
+from latentsearch.bank import PosteriorBank
+from latentsearch.posterior import DiagonalGaussian
 
-
-@dataclass(frozen=True)
-class SyntheticBank:
-    """``mu``, ``log_sigma``: ``(N, d)`` float64; ``labels``: ``(N,)`` int64."""
-
-    mu: np.ndarray
-    log_sigma: np.ndarray
-    labels: np.ndarray
+__all__ = ["query_families", "vae_like_posteriors"]
 
 
 def vae_like_posteriors(
     n: int, d: int = 10, *, classes: int = 10, collapsed: int | None = None, seed: int = 0
-) -> SyntheticBank:
-    """Generate ``n`` posteriors in ``d`` dimensions (``collapsed`` dims default to d // 8)."""
+) -> PosteriorBank:
+    """Generate ``n`` posteriors in ``d`` dimensions (``collapsed`` dims default to d // 8).
+
+    Returns a bank of ``(n, d)`` float64 ``mu`` and ``log_sigma`` with ``(n,)`` int64 class labels.
+    """
     rng = np.random.default_rng(seed)
     collapsed = d // 8 if collapsed is None else collapsed
     active = d - collapsed
@@ -46,24 +41,27 @@ def vae_like_posteriors(
         cols = np.arange(active, d)
         mu[:, cols] = 0.03 * rng.standard_normal((n, collapsed))
         log_sigma[:, cols] = np.log(rng.uniform(0.9, 1.02, size=(n, collapsed)))
-    return SyntheticBank(mu=mu, log_sigma=log_sigma, labels=labels.astype(np.int64))
+    return PosteriorBank(mu, log_sigma, labels=labels.astype(np.int64))
 
 
 def query_families(
-    bank: SyntheticBank | tuple[np.ndarray, np.ndarray], n: int, *, seed: int = 1
+    bank: PosteriorBank | tuple[np.ndarray, np.ndarray], n: int, *, seed: int = 1
 ) -> dict[str, np.ndarray]:
-    """The three query families of the benchmark, each ``(n, d)``.
+    """The three query families of the benchmark, each ``(n, d)``, for a bank or ``(mu, log_sigma)``.
 
     * ``box``: z uniform in [-5, 5]^d (a person's sliders);
     * ``prior``: z ~ N(0, I);
     * ``posterior``: z ~ q(z|x) of random items.
     """
-    mu, log_sigma = (bank.mu, bank.log_sigma) if isinstance(bank, SyntheticBank) else bank
+    if isinstance(bank, PosteriorBank):
+        posteriors = bank.posteriors
+    else:
+        posteriors = DiagonalGaussian(bank[0], log_sigma=bank[1])
     rng = np.random.default_rng(seed)
-    d = mu.shape[1]
-    rows = rng.integers(0, mu.shape[0], size=n)
+    d = posteriors.dim
+    rows = rng.integers(0, len(posteriors), size=n)
     return {
         "box": rng.uniform(-5.0, 5.0, size=(n, d)),
         "prior": rng.standard_normal((n, d)),
-        "posterior": mu[rows] + np.exp(log_sigma[rows]) * rng.standard_normal((n, d)),
+        "posterior": posteriors[rows].sample(rng),
     }

@@ -52,17 +52,30 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+import threading
+import weakref
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any, cast
 
 import faiss
 import numpy as np
+from faiss.contrib.ivf_tools import add_preassigned
 
 from latentsearch.engine.config import EngineConfig
-from latentsearch.engine.exact import _rescore_padded, _topk
+from latentsearch.engine.exact import (
+    BitmapFilter,
+    ExactIndex,
+    Rescore,
+    ScaleGroup,
+    Selection,
+    _rescore_padded,
+    _topk,
+)
 from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
 from latentsearch.posterior import LOG_2PI
 
-__all__ = ["ApproxIndex", "default_nlist", "default_nprobe"]
+__all__ = ["ApproxIndex", "ApproxQuery", "PartitionScan", "default_nlist", "default_nprobe"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +90,79 @@ def default_nlist(n_items: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """Scan about 3% of the partitions, at least 8."""
     return int(min(nlist, max(8, math.ceil(0.03 * nlist))))
+
+
+@dataclass(frozen=True, eq=False)
+class ApproxQuery:
+    """One batch of B queries, in every form :meth:`ApproxIndex.search` uses.
+
+    Attributes:
+        points: ``(B, d)`` float64 query points, or the means of query Gaussians.
+        std: ``(B, d)`` float64 standard deviations of query Gaussians; None for point queries.
+        lifted: ``(B, 2d + 1)`` float64 lifted queries (``lift_points`` / ``lift_distributions``).
+        rescore: exact float64 scorer, ``rescore(query_idx (B',), rows (B', C)) -> (B', C)``,
+            query indices into this batch.
+        selection: the rows that may be returned (label filter); None for every row.
+    """
+
+    points: np.ndarray
+    std: np.ndarray | None
+    lifted: np.ndarray
+    rescore: Rescore
+    selection: Selection | None = None
+
+    def __len__(self) -> int:
+        return int(self.points.shape[0])
+
+    @cached_property
+    def q32(self) -> np.ndarray:
+        """``(B, 2d + 1)`` C-contiguous float32 lifted queries, what FAISS scans with."""
+        return np.ascontiguousarray(self.lifted, dtype=np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class PartitionScan:
+    """The float32 candidates of a scan over some partitions per query.
+
+    Attributes:
+        dist: ``(B, rerank)`` float32 scores, best first (-inf padding).
+        labels: ``(B, rerank)`` int64 bank rows (-1 padding).
+        scanned: ``(B, L)`` bool, the partitions each query scanned.
+    """
+
+    dist: np.ndarray
+    labels: np.ndarray
+    scanned: np.ndarray
+
+    def hidden(self, err: np.ndarray) -> np.ndarray:
+        """``(B,)`` float64 bound on the exact score of any scanned item the scan did not keep.
+
+        Such an item's float32 score is at most the last candidate's, so its exact score is at
+        most that plus ``err (B,)``, the float32 error bound; -inf when the scan kept every item.
+        """
+        return np.where(self.labels[:, -1] >= 0, self.dist[:, -1].astype(np.float64) + err, -np.inf)
+
+
+@dataclass(frozen=True, eq=False)
+class _Needed:
+    """``(M,)`` arrays of (query, partition) pairs whose upper bound reaches the query's threshold."""
+
+    query: np.ndarray  # int64 query index in the batch
+    partition: np.ndarray  # int64 partition id
+    bound: np.ndarray  # float64 rigorous upper bound of log q(z|x) over the partition
+
+
+@dataclass(frozen=True, eq=False)
+class _PartitionFilter:
+    """What a :class:`Selection` keeps of each partition.
+
+    Attributes:
+        counts: ``(L,)`` int64 selected items per partition.
+        lists: selector over the partition ids holding at least one, for the coarse quantizer.
+    """
+
+    counts: np.ndarray
+    lists: BitmapFilter
 
 
 class ApproxIndex:
@@ -102,7 +188,7 @@ class ApproxIndex:
     def __init__(
         self,
         *,
-        ivf: faiss.Index,
+        ivf: faiss.IndexIVF,
         lo: np.ndarray,
         hi: np.ndarray,
         slo: np.ndarray,
@@ -138,6 +224,9 @@ class ApproxIndex:
             axis=1,
         )  # (L, 2d + 1)
         self.list_sizes = np.bincount(list_of_row[list_of_row >= 0], minlength=lo.shape[0])
+        # Per label filter: its partition counts and quantizer selector, dropped with the selection.
+        self._filters: weakref.WeakKeyDictionary[Selection, _PartitionFilter] = weakref.WeakKeyDictionary()
+        self._filters_lock = threading.Lock()
 
     @property
     def nlist(self) -> int:
@@ -158,7 +247,7 @@ class ApproxIndex:
     # -- build --------------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, mu: np.ndarray, log_sigma: np.ndarray, config: EngineConfig, *, groups: list[Any]
+        cls, mu: np.ndarray, log_sigma: np.ndarray, config: EngineConfig, *, groups: list[ScaleGroup]
     ) -> ApproxIndex:
         """Cluster, bound and index the posteriors of the scale groups large enough to partition.
 
@@ -205,6 +294,7 @@ class ApproxIndex:
                 max_points_per_centroid=1 << 30,
             )
             kmeans.train(features(sample))
+            assert kmeans.centroids is not None  # set by train
             assigner.add(kmeans.centroids)
 
         list_of_row = np.full(n_items, -1, dtype=np.int32)
@@ -235,7 +325,8 @@ class ApproxIndex:
         lo[empty], hi[empty], slo[empty], shi[empty] = 0.0, 0.0, 0.0, 0.0
 
         factory = f"IVF{nlist},Flat"
-        ivf = faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT)
+        # index_factory returns the concrete class, here IndexIVFFlat; its stub says Index.
+        ivf = cast(faiss.IndexIVF, faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT))
         ivf.quantizer.add(np.ascontiguousarray(lift_items(centre_mu, centre_ls), dtype=np.float32))
         ivf.is_trained = True
         llo = np.full((nlist, n), np.inf)
@@ -245,8 +336,7 @@ class ApproxIndex:
             lifted = lift_items(mu[r], log_sigma[r])
             np.minimum.at(llo, a, lifted)
             np.maximum.at(lhi, a, lifted)
-            x = np.ascontiguousarray(lifted, dtype=np.float32)
-            ivf.add_core(r.size, faiss.swig_ptr(x), faiss.swig_ptr(r), faiss.swig_ptr(a))
+            add_preassigned(ivf, np.ascontiguousarray(lifted, dtype=np.float32), a, ids=r)
         llo[empty], lhi[empty] = 0.0, 0.0
         blo = np.full((nlist, d), np.inf)
         bhi = np.full((nlist, d), -np.inf)
@@ -309,23 +399,172 @@ class ApproxIndex:
             )
         return out
 
-    def _needed(
+    def search(
         self,
-        points: np.ndarray,
-        std: np.ndarray | None,
-        queries: np.ndarray,
-        threshold: np.ndarray,
-        scanned: np.ndarray,
-        counts: np.ndarray,
+        query: ApproxQuery,
+        *,
+        k: int,
+        rerank: int,
+        nprobe: int,
+        exact_index: ExactIndex,
+        extra: int,
+        exact: bool = False,
+        certify: bool = False,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-k by scanning the best partitions, reranked exactly; with ``exact``, certified.
+
+        Three steps. The coarse step (:meth:`scan_best`) scans the ``nprobe`` partitions with the
+        best centroid posterior and keeps the ``rerank`` best float32 candidates; the rescore step
+        (:meth:`_rerank`) merges the outlier groups' exact top-k and rescores in float64: its k-th
+        score T is a lower bound on the true k-th score. With ``exact=True`` the branch-and-bound
+        step (:meth:`_branch_and_bound`) scans every other partition whose rigorous upper bound
+        (:meth:`_needed`) reaches T; items left out of a scanned partition score at most its last
+        float32 candidate plus the float32 error bound, and a query where that could reach T falls
+        back to the exact flat scan. The result is then the float64 brute force's top-k (ties by
+        row).
+
+        Args:
+            query: the batch of B queries (points or Gaussians, lifted, scorer, label filter).
+            k: results wanted; rerank: float32 candidates kept per scan (>= k for exact answers).
+            nprobe: partitions scanned first (clipped to [1, nlist]).
+            exact_index, extra: the exact path (outlier groups, fallback) and its screen width.
+            exact: return the exact top-k (certified by branch and bound).
+            certify: without ``exact``, compute whether each answer is provably exact (costs
+                the partition bounds).
+
+        Returns:
+            ``rows (B, k)`` int64, ``scores (B, k)`` float64 (padded with -1 / -inf past the
+            selected items) and ``certified (B,)`` bool.
+        """
+        nq = len(query)
+        first = self.scan_best(query, nprobe=nprobe, rerank=rerank, fill=None if exact else min(k, rerank))
+        rows, top = self._rerank(query, first.labels, k, exact_index, extra)
+        if not (exact or certify):
+            return rows, top, np.zeros(nq, dtype=bool)
+
+        threshold = top[:, k - 1]  # k-th exact score so far: a lower bound on the true one
+        err = self._error(exact_index, query.lifted)
+        hidden = first.hidden(err)
+        needed = self._needed(query, threshold, first.scanned)
+        if not exact:
+            certified = hidden < threshold
+            certified[needed.query] = False
+            return rows, top, certified
+
+        fallback = self._branch_and_bound(query, rows, top, needed, hidden >= threshold, rerank, err)
+        bad = np.flatnonzero(fallback)
+        if bad.size:
+            log.debug("exact search: %d of %d queries fell back to the flat scan", bad.size, nq)
+            rescore = query.rescore
+            rows[bad], top[bad] = exact_index.search(
+                query.lifted[bad],
+                k,
+                extra=extra,
+                rescore=lambda qi, r: rescore(bad[qi], r),
+                selection=query.selection,
+            )
+        return rows, top, np.ones(nq, dtype=bool)
+
+    def scan_best(self, query: ApproxQuery, *, nprobe: int, rerank: int, fill: int | None) -> PartitionScan:
+        """Coarse step: the best ``rerank`` float32 candidates of the ``nprobe`` best partitions.
+
+        Args:
+            nprobe: partitions per query, best centroid posterior first (clipped to [1, nlist]).
+            fill: when given, queries whose scan kept fewer than ``fill`` (selected) items are
+                rescanned over twice as many partitions until they have them or every
+                partition was scanned.
+        """
+        nq, q32, selection = len(query), query.q32, query.selection
+        nprobe = max(1, min(nprobe, self.nlist))
+        lists = self._probe(q32, nprobe, selection)
+        dist, labels = self._scan(q32, lists, rerank, selection)
+        scanned = np.zeros((nq, self.nlist), dtype=bool)
+        _mark(scanned, np.arange(nq), lists)
+        if fill is not None:
+            short = np.flatnonzero(labels[:, fill - 1] < 0)
+            probe = nprobe
+            while short.size and probe < self.nlist:
+                probe = min(self.nlist, 2 * probe)
+                more = self._probe(q32[short], probe, selection)
+                dist[short], labels[short] = self._scan(q32[short], more, rerank, selection)
+                _mark(scanned, short, more)
+                short = short[labels[short, fill - 1] < 0]
+        return PartitionScan(dist=dist, labels=labels, scanned=scanned)
+
+    def _rerank(
+        self, query: ApproxQuery, labels: np.ndarray, k: int, exact_index: ExactIndex, extra: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rescore step: float64 top-k of ``labels (B, C)`` (-1 padding) and the outlier groups.
+
+        Returns ``rows (B, k)`` int64 and ``scores (B, k)`` float64, best first, ties by row.
+        """
+        cand = labels
+        if self.exact_groups:
+            outliers, _ = exact_index.search(
+                query.lifted,
+                k,
+                extra=extra,
+                rescore=query.rescore,
+                selection=query.selection,
+                only=self.exact_groups,
+            )
+            cand = np.concatenate([cand, outliers], axis=1)
+        return _topk(cand, _rescore_padded(query.rescore, np.arange(len(query)), cand), k)
+
+    def _branch_and_bound(
+        self,
+        query: ApproxQuery,
+        rows: np.ndarray,
+        top: np.ndarray,
+        needed: _Needed,
+        fallback: np.ndarray,
+        rerank: int,
+        err: np.ndarray,
+    ) -> np.ndarray:
+        """Branch-and-bound step: scan the ``needed`` partitions and merge them into the top-k.
+
+        Args:
+            rows, top: ``(B, k)`` current top-k rows and float64 scores, updated in place.
+            needed: unscanned partitions whose upper bound reaches the k-th score ``top[:, -1]``.
+            fallback: ``(B,)`` bool, queries already bound for the flat exact scan (not scanned).
+            rerank: float32 candidates kept per query; err: ``(B,)`` float32 error bound.
+
+        Returns:
+            ``(B,)`` bool: ``fallback`` plus the queries whose second scan dropped an item that
+            could still reach the k-th score.
+        """
+        fallback = fallback.copy()
+        keep = ~fallback[needed.query]
+        q, part, ub = needed.query[keep], needed.partition[keep], needed.bound[keep]
+        if q.size == 0:
+            return fallback
+        threshold = top[:, -1].copy()  # the k-th score before this step's merge
+        todo, inv, cnt = np.unique(q, return_inverse=True, return_counts=True)
+        order = np.lexsort((-ub, inv))  # by query, best bound first
+        pos = np.arange(q.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
+        pick = np.full((todo.size, int(cnt.max())), -1, dtype=np.int64)
+        pick[inv[order], pos] = part[order]
+        d2, l2 = self._scan(query.q32[todo], pick, rerank, query.selection)
+        hidden2 = np.where(l2[:, -1] >= 0, d2[:, -1].astype(np.float64) + err[todo], -np.inf)
+        fallback[todo[hidden2 >= threshold[todo]]] = True
+        merged = np.concatenate([rows[todo], l2], axis=1)
+        rows[todo], top[todo] = _topk(merged, _rescore_padded(query.rescore, todo, merged), top.shape[1])
+        return fallback
+
+    def _needed(self, query: ApproxQuery, threshold: np.ndarray, scanned: np.ndarray) -> _Needed:
         """Unscanned partitions whose rigorous upper bound reaches the query's threshold.
 
         Three bounds, cheapest first, each applied only where the previous ones did not prune:
         the lifted box (two matrix products), the partition-centred bound (one matrix product plus
         ``sum_j |z_j - m_j| brad_j``; tight for queries near the data) and the per-dimension
-        (mu, sigma) box (:func:`_box_bound`). Returns ``(query, partition, bound)`` as ``(M,)``
-        arrays.
+        (mu, sigma) box (:func:`_box_bound`). Partitions holding no selected item are skipped.
+
+        Args:
+            threshold: ``(B,)`` float64 score a partition's bound must reach.
+            scanned: ``(B, L)`` bool, partitions already scanned per query.
         """
+        points, std, queries = query.points, query.std, query.lifted
+        counts = self.list_sizes if query.selection is None else self._partitions_of(query.selection).counts
         absq = np.abs(queries)
         bound = queries @ self.lifted_mid.T + absq @ self.lifted_rad.T  # (B, L)
         bound += 1e-12 * (absq @ (np.abs(self.lifted_mid) + self.lifted_rad).T)
@@ -343,7 +582,7 @@ class ApproxIndex:
         bound[:, counts == 0] = -np.inf
         q, part = np.nonzero(bound >= threshold[:, None])
         if q.size == 0:
-            return q, part, np.zeros(0)
+            return _Needed(query=q, partition=part, bound=np.zeros(0))
         box = np.empty(q.size)
         for s in range(0, q.size, 1 << 18):
             qs, ps = q[s : s + (1 << 18)], part[s : s + (1 << 18)]
@@ -359,167 +598,77 @@ class ApproxIndex:
                 self.shi[ps],
             )
         keep = box >= threshold[q]
-        return q[keep], part[keep], box[keep]
+        return _Needed(query=q[keep], partition=part[keep], bound=box[keep])
 
-    def search(
-        self,
-        points: np.ndarray,
-        std: np.ndarray | None,
-        *,
-        k: int,
-        rerank: int,
-        nprobe: int,
-        queries: np.ndarray,
-        exact_index: Any,
-        extra: int,
-        rescore: Any,
-        selection: Any = None,
-        exact: bool = False,
-        certify: bool = False,
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-k by scanning the best partitions, reranked exactly; with ``exact``, certified.
+    def _probe(self, q32: np.ndarray, nprobe: int, selection: Selection | None) -> np.ndarray:
+        """``(B, nprobe)`` partitions with the best centroid posterior (-1 where none is left).
 
-        Pass 1 scans the ``nprobe`` partitions with the best centroid posterior and keeps the
-        ``rerank`` best float32 candidates, rescored in float64: its k-th score T is a lower bound
-        on the true k-th score. With ``exact=True``, pass 2 scans every other partition whose
-        rigorous upper bound (:meth:`_needed`) reaches T; items left out of a scanned
-        partition score at most its last float32 candidate plus the float32 error bound, and a
-        query where that could reach T falls back to the exact flat scan. The result is then the
-        float64 brute force's top-k (ties by row).
-
-        Args:
-            points, std: ``(B, d)`` query points (or means) and stds (None for point queries).
-            k: results wanted; rerank: float32 candidates kept per scan.
-            queries: ``(B, 2d + 1)`` float64 lifted queries.
-            exact_index, extra, rescore, selection: the exact path (outlier groups, fallback).
-            certify: without ``exact``, compute whether each answer is provably exact (costs
-                the partition bounds).
-
-        Returns:
-            ``rows (B, k)``, ``scores (B, k)`` (padded with -1 / -inf past the selected items) and
-            ``certified (B,)`` bool.
+        With a selection, partitions holding no selected item are skipped.
         """
-        nq = points.shape[0]
-        q32 = np.ascontiguousarray(queries, dtype=np.float32)
-        nprobe = max(1, min(nprobe, self.nlist))
-        lists = self._probe(q32, nprobe, selection)
-        dist, labels = self._scan(q32, lists, rerank, selection)
-        scanned = np.zeros((nq, self.nlist), dtype=bool)
-        _mark(scanned, np.arange(nq), lists)
-        if not exact:
-            # The probed partitions may hold fewer than k (selected) items: widen those queries.
-            need = min(k, rerank) - 1
-            short = np.flatnonzero(labels[:, need] < 0)
-            probe = nprobe
-            while short.size and probe < self.nlist:
-                probe = min(self.nlist, 2 * probe)
-                more = self._probe(q32[short], probe, selection)
-                dist[short], labels[short] = self._scan(q32[short], more, rerank, selection)
-                _mark(scanned, short, more)
-                short = short[labels[short, need] < 0]
-        cand = labels
-        if self.exact_groups:
-            outliers, _ = exact_index.search(
-                queries, k, extra=extra, rescore=rescore, selection=selection, only=self.exact_groups
-            )
-            cand = np.concatenate([cand, outliers], axis=1)
-        rows, top = _topk(cand, _rescore_padded(rescore, np.arange(nq), cand), k)
-        if not (exact or certify):
-            return rows, top, np.zeros(nq, dtype=bool)
-
-        threshold = top[:, k - 1]  # k-th exact score so far: a lower bound on the true one
-        err = self._error(exact_index, queries)
-        counts = self.list_sizes if selection is None else self._selected_counts(selection)
-        # Items of a scanned partition that the scan dropped score at most its last candidate.
-        hidden = np.where(labels[:, -1] >= 0, dist[:, -1].astype(np.float64) + err, -np.inf)
-        q, part, ub = self._needed(points, std, queries, threshold, scanned, counts)
-        if not exact:
-            certified = hidden < threshold
-            certified[q] = False
-            return rows, top, certified
-
-        fallback = hidden >= threshold
-        keep = ~fallback[q]
-        q, part, ub = q[keep], part[keep], ub[keep]
-        if q.size:
-            todo, inv, cnt = np.unique(q, return_inverse=True, return_counts=True)
-            order = np.lexsort((-ub, inv))  # by query, best bound first
-            pos = np.arange(q.size) - np.repeat(np.cumsum(cnt) - cnt, cnt)
-            pick = np.full((todo.size, int(cnt.max())), -1, dtype=np.int64)
-            pick[inv[order], pos] = part[order]
-            d2, l2 = self._scan(q32[todo], pick, rerank, selection)
-            hidden2 = np.where(l2[:, -1] >= 0, d2[:, -1].astype(np.float64) + err[todo], -np.inf)
-            fallback[todo[hidden2 >= threshold[todo]]] = True
-            merged = np.concatenate([rows[todo], l2], axis=1)
-            rows[todo], top[todo] = _topk(merged, _rescore_padded(rescore, todo, merged), k)
-        bad = np.flatnonzero(fallback)
-        if bad.size:
-            log.debug("exact search: %d of %d queries fell back to the flat scan", bad.size, nq)
-            rows[bad], top[bad] = exact_index.search(
-                queries[bad], k, extra=extra, rescore=lambda qi, r: rescore(bad[qi], r), selection=selection
-            )
-        return rows, top, np.ones(nq, dtype=bool)
-
-    def _probe(self, q32: np.ndarray, nprobe: int, selection: Any) -> np.ndarray:
-        """``(B, nprobe)`` partitions with the best centroid posterior (-1 where none is left)."""
-        params = None if selection is None else self._selected_lists(selection)
+        params = None if selection is None else self._partitions_of(selection).lists.params
         _, lists = self.ivf.quantizer.search(q32, min(nprobe, self.nlist), params=params)
         return np.ascontiguousarray(lists, dtype=np.int64)
 
     def _scan(
-        self, q32: np.ndarray, lists: np.ndarray, rerank: int, selection: Any
+        self, q32: np.ndarray, lists: np.ndarray, rerank: int, selection: Selection | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``rerank`` float32 scores and rows in the given partitions (``(B, m)``, -1 = skip)."""
+        """Best ``rerank`` float32 scores and rows in the given partitions (``(B, m)``, -1 = skip).
+
+        Returns ``dist (B, rerank)`` float32 and ``labels (B, rerank)`` int64, best first, padded
+        with -inf / -1.
+        """
         nq, m = lists.shape
-        dist = np.empty((nq, rerank), dtype=np.float32)
-        labels = np.empty((nq, rerank), dtype=np.int64)
         if m == 0:
-            dist.fill(-np.inf)
-            labels.fill(-1)
-            return dist, labels
+            return np.full((nq, rerank), -np.inf, dtype=np.float32), np.full((nq, rerank), -1, dtype=np.int64)
         params = faiss.SearchParametersIVF()
         params.nprobe = m
         if selection is not None:
-            params.sel = selection.row_params.sel
-        coarse = np.zeros((nq, m), dtype=np.float32)  # unused by the flat inverted lists
-        self.ivf.search_preassigned_c(
-            nq,
-            faiss.swig_ptr(q32),
-            rerank,
-            faiss.swig_ptr(lists),
-            faiss.swig_ptr(coarse),
-            faiss.swig_ptr(dist),
-            faiss.swig_ptr(labels),
-            False,
-            params,
-        )
-        return dist, labels
+            params.sel = selection.rows.selector
+        return _search_preassigned(self.ivf, q32, rerank, lists, params)
 
-    def _error(self, exact_index: Any, queries: np.ndarray) -> np.ndarray:
+    def _error(self, exact_index: ExactIndex, queries: np.ndarray) -> np.ndarray:
         """``(B,)`` float32 score error bound for the partitioned items."""
         bounds = exact_index.error_bounds(queries)
         in_parts = [g for g in range(bounds.shape[1]) if g not in self.exact_groups]
         return bounds[:, in_parts].max(axis=1) if in_parts else np.zeros(queries.shape[0])
 
-    def _selected_lists(self, selection: Any) -> faiss.SearchParameters:
-        """Quantizer parameters that skip partitions holding no selected item (cached)."""
-        params = getattr(selection, "_approx_lists", None)
-        if params is None:
-            has = self._selected_counts(selection) > 0
-            bitmap = np.packbits(has, bitorder="little")
-            sel = faiss.IDSelectorBitmap(has.size, faiss.swig_ptr(bitmap))
-            params = faiss.SearchParameters(sel=sel)
-            selection._keep.extend((bitmap, sel))
-            selection._approx_lists = params
-        return params
-
-    def _selected_counts(self, selection: Any) -> np.ndarray:
-        counts = getattr(selection, "_approx_counts", None)
-        if counts is None:
+    def _partitions_of(self, selection: Selection) -> _PartitionFilter:
+        """What ``selection`` keeps of each partition (computed once per selection)."""
+        with self._filters_lock:
+            found = self._filters.get(selection)
+        if found is None:
             rows = self.list_of_row[selection.mask]
             counts = np.bincount(rows[rows >= 0], minlength=self.nlist)
-            selection._approx_counts = counts
-        return counts
+            found = _PartitionFilter(counts=counts, lists=BitmapFilter.from_mask(counts > 0))
+            with self._filters_lock:
+                found = self._filters.setdefault(selection, found)
+        return found
+
+
+def _search_preassigned(
+    ivf: faiss.IndexIVF, q32: np.ndarray, k: int, lists: np.ndarray, params: faiss.SearchParametersIVF
+) -> tuple[np.ndarray, np.ndarray]:
+    """``ivf.search_preassigned`` over ``lists (B, m)`` with per-call ``params`` (nprobe = m, selector).
+
+    Neither ``faiss.contrib.ivf_tools.search_preassigned`` nor FAISS's Python wrapper of
+    ``IndexIVF.search_preassigned`` can do this: both read nprobe from the index (setting it would
+    race between concurrent searches) and the wrapper rejects ``params``, hence no ID selector. So
+    this calls the C++ method on the arrays' buffers, which are C-contiguous and typed here.
+
+    Returns ``dist (B, k)`` float32 and ``labels (B, k)`` int64 (``-inf`` / -1 past the items).
+    """
+    nq, m = lists.shape
+    q32 = np.ascontiguousarray(q32, dtype=np.float32)
+    lists = np.ascontiguousarray(lists, dtype=np.int64)
+    coarse = np.zeros((nq, m), dtype=np.float32)  # unused by flat inverted lists
+    dist = np.empty((nq, k), dtype=np.float32)
+    labels = np.empty((nq, k), dtype=np.int64)
+    sp = faiss.swig_ptr
+    # the stub omits search_preassigned_c, the SWIG method the Python search_preassigned wraps
+    ivf.search_preassigned_c(  # type: ignore[attr-defined]
+        nq, sp(q32), k, sp(lists), sp(coarse), sp(dist), sp(labels), False, params
+    )
+    return dist, labels
 
 
 def _mark(mask: np.ndarray, query_rows: np.ndarray, lists: np.ndarray) -> None:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
+import faiss
+
 from latentsearch.errors import InvalidArgumentError
 
-__all__ = ["EngineConfig", "SearchMode"]
+__all__ = ["EngineConfig", "SearchMode", "exact_group_index"]
 
 SearchMode = Literal["auto", "exact", "approx"]
 
@@ -25,7 +27,9 @@ class EngineConfig:
     approx_min_items: int = 100_000
     # Largest k a caller may ask for; k above the bank size simply returns the whole bank.
     max_k: int = 1000
-    # FAISS factory string of each exact scale group and its metric (lifted inner product).
+    # FAISS factory string of each exact scale group and its metric (lifted inner product). The
+    # certified screen needs every float32 score exactly as computed, so it must build a plain flat
+    # index needing no training: in practice "Flat" (checked at construction, see exact_group_index).
     exact_factory: str = "Flat"
     metric: Literal["inner_product"] = "inner_product"
     # Exact mode screens k + max(k, exact_extra) float32 candidates per scale group before the
@@ -79,6 +83,7 @@ class EngineConfig:
             )
         if self.metric != "inner_product":
             raise InvalidArgumentError("only the lifted inner_product metric is supported", field="metric")
+        exact_group_index(self.exact_factory, _PROBE_DIM)  # a tiny empty index: rejects bad strings now
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,6 +93,52 @@ class EngineConfig:
         """Rebuild from :meth:`to_dict` output, ignoring keys this version does not know."""
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+_PROBE_DIM = 3  # lifted dimension 2d + 1 of a d = 1 bank: the smallest the engine builds
+
+
+def exact_group_index(factory: str, n: int) -> faiss.IndexFlat:
+    """An empty FAISS inner-product index of one exact scale group, over ``n``-dim lifted vectors.
+
+    The exact path's proof bounds the error of float32 scores computed from the stored float32
+    vectors, so the index must be a flat index that needs no training (``faiss.IndexFlat``, inner
+    product): quantised (``SQfp16``, ``PQ``), graph (``HNSW``, ``NSG``), partitioned (``IVF``) or
+    wrapped (``IDMap``, ``Refine``, pre-transforms) indexes would return scores or candidates the
+    bound does not cover.
+
+    Raises:
+        InvalidArgumentError: (``field="exact_factory"``) ``factory`` is not a string, does not
+            parse, needs training, or builds anything but a flat inner-product index.
+    """
+    if not isinstance(factory, str):
+        raise InvalidArgumentError(
+            f"exact_factory must be a FAISS factory string, got {type(factory).__name__}",
+            field="exact_factory",
+        )
+    try:
+        index = faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as exc:
+        # FAISS says "Error in <function> at <file>:<line>: <reason>"; keep the reason.
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(": ", 1)[-1]
+        raise InvalidArgumentError(
+            f"FAISS cannot build exact_factory {factory!r} ({reason})",
+            field="exact_factory",
+        ) from exc
+    if not index.is_trained:
+        raise InvalidArgumentError(
+            f"exact_factory {factory!r} needs training; exact scale groups must be flat indexes that need "
+            "none (use 'Flat')",
+            field="exact_factory",
+        )
+    # index_factory returns the concrete class (IndexFlat, IndexHNSWFlat, ...), owning its object.
+    if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise InvalidArgumentError(
+            f"exact_factory {factory!r} builds {type(index).__name__}, which the exact path cannot "
+            "certify; exact scale groups must be flat inner-product indexes (use 'Flat')",
+            field="exact_factory",
+        )
+    return index
 
 
 def _check_int(config: EngineConfig, name: str, *, minimum: int) -> None:

@@ -13,17 +13,18 @@ from typing import Any
 import faiss
 import numpy as np
 
-from latentsearch.engine.approx import ApproxIndex
-from latentsearch.engine.bank import PosteriorBank
+from latentsearch.bank import PosteriorBank
+from latentsearch.engine.approx import ApproxIndex, ApproxQuery
 from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.results import BatchResult, SearchResult
+from latentsearch.engine.storage import EngineParts, load_engine, save_engine
 from latentsearch.errors import InvalidArgumentError
-from latentsearch.posterior import LOG_2PI, DiagonalGaussian
+from latentsearch.posterior import DiagonalGaussian
 
-__all__ = ["MAX_ABS_COORDINATE", "SearchEngine"]
+__all__ = ["MAX_ABS_COORDINATE", "SearchEngine", "check_points"]
 
 log = logging.getLogger(__name__)
 
@@ -131,11 +132,6 @@ class SearchEngine:
         if build_approx:
             engine.approx = ApproxIndex.build(bank.mu, bank.log_sigma, config, groups=engine.exact.groups)
         return engine
-
-    @classmethod
-    def from_posterior(cls, posterior: DiagonalGaussian, **kwargs: Any) -> SearchEngine:
-        p = posterior.numpy()
-        return cls.build(p.mean, log_sigma=p.log_sigma, **kwargs)
 
     # -- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -255,6 +251,24 @@ class SearchEngine:
         )
         return [self._result(rows[b], scores[b], "exact", True, None) for b in range(z_arr.shape[0])]
 
+    def check_query(
+        self, z: Sequence[float], k: int = 10, labels: Iterable[int] | None = None
+    ) -> tuple[int, ...] | None:
+        """Check one query of a later batched search, without searching; raises what :meth:`search`
+        would (InvalidArgumentError naming ``z``, ``k`` or ``labels``).
+
+        For callers that gather single queries into one :meth:`search_batch_arrays` call (the
+        server's micro-batcher): each query is checked on its own first, so a bad one fails alone
+        rather than its whole batch. A list of floats is checked in plain Python (no array per
+        call). Returns the label filter as sorted distinct labels (a key for grouping queries),
+        ``None`` without one.
+        """
+        dim = self.dim
+        if not _plain_point_ok(z, dim):
+            check_points(z, dim, "z", single=True)  # the array rule: raises for a bad point
+        self._check_k(k)
+        return None if labels is None else tuple(sorted(self._label_set(labels)))
+
     # -- internals ----------------------------------------------------------------------------
     def _search(
         self,
@@ -301,7 +315,8 @@ class SearchEngine:
             )
         kl = None
         if std is not None and np.all(std > 0):
-            entropy = np.log(std).sum(axis=1) + 0.5 * self.dim * (1.0 + LOG_2PI)  # (B,)
+            # KL(N(mean, std^2) || q) = -entropy - E log q, and the scores are E log q.
+            entropy = DiagonalGaussian.from_std(points, std).entropy()  # (B,)
             kl = np.where(rows >= 0, -entropy[:, None] - scores, np.inf)  # (B, k)
         return BatchResult(
             rows=rows, scores=scores, certified=np.asarray(certified, bool), mode=resolved, kl=kl
@@ -335,16 +350,12 @@ class SearchEngine:
         if use_partitions:
             assert self.approx is not None
             rows, scores, certified = self.approx.search(
-                points,
-                std,
+                ApproxQuery(points=points, std=std, lifted=queries, rescore=rescore, selection=selection),
                 k=k_eff,
                 rerank=max(self.config.approx_rerank, k_eff),
                 nprobe=self.approx.nprobe if nprobe is None else nprobe,
-                queries=queries,
                 exact_index=self.exact,
                 extra=self.config.exact_extra,
-                rescore=rescore,
-                selection=selection,
                 exact=resolved == "exact",
                 certify=self.config.approx_certify,
             )
@@ -393,30 +404,14 @@ class SearchEngine:
         return "approx"
 
     def _check_k(self, k: Any) -> int:
-        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+        if type(k) is not int and (isinstance(k, bool) or not isinstance(k, (int, np.integer))):
             raise InvalidArgumentError(f"k must be an integer, got {type(k).__name__}", field="k")
         if k < 1 or k > self.config.max_k:
             raise InvalidArgumentError(f"k must be in [1, {self.config.max_k}], got {k}", field="k")
         return int(min(k, len(self.bank)))
 
     def _check_points(self, value: Any, field: str, *, single: bool) -> np.ndarray:
-        arr = _real_array(value, field)
-        d = self.dim
-        if single:
-            if arr.shape != (d,):
-                raise InvalidArgumentError(f"{field} must have shape ({d},), got {arr.shape}", field=field)
-            arr = arr[None, :]
-        elif arr.ndim != 2 or arr.shape[1] != d or arr.shape[0] < 1:
-            raise InvalidArgumentError(
-                f"{field} must have shape (B, {d}) with B >= 1, got {arr.shape}", field=field
-            )
-        if not np.isfinite(arr).all():
-            raise InvalidArgumentError(f"{field} contains NaN or inf", field=field)
-        if (np.abs(arr) > MAX_ABS_COORDINATE).any():
-            raise InvalidArgumentError(
-                f"{field} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=field
-            )
-        return arr
+        return check_points(value, self.dim, field, single=single)
 
     def _check_std(self, std: Any, shape: tuple[int, ...]) -> np.ndarray:
         arr = _real_array(std, "std")
@@ -435,22 +430,7 @@ class SearchEngine:
     def _selection(self, labels: Iterable[int] | None) -> Selection | None:
         if labels is None:
             return None
-        if self.bank.labels is None:
-            raise InvalidArgumentError("this bank has no labels to filter on", field="labels")
-        try:
-            values = list(labels)
-            if any(isinstance(v, (str, bytes)) for v in values):
-                raise TypeError("strings are not labels")
-            wanted = frozenset(int(v) for v in values)
-        except (TypeError, ValueError, OverflowError) as exc:
-            raise InvalidArgumentError(f"labels must be integers: {exc}", field="labels") from exc
-        if any(isinstance(v, (float, np.floating)) and v != int(v) for v in values):
-            raise InvalidArgumentError(f"labels must be integers, got {values[:10]}", field="labels")
-        if not wanted:
-            raise InvalidArgumentError("labels filter is empty", field="labels")
-        unknown = sorted(wanted - self.bank.label_set)
-        if unknown:
-            raise InvalidArgumentError(f"unknown label(s) {unknown[:10]}", field="labels")
+        wanted = self._label_set(labels)
         with self._lock:
             sel = self._selections.get(wanted)
             if sel is not None:
@@ -464,15 +444,40 @@ class SearchEngine:
                 self._selections.popitem(last=False)
         return sel
 
+    def _label_set(self, labels: Iterable[int]) -> frozenset[int]:
+        """A label filter as the set of labels it keeps, all known to the bank."""
+        if self.bank.labels is None:
+            raise InvalidArgumentError("this bank has no labels to filter on", field="labels")
+        try:
+            values = list(labels)
+        except TypeError as exc:
+            raise InvalidArgumentError(f"labels must be integers: {exc}", field="labels") from exc
+        if all(type(v) is int for v in values):  # plain ints (a request's labels): nothing to convert
+            wanted = frozenset(values)
+        else:
+            try:
+                if any(isinstance(v, (str, bytes)) for v in values):
+                    raise TypeError("strings are not labels")
+                wanted = frozenset(int(v) for v in values)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise InvalidArgumentError(f"labels must be integers: {exc}", field="labels") from exc
+            if any(isinstance(v, (float, np.floating)) and v != int(v) for v in values):
+                raise InvalidArgumentError(f"labels must be integers, got {values[:10]}", field="labels")
+        if not wanted:
+            raise InvalidArgumentError("labels filter is empty", field="labels")
+        unknown = wanted - self.bank.label_set
+        if unknown:
+            raise InvalidArgumentError(f"unknown label(s) {sorted(unknown)[:10]}", field="labels")
+        return wanted
+
     # -- persistence --------------------------------------------------------------------------
     def save(self, path: str | Path, *, overwrite: bool = False, extra: dict[str, Any] | None = None) -> Path:
         """Write the engine to directory ``path`` (atomically; see :mod:`latentsearch.engine.storage`).
 
         ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
         """
-        from latentsearch.engine.storage import save_engine
-
-        return save_engine(self, Path(path), overwrite=overwrite, extra=extra)
+        parts = EngineParts(bank=self.bank, config=self.config, exact=self.exact, approx=self.approx)
+        return save_engine(parts, Path(path), overwrite=overwrite, extra=extra)
 
     @classmethod
     def load(
@@ -483,9 +488,45 @@ class SearchEngine:
         ``verify=True`` checks every file's sha256 against the manifest (sizes are always checked);
         ``device`` picks where the exact flat screens run on this host (see ``EngineConfig.device``).
         """
-        from latentsearch.engine.storage import load_engine
+        parts = load_engine(Path(path), mmap=mmap, verify=verify, device=device)
+        return cls(parts.bank, parts.config, exact=parts.exact, approx=parts.approx)
 
-        return load_engine(Path(path), mmap=mmap, verify=verify, device=device)
+
+def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True) -> np.ndarray:
+    """Latent points as a ``(B, d)`` float64 array: one ``(d,)`` point (``single``, B = 1) or a
+    ``(B, d)`` batch with B >= 1, finite, every coordinate within +-MAX_ABS_COORDINATE.
+
+    The engine's rule for query points, also for callers that take latents without searching
+    (the server's Decode). Raises InvalidArgumentError(field=field).
+    """
+    arr = _real_array(value, field)
+    if single:
+        if arr.shape != (dim,):
+            raise InvalidArgumentError(f"{field} must have shape ({dim},), got {arr.shape}", field=field)
+        arr = arr[None, :]
+    elif arr.ndim != 2 or arr.shape[1] != dim or arr.shape[0] < 1:
+        raise InvalidArgumentError(
+            f"{field} must have shape (B, {dim}) with B >= 1, got {arr.shape}", field=field
+        )
+    if not np.isfinite(arr).all():
+        raise InvalidArgumentError(f"{field} contains NaN or inf", field=field)
+    if (np.abs(arr) > MAX_ABS_COORDINATE).any():
+        raise InvalidArgumentError(
+            f"{field} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=field
+        )
+    return arr
+
+
+def _plain_point_ok(z: Any, dim: int) -> bool:
+    """Whether ``z`` is a list of ``dim`` Python floats that :func:`check_points` accepts, checked in
+    plain Python. False for anything else, valid or not: :func:`check_points` then decides."""
+    if type(z) is not list or len(z) != dim:
+        return False
+    lim = MAX_ABS_COORDINATE
+    for v in z:  # noqa: SIM110 - a loop: all() over a generator took twice as long (d = 10)
+        if type(v) is not float or not -lim <= v <= lim:  # NaN, inf or too large
+            return False
+    return True
 
 
 def _real_array(value: Any, field: str) -> np.ndarray:

@@ -30,15 +30,18 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from latentsearch.engine.config import exact_group_index
 from latentsearch.engine.gpu import to_gpu
 from latentsearch.engine.lifting import error_coefficient, lift_items
+from latentsearch.errors import FailedPreconditionError
 
-__all__ = ["ExactIndex", "Rescore", "ScaleGroup", "Selection"]
+__all__ = ["BitmapFilter", "ExactIndex", "Rescore", "ScaleGroup", "Selection"]
 
 # Exact float64 scorer: rescore(query_idx (B',), rows (B', C)) -> (B', C) log q for those pairs.
 Rescore = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -82,7 +85,7 @@ class ScaleGroup:
         self.direct = direct
         self._source = (mu, log_sigma)
         self._factory = factory
-        self._index: faiss.Index | None = None
+        self._index: faiss.IndexFlat | None = None
         self._gpu_index: faiss.Index | None = None
         self._device = device
         self._lock = threading.Lock()
@@ -95,15 +98,15 @@ class ScaleGroup:
         return self._index is not None
 
     @property
-    def index(self) -> faiss.Index:
-        """The group's FAISS index (built on first access, thread-safe)."""
+    def index(self) -> faiss.IndexFlat:
+        """The group's FAISS flat index (built on first access, thread-safe)."""
         if self.direct:
-            raise RuntimeError("a float64-only scale group has no FAISS index")
+            raise FailedPreconditionError("a float64-only scale group has no FAISS index")
         if self._index is None:
             with self._lock:
                 if self._index is None:
                     mu, log_sigma = self._source
-                    index = _factory_index(self._factory, self.absmax.size)
+                    index = exact_group_index(self._factory, self.absmax.size)
                     for start in range(0, self.rows.size, _LIFT_CHUNK):
                         chunk = self.rows[start : start + _LIFT_CHUNK]
                         lifted = lift_items(mu[chunk], log_sigma[chunk])
@@ -167,13 +170,6 @@ class ScaleGroup:
                 if self._gpu_index is None:
                     self._gpu_index = to_gpu(cpu)
         return self._gpu_index
-
-
-def _factory_index(factory: str, n: int) -> faiss.Index:
-    index = faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        raise ValueError(f"exact factory {factory!r} needs training; exact groups must be untrained-flat")
-    return index
 
 
 _DIRECT = np.iinfo(np.int64).max  # group key of the float64-only group
@@ -309,7 +305,9 @@ class ExactIndex:
         direct = []
         for gi in active:
             group = self.groups[gi]
-            count, params = (len(group), None) if selection is None else selection.group(gi)
+            subset = None if selection is None else selection.group(gi)
+            params = None if subset is None else subset.params
+            count = len(group) if subset is None else subset.count
             kg = min(screen, count)
             if kg == 0:
                 continue
@@ -335,7 +333,7 @@ class ExactIndex:
         extra_rows: dict[int, list[np.ndarray]] = {}
         for gi, kth in pending:
             group = self.groups[gi]
-            params = None if selection is None else selection.group(gi)[1]
+            params = None if selection is None else selection.group(gi).params
             unsure = np.flatnonzero(kth + bounds[:, gi] >= threshold)
             for b in unsure.tolist():
                 radius = _float32_below(threshold[b] - bounds[b, gi])
@@ -373,35 +371,58 @@ class ExactIndex:
         return best_rows, best
 
 
+@dataclass(frozen=True, eq=False)
+class BitmapFilter:
+    """A subset of the ids ``0..n-1`` of one FAISS index, as a bitmap ID selector.
+
+    Attributes:
+        bitmap: ``(ceil(n / 8),)`` uint8, the subset's mask packed little-endian: the buffer the
+            selector reads through a raw pointer, held here as long as the selector is.
+        selector: ``faiss.IDSelectorBitmap`` over ``bitmap``.
+        params: ``faiss.SearchParameters`` carrying ``selector`` (for ``search``/``range_search``).
+        count: number of selected ids.
+    """
+
+    bitmap: np.ndarray
+    selector: faiss.IDSelectorBitmap
+    params: faiss.SearchParameters
+    count: int
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray) -> BitmapFilter:
+        """The ids ``i`` with ``mask[i]`` (``mask``: ``(n,)`` bool)."""
+        bitmap = np.packbits(mask, bitorder="little")
+        # FAISS's Python wrapper takes the array: it passes len(bitmap) bytes and a pointer to them
+        # (its stub lists only the C++ (n, pointer) form).
+        selector = faiss.IDSelectorBitmap(bitmap)  # type: ignore[call-arg, arg-type]
+        params = faiss.SearchParameters()
+        params.sel = selector  # the wrapper keeps a reference to the selector too
+        return cls(bitmap=bitmap, selector=selector, params=params, count=int(np.count_nonzero(mask)))
+
+
 class Selection:
-    """A subset of bank rows as FAISS bitmap selectors, one per scale group.
+    """A subset of bank rows (a label filter), as FAISS bitmap selectors; immutable once built.
 
     Args:
         mask: ``(N,)`` bool, True for rows that may be returned.
-        groups: the groups whose local ids the bitmaps address.
+        groups: the scale groups whose local ids the per-group selectors address.
+
+    Attributes:
+        mask: the ``(N,)`` mask.
+        count: number of selected rows.
+        rows: selector over bank rows, for indexes whose ids are bank rows (the approximate index).
+        per_group: one selector per scale group, over its local ids ``0..n_g-1``.
     """
 
-    def __init__(self, mask: np.ndarray, groups: list[ScaleGroup]) -> None:
+    def __init__(self, mask: np.ndarray, groups: Sequence[ScaleGroup]) -> None:
         self.mask = mask
-        self.count = int(mask.sum())
-        self._keep: list[object] = []  # FAISS holds raw pointers: keep the buffers alive
-        # One selector over bank rows, for indexes whose ids are bank rows (the approximate index).
-        bitmap = np.packbits(mask, bitorder="little")
-        sel = faiss.IDSelectorBitmap(mask.size, faiss.swig_ptr(bitmap))
-        self.row_params = faiss.SearchParameters(sel=sel)
-        self._keep.extend((bitmap, sel))
-        self._per_group: list[tuple[int, faiss.SearchParameters]] = []
-        for group in groups:
-            local = mask[group.rows]
-            bitmap = np.packbits(local, bitorder="little")
-            sel = faiss.IDSelectorBitmap(len(group), faiss.swig_ptr(bitmap))
-            params = faiss.SearchParameters(sel=sel)
-            self._keep.extend((bitmap, sel))
-            self._per_group.append((int(local.sum()), params))
+        self.rows = BitmapFilter.from_mask(mask)
+        self.count = self.rows.count
+        self.per_group = tuple(BitmapFilter.from_mask(mask[group.rows]) for group in groups)
 
-    def group(self, gi: int) -> tuple[int, faiss.SearchParameters]:
-        """(number of selected items, FAISS search parameters) of group ``gi``."""
-        return self._per_group[gi]
+    def group(self, gi: int) -> BitmapFilter:
+        """The selector of scale group ``gi``."""
+        return self.per_group[gi]
 
 
 def _float32_below(value: float) -> float:

@@ -31,25 +31,24 @@ import os
 import shutil
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import faiss
 import numpy as np
 
+from latentsearch.bank import PosteriorBank
 from latentsearch.engine.approx import ApproxIndex
-from latentsearch.engine.bank import PosteriorBank
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.gpu import resolve_device
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
-if TYPE_CHECKING:
-    from latentsearch.engine.engine import SearchEngine
-
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "EngineParts",
     "file_digest",
     "fsync_dir",
     "load_engine",
@@ -90,10 +89,22 @@ def _save_npy(directory: Path, name: str, array: np.ndarray) -> None:
         os.fsync(fh.fileno())
 
 
+@dataclass(frozen=True)
+class EngineParts:
+    """What a saved engine consists of: :class:`~latentsearch.engine.SearchEngine` is assembled
+    from these by ``SearchEngine.load`` and hands them to :func:`save_engine` (so this module
+    never imports the engine class)."""
+
+    bank: PosteriorBank
+    config: EngineConfig
+    exact: ExactIndex
+    approx: ApproxIndex | None
+
+
 def save_engine(
-    engine: SearchEngine, path: Path, *, overwrite: bool = False, extra: dict[str, Any] | None = None
+    engine: EngineParts, path: Path, *, overwrite: bool = False, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``engine`` to directory ``path``; see the module docstring for the layout.
+    """Write an engine's parts to directory ``path``; see the module docstring for the layout.
 
     Args:
         overwrite: replace an existing directory (the old one is removed only after the new one
@@ -165,7 +176,7 @@ def save_engine(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    log.info("saved engine (%d items, d=%d) to %s", len(engine.bank), engine.dim, path)
+    log.info("saved engine (%d items, d=%d) to %s", len(engine.bank), engine.bank.dim, path)
     return path
 
 
@@ -226,8 +237,8 @@ def _load_npy(path: Path, name: str, mmap: bool, dtype: Any, shape: tuple[int, .
     return arr
 
 
-def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: str = "auto") -> SearchEngine:
-    """Load an engine saved by :func:`save_engine`.
+def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: str = "auto") -> EngineParts:
+    """Load the parts of an engine saved by :func:`save_engine`.
 
     ``device`` is where this process runs the exact flat screens (``auto``: a GPU when faiss-gpu
     sees one); it replaces the device recorded at build time, which describes another host.
@@ -236,8 +247,6 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: 
         NotFoundError: no directory at ``path``.
         CorruptIndexError: missing, truncated, mistyped or (with ``verify``) altered files.
     """
-    from latentsearch.engine.engine import SearchEngine
-
     path = Path(path)
     manifest = read_manifest(path)
     _check_files(path, manifest, verify)
@@ -273,11 +282,10 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: 
         raise CorruptIndexError(f"{path / MANIFEST} has a bad 'exact' section: {exc}") from exc
     if [len(g) for g in exact.groups] != meta["scale_groups"]:
         raise CorruptIndexError(f"{path / 'exact_groups.npy'} does not match the manifest's scale groups")
-    engine = SearchEngine(bank, config, exact=exact)
-    if manifest.get("approx") is not None:
-        engine.approx = _load_approx(path, mmap, n, d, manifest["approx"])
+    approx_meta = manifest.get("approx")
+    approx = None if approx_meta is None else _load_approx(path, mmap, n, d, approx_meta)
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
-    return engine
+    return EngineParts(bank=bank, config=config, exact=exact, approx=approx)
 
 
 def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -> ApproxIndex:
@@ -285,6 +293,8 @@ def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -
         ivf = faiss.read_index(str(path / "approx.faiss"))
     except RuntimeError as exc:
         raise CorruptIndexError(f"{path / 'approx.faiss'} is unreadable: {exc}") from exc
+    if not isinstance(ivf, faiss.IndexIVFFlat):
+        raise CorruptIndexError(f"{path / 'approx.faiss'} holds {type(ivf).__name__}, not an IVF flat index")
     nlist = int(meta["nlist"])
     if ivf.d != 2 * d + 1 or ivf.nlist != nlist:
         raise CorruptIndexError(

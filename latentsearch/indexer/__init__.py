@@ -11,18 +11,16 @@ Public API (the server uses :class:`IndexRoot`: ``load_current()`` at start, the
 
 from latentsearch.indexer.config import IndexJobConfig, parse_index_spec
 from latentsearch.indexer.job import JobResult, run_index_job
-from latentsearch.indexer.posteriors import Posteriors, read_posteriors_npz, validate_posteriors
+from latentsearch.indexer.posteriors import read_posteriors_npz
 from latentsearch.indexer.root import IndexRoot, Staging, VersionInfo
 
 __all__ = [
     "IndexJobConfig",
     "IndexRoot",
     "JobResult",
-    "Posteriors",
     "Staging",
     "VersionInfo",
     "parse_index_spec",
     "read_posteriors_npz",
     "run_index_job",
-    "validate_posteriors",
 ]

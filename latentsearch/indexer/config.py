@@ -95,13 +95,15 @@ def _coerce(key: str, raw: str, default: Any) -> Any:
     text = raw.strip()
     if text.lower() in _NONE:
         return None
+    if isinstance(default, bool):
+        if text.lower() in _TRUE:
+            return True
+        if text.lower() in _FALSE:
+            return False
+        raise InvalidArgumentError(
+            f"--index-spec: bad value for {key}: expected true or false, got {text!r}", field=key
+        )
     try:
-        if isinstance(default, bool):
-            if text.lower() in _TRUE:
-                return True
-            if text.lower() in _FALSE:
-                return False
-            raise ValueError(f"expected true or false, got {text!r}")
         if isinstance(default, int) or (default is None and key in ("approx_nlist", "approx_nprobe")):
             return int(text.replace("_", ""))
         if isinstance(default, float):

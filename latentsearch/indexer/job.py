@@ -14,10 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from latentsearch.data.readers import open_dataset
+from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest
 from latentsearch.indexer.config import IndexJobConfig
+from latentsearch.indexer.encode import encode_dataset
+from latentsearch.indexer.posteriors import read_posteriors_npz
 from latentsearch.indexer.root import IndexRoot, Staging
+from latentsearch.model.loader import load_model
 
 __all__ = ["JobResult", "run_index_job"]
 
@@ -55,8 +61,6 @@ class _Stages:
     """A tqdm bar over named stages, and their timings."""
 
     def __init__(self, names: list[str], progress: bool) -> None:
-        from tqdm.auto import tqdm
-
         self.timings: dict[str, float] = {}
         self._bar = tqdm(total=len(names), desc="index", unit="stage", disable=not progress, leave=True)
         self._name: str | None = None
@@ -92,7 +96,7 @@ def run_index_job(config: IndexJobConfig) -> JobResult:
     root = IndexRoot(config.out, create=True)
     with root.staging() as staging:
         if config.source_kind == "posteriors":
-            stages = _Stages(["read", "validate+build", "save", "publish"], config.progress)
+            stages = _Stages(["read", "build", "save", "publish"], config.progress)
             try:
                 engine, metadata = _from_posteriors(config, stages)
                 version = _save_and_publish(root, staging, engine, metadata, config, stages)
@@ -122,7 +126,7 @@ def run_index_job(config: IndexJobConfig) -> JobResult:
 def _save_and_publish(
     root: IndexRoot,
     staging: Staging,
-    engine: Any,
+    engine: SearchEngine,
     metadata: dict[str, Any],
     config: IndexJobConfig,
     stages: _Stages,
@@ -134,24 +138,17 @@ def _save_and_publish(
     return root.publish_staged(staging, metadata, keep=config.keep)
 
 
-def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[Any, dict[str, Any]]:
-    from latentsearch.engine.bank import PosteriorBank
-    from latentsearch.engine.engine import SearchEngine
-    from latentsearch.indexer.posteriors import read_posteriors_npz
-
+def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEngine, dict[str, Any]]:
     assert config.posteriors is not None
-    stages.start("read")
+    stages.start("read")  # reading validates: the bank checks every value
     path = Path(config.posteriors)
-    post = read_posteriors_npz(path)
+    bank = read_posteriors_npz(path)
     fingerprint = file_digest(path)
-    stages.start("validate+build")
-    # read_posteriors_npz already ran every check the bank would run: don't repeat them.
-    bank = PosteriorBank(post.mu, post.log_sigma, ids=post.ids, labels=post.labels, validate=False)
+    stages.start("build")
     engine = SearchEngine.from_bank(bank, config.engine)
     metadata = {
         "source": "posteriors",
         "posteriors_path": str(path.resolve()),
-        "scale_key": post.scale_key,
         "model_hash": None,
         "dataset_fingerprint": f"sha256-file:{fingerprint}",
         "job": config.to_dict(),
@@ -159,12 +156,7 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[Any, dict
     return engine, metadata
 
 
-def _from_model(config: IndexJobConfig, staging: Staging) -> tuple[Any, dict[str, Any], _Stages]:
-    from latentsearch.data.readers import open_dataset
-    from latentsearch.engine.engine import SearchEngine
-    from latentsearch.indexer.encode import encode_dataset
-    from latentsearch.model.loader import load_model
-
+def _from_model(config: IndexJobConfig, staging: Staging) -> tuple[SearchEngine, dict[str, Any], _Stages]:
     assert config.model is not None and config.data is not None
     t0 = time.perf_counter()
     model = load_model(config.model, input_shape=config.input_shape, device=config.device)
@@ -186,9 +178,9 @@ def _from_model(config: IndexJobConfig, staging: Staging) -> tuple[Any, dict[str
         stages.start("fingerprint")
         fingerprint = dataset.fingerprint()
         n = len(dataset)
-        ids = dataset.ids
-        if np.array_equal(ids, np.arange(n).astype(str)):
-            ids = None  # row numbers: the engine's default, no ids file
+        named = dataset.ids
+        # row numbers are the engine's default: no ids file
+        ids = None if np.array_equal(named, np.arange(n).astype(str)) else named
         stages.start("build")
         engine = SearchEngine.build(
             encoded.mu, logvar=encoded.logvar, ids=ids, labels=dataset.labels, config=config.engine

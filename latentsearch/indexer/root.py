@@ -40,13 +40,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
+from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest, fsync_dir, read_json_manifest, read_manifest
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError, UnavailableError
-
-if TYPE_CHECKING:
-    from latentsearch.engine.engine import SearchEngine
 
 __all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo"]
 
@@ -175,7 +173,7 @@ class IndexRoot:
             self.version_dir(version) / MANIFEST, VERSION_FORMAT, VERSION_FORMAT_VERSION
         )
 
-    def list(self) -> list[VersionInfo]:
+    def version_infos(self) -> list[VersionInfo]:
         """Every version, oldest first, with its manifest summary (``None`` fields when unreadable)."""
         cur = self.current()
         rows = []
@@ -251,8 +249,6 @@ class IndexRoot:
 
         ``verify`` re-hashes every file of the version first.
         """
-        from latentsearch.engine.engine import SearchEngine
-
         vdir = self.version_dir(version)
         if verify:
             self.verify(version)

@@ -125,7 +125,7 @@ class LoadedModel:
 
     def encode(self, x: Any) -> DiagonalGaussian:
         """``(N, *input_shape)`` -> posterior ``q(z|x)`` with ``(N, d)`` torch tensors."""
-        return DiagonalGaussian(*self.encode_params(x))
+        return DiagonalGaussian.from_logvar(*self.encode_params(x))
 
     def decode(self, z: Any) -> torch.Tensor:
         """``(N, d)`` latents -> ``(N, *input_shape)`` float32 reconstructions (images in [0, 1]).

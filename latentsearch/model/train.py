@@ -18,7 +18,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
+from latentsearch.data.garments import NOTICE, garment_dataset
 from latentsearch.data.readers import Dataset
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError
 from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
@@ -48,7 +50,7 @@ class TrainResult:
 
 
 def default_vae_config(
-    data: Dataset, *, latent_dim: int = 10, train_rows: np.ndarray | None = None
+    data: Dataset, *, latent_dim: int = VAEConfig.latent_dim, train_rows: np.ndarray | None = None
 ) -> VAEConfig:
     """A :class:`VAEConfig` fitted to ``data``: conv + Bernoulli for images, MLP + Gaussian for vectors.
 
@@ -150,13 +152,49 @@ def _prepare_out(out: Path, *, resume: bool, overwrite: bool) -> dict[str, Any] 
     return None
 
 
+@dataclass
+class _Split:
+    """The data side of a run: the split tensors and what ``config.json`` records about them."""
+
+    x_train: torch.Tensor  # (n_train, *item_shape), raw data units, on the device for CUDA runs
+    x_val: torch.Tensor  # (n_val, *item_shape)
+    fingerprint: str  # Dataset.fingerprint() of all items
+    info: dict[str, Any]  # the checkpoint's "data" record
+
+
+@dataclass
+class _Progress:
+    """Where a run stands between epochs; what ``training/last.pt`` records."""
+
+    epoch: int = 0  # epochs completed
+    best: float = math.inf  # lowest validation -ELBO so far, nats
+    best_epoch: int = -1  # 1-based epoch of `best` (-1: none yet)
+    bad: int = 0  # epochs since the last improvement
+    history: list[dict[str, float]] = field(default_factory=list)
+    model_hash: str = ""  # hash of the checkpoint written at `best_epoch`
+    stopped: bool = False  # the last epoch stopped the run early (plateau or time limit)
+
+
+@dataclass
+class _Run:
+    """What stays fixed over a run's epochs."""
+
+    cfg: TrainConfig
+    out: Path
+    dev: torch.device
+    vae_config: VAEConfig
+    split: _Split
+    model: VAE
+    opt: torch.optim.Optimizer
+
+
 def train(
     data: Dataset | None,
     out_dir: str | Path,
     *,
     config: TrainConfig | None = None,
     vae_config: VAEConfig | None = None,
-    latent_dim: int = 10,
+    latent_dim: int = VAEConfig.latent_dim,
     resume: bool = False,
     overwrite: bool = False,
 ) -> TrainResult:
@@ -174,16 +212,49 @@ def train(
     cfg = config or TrainConfig()
     out = Path(out_dir)
     if data is None:
-        from latentsearch.data.garments import NOTICE, garment_dataset
-
         log.warning("%s", NOTICE)
         data = garment_dataset(seed=cfg.seed)
-    source = data.path or "array"
     dev = resolve_device(cfg.device)
     if dev.type == "cpu":
         configure_cpu_threads()
     state = _prepare_out(out, resume=resume, overwrite=overwrite)
+    vae_config, split = _split_data(data, cfg, vae_config, latent_dim, dev)
+    torch.manual_seed(cfg.seed)
+    model = VAE(vae_config).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    run = _Run(cfg, out, dev, vae_config, split, model, opt)
+    if state is None:
+        progress = _Progress()
+    else:
+        progress = _restore(run, state)
+        # A run that plateaued or reached `epochs` is finished; a larger --epochs extends it.
+        if progress.epoch >= cfg.epochs or progress.bad >= cfg.patience:
+            log.info("%s: training had already finished (epoch %d of %d)", out, progress.epoch, cfg.epochs)
+            return _result(out, progress)
+    t0 = time.perf_counter()
+    for epoch in range(progress.epoch, cfg.epochs):
+        t_epoch = time.perf_counter()
+        means = _train_epoch(run, epoch)
+        val = evaluate(model, split.x_val, seed=cfg.seed, device=dev, amp=cfg.amp)
+        rate = len(split.x_train) / (time.perf_counter() - t_epoch)
+        progress.history.append(_epoch_row(cfg, epoch, means, val, rate))
+        why = _end_epoch(run, progress, val, t0)
+        if why is not None:
+            log.info(
+                "early stop after epoch %d: %s (best val -ELBO %.2f at epoch %d)",
+                progress.epoch,
+                why,
+                progress.best,
+                progress.best_epoch,
+            )
+            break
+    return _result(out, progress)
 
+
+def _split_data(
+    data: Dataset, cfg: TrainConfig, vae_config: VAEConfig | None, latent_dim: int, dev: torch.device
+) -> tuple[VAEConfig, _Split]:
+    """The seeded train/validation split of ``data`` and the model config (fitted to it when not given)."""
     train_rows, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
     if vae_config is None:
         vae_config = default_vae_config(data, latent_dim=latent_dim, train_rows=train_rows)
@@ -198,9 +269,9 @@ def train(
     del all_x
     if dev.type == "cuda":
         x_train, x_val = x_train.to(dev), x_val.to(dev)
-    data_info = {
+    info = {
         "fingerprint": fingerprint,
-        "source": source,
+        "source": data.path or "array",
         "n_items": len(data),
         "item_shape": list(data.item_shape),
         "dtype": data.dtype.name,
@@ -208,189 +279,174 @@ def train(
         "n_val": len(val_rows),
         "split_seed": cfg.seed,
     }
+    return vae_config, _Split(x_train, x_val, fingerprint, info)
 
-    torch.manual_seed(cfg.seed)
-    model = VAE(vae_config).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start_epoch, best, best_epoch, bad, history, model_hash = 0, math.inf, -1, 0, [], ""
-    if state is not None:
-        if state.get("vae_config") != vae_config.to_dict() or state.get("data_fingerprint") != fingerprint:
-            raise FailedPreconditionError(
-                f"{out / TRAIN_STATE}: was trained with another model config or other data; cannot resume"
-            )
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start_epoch, best, best_epoch = int(state["epoch"]), float(state["best"]), int(state["best_epoch"])
-        bad, history, model_hash = int(state["bad_epochs"]), list(state["history"]), str(state["model_hash"])
-        log.info("resuming %s at epoch %d (best val -ELBO %.2f)", out, start_epoch + 1, best)
-        # A run that plateaued or reached `epochs` is finished; a larger --epochs extends it.
-        if start_epoch >= cfg.epochs or bad >= cfg.patience:
-            log.info("%s: training had already finished (epoch %d of %d)", out, start_epoch, cfg.epochs)
-            return TrainResult(
-                out, model_hash, best, best_epoch, start_epoch, bool(state["stopped"]), history
-            )
 
+def _restore(run: _Run, state: dict[str, Any]) -> _Progress:
+    """Load ``state`` (a ``training/last.pt``) into the model and optimiser; its progress."""
+    if (
+        state.get("vae_config") != run.vae_config.to_dict()
+        or state.get("data_fingerprint") != run.split.fingerprint
+    ):
+        raise FailedPreconditionError(
+            f"{run.out / TRAIN_STATE}: was trained with another model config or other data; cannot resume"
+        )
+    run.model.load_state_dict(state["model"])
+    run.opt.load_state_dict(state["optimizer"])
+    progress = _Progress(
+        epoch=int(state["epoch"]),
+        best=float(state["best"]),
+        best_epoch=int(state["best_epoch"]),
+        bad=int(state["bad_epochs"]),
+        history=list(state["history"]),
+        model_hash=str(state["model_hash"]),
+        stopped=bool(state["stopped"]),
+    )
+    log.info("resuming %s at epoch %d (best val -ELBO %.2f)", run.out, progress.epoch + 1, progress.best)
+    return progress
+
+
+def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
+    """One seeded pass over the training split; the epoch's mean (loss, recon, kl), shape (3,)."""
+    cfg, model, opt, dev, x_train = run.cfg, run.model, run.opt, run.dev, run.split.x_train
     n_train = len(x_train)
     steps = math.ceil(n_train / cfg.batch_size)
     total = steps * cfg.epochs
-    t0 = time.perf_counter()
-    stopped = False
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
-        eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
-        order = torch.randperm(n_train, generator=gen).to(x_train.device)
-        sums = np.zeros(3)
-        t_epoch = time.perf_counter()
-        bar = _progress(cfg, steps, epoch)
-        for s in range(steps):
-            idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-            xb = x_train[idx].to(dev, non_blocking=True)
-            for g in opt.param_groups:
-                g["lr"] = _lr_at(cfg, epoch * steps + s, total)
-            with _autocast(dev, cfg.amp):
-                terms = model.elbo_terms(xb, eps_gen)
-            recon, kl = terms.recon.mean(), terms.kl.mean()
-            loss = recon + _kl_weight(cfg, epoch, s, steps) * kl
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            sums += (float(loss.detach()), float(recon.detach()), float(kl.detach()))
-            if bar is not None:
-                seen = min((s + 1) * cfg.batch_size, n_train)
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{sums[0] / (s + 1):.1f}",
-                    recon=f"{sums[1] / (s + 1):.1f}",
-                    kl=f"{sums[2] / (s + 1):.2f}",
-                    items_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
-                )
+    model.train()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
+    eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
+    order = torch.randperm(n_train, generator=gen).to(x_train.device)
+    sums = np.zeros(3)
+    t_epoch = time.perf_counter()
+    bar = _progress(cfg, steps, epoch)
+    for s in range(steps):
+        idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
+        xb = x_train[idx].to(dev, non_blocking=True)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, epoch * steps + s, total)
+        with _autocast(dev, cfg.amp):
+            terms = model.elbo_terms(xb, eps_gen)
+        recon, kl = terms.recon.mean(), terms.kl.mean()
+        loss = recon + _kl_weight(cfg, epoch, s, steps) * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        sums += (float(loss.detach()), float(recon.detach()), float(kl.detach()))
         if bar is not None:
-            bar.close()
-        val = evaluate(model, x_val, seed=cfg.seed, device=dev, amp=cfg.amp)
-        rate = n_train / (time.perf_counter() - t_epoch)
-        row = {
-            "epoch": epoch + 1,
-            "loss": float(sums[0] / steps),
-            "recon": float(sums[1] / steps),
-            "kl": float(sums[2] / steps),
-            "val_neg_elbo": val["neg_elbo"],
-            "val_recon": val["recon"],
-            "val_kl": val["kl"],
-            "items_per_s": rate,
-        }
-        history.append(row)
-        log.info(
-            "epoch %d/%d: loss %.2f (recon %.2f, kl %.2f) | val -ELBO %.2f (recon %.2f, kl %.2f) | %.0f it/s",
-            epoch + 1,
-            cfg.epochs,
-            row["loss"],
-            row["recon"],
-            row["kl"],
-            val["neg_elbo"],
-            val["recon"],
-            val["kl"],
-            rate,
-        )
-        if val["neg_elbo"] < best - cfg.min_delta:
-            best, best_epoch, bad = val["neg_elbo"], epoch + 1, 0
-            model_hash = save_checkpoint(
-                model,
-                out,
-                train_config=cfg,
-                data=data_info,
-                metrics={
-                    "val_neg_elbo": best,
-                    "epoch": best_epoch,
-                    "val_recon": val["recon"],
-                    "val_kl": val["kl"],
-                },
+            seen = min((s + 1) * cfg.batch_size, n_train)
+            bar.update(1)
+            bar.set_postfix(
+                loss=f"{sums[0] / (s + 1):.1f}",
+                recon=f"{sums[1] / (s + 1):.1f}",
+                kl=f"{sums[2] / (s + 1):.2f}",
+                items_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
             )
-        else:
-            bad += 1
-        over_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
-        stopped = bad >= cfg.patience or over_time
-        # A time-limited stop stays resumable; a plateau or the last epoch ends the run.
-        done = bad >= cfg.patience or epoch + 1 == cfg.epochs
-        _save_state(
-            out,
-            model,
-            opt,
-            epoch + 1,
-            best,
-            best_epoch,
-            bad,
-            history,
-            model_hash,
-            vae_config,
-            fingerprint,
-            done,
-            stopped,
+    if bar is not None:
+        bar.close()
+    return sums / steps
+
+
+def _epoch_row(
+    cfg: TrainConfig, epoch: int, means: np.ndarray, val: dict[str, float], rate: float
+) -> dict[str, float]:
+    """The history row of 0-based ``epoch`` (training means, validation terms, items/s), logged."""
+    row = {
+        "epoch": epoch + 1,
+        "loss": float(means[0]),
+        "recon": float(means[1]),
+        "kl": float(means[2]),
+        "val_neg_elbo": val["neg_elbo"],
+        "val_recon": val["recon"],
+        "val_kl": val["kl"],
+        "items_per_s": rate,
+    }
+    log.info(
+        "epoch %d/%d: loss %.2f (recon %.2f, kl %.2f) | val -ELBO %.2f (recon %.2f, kl %.2f) | %.0f it/s",
+        epoch + 1,
+        cfg.epochs,
+        row["loss"],
+        row["recon"],
+        row["kl"],
+        val["neg_elbo"],
+        val["recon"],
+        val["kl"],
+        rate,
+    )
+    return row
+
+
+def _end_epoch(run: _Run, progress: _Progress, val: dict[str, float], t0: float) -> str | None:
+    """Checkpoint an improvement, apply early stopping, save the state; why the run stops, or None.
+
+    ``t0`` is the ``time.perf_counter()`` at which the run's epochs began (for ``time_limit_s``).
+    """
+    cfg = run.cfg
+    progress.epoch += 1
+    if val["neg_elbo"] < progress.best - cfg.min_delta:
+        progress.best, progress.best_epoch, progress.bad = val["neg_elbo"], progress.epoch, 0
+        progress.model_hash = save_checkpoint(
+            run.model,
+            run.out,
+            train_config=cfg,
+            data=run.split.info,
+            metrics={
+                "val_neg_elbo": progress.best,
+                "epoch": progress.best_epoch,
+                "val_recon": val["recon"],
+                "val_kl": val["kl"],
+            },
         )
-        if stopped:
-            why = "time limit reached" if over_time else f"no improvement for {bad} epochs"
-            log.info(
-                "early stop after epoch %d: %s (best val -ELBO %.2f at epoch %d)",
-                epoch + 1,
-                why,
-                best,
-                best_epoch,
-            )
-            break
+    else:
+        progress.bad += 1
+    over_time = cfg.time_limit_s is not None and time.perf_counter() - t0 > cfg.time_limit_s
+    plateau = progress.bad >= cfg.patience
+    progress.stopped = plateau or over_time
+    # A time-limited stop stays resumable; a plateau or the last epoch ends the run.
+    _save_state(run, progress, done=plateau or progress.epoch == cfg.epochs)
+    if not progress.stopped:
+        return None
+    return "time limit reached" if over_time else f"no improvement for {progress.bad} epochs"
+
+
+def _result(out: Path, progress: _Progress) -> TrainResult:
     return TrainResult(
         out,
-        model_hash,
-        best,
-        best_epoch,
-        epoch + 1 if cfg.epochs > start_epoch else start_epoch,
-        stopped,
-        history,
+        progress.model_hash,
+        progress.best,
+        progress.best_epoch,
+        progress.epoch,
+        progress.stopped,
+        progress.history,
     )
 
 
 def _progress(cfg: TrainConfig, steps: int, epoch: int) -> Any:
     if not cfg.progress:
         return None
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True
     )
 
 
-def _save_state(
-    out: Path,
-    model: VAE,
-    opt: torch.optim.Optimizer,
-    epoch: int,
-    best: float,
-    best_epoch: int,
-    bad: int,
-    history: list[dict[str, float]],
-    model_hash: str,
-    vae_config: VAEConfig,
-    fingerprint: str,
-    done: bool,
-    stopped: bool,
-) -> None:
-    path = out / TRAIN_STATE
+def _save_state(run: _Run, progress: _Progress, *, done: bool) -> None:
+    """Write ``training/last.pt`` atomically: the progress, the model and the optimiser state."""
+    path = run.out / TRAIN_STATE
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
-        "epoch": epoch,
-        "best": best,
-        "best_epoch": best_epoch,
-        "bad_epochs": bad,
-        "history": history,
-        "model_hash": model_hash,
-        "vae_config": vae_config.to_dict(),
-        "data_fingerprint": fingerprint,
+        "epoch": progress.epoch,
+        "best": progress.best,
+        "best_epoch": progress.best_epoch,
+        "bad_epochs": progress.bad,
+        "history": progress.history,
+        "model_hash": progress.model_hash,
+        "vae_config": run.vae_config.to_dict(),
+        "data_fingerprint": run.split.fingerprint,
         "done": done,
-        "stopped": stopped,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": opt.state_dict(),
+        "stopped": progress.stopped,
+        "model": {k: v.detach().cpu() for k, v in run.model.state_dict().items()},
+        "optimizer": run.opt.state_dict(),
     }
     tmp = path.with_name(path.name + ".tmp")
     torch.save(state, tmp)

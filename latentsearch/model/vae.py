@@ -8,7 +8,6 @@ normalises it itself (:class:`model.config.Normalization`). Latents are ``(N, d)
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -20,8 +19,6 @@ from latentsearch.model.config import VAEConfig
 from latentsearch.posterior import DiagonalGaussian
 
 __all__ = ["VAE", "ElboTerms", "build_vae"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass(frozen=True)
@@ -150,8 +147,7 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """``(N, *input_shape)`` raw batch -> posterior ``q(z|x)`` with ``(N, d)`` torch tensors."""
-        mu, logvar = self.encode_params(x)
-        return DiagonalGaussian(mu, logvar)
+        return DiagonalGaussian.from_logvar(*self.encode_params(x))
 
     forward = encode_params
 
@@ -186,22 +182,18 @@ class VAE(nn.Module):
         and ``KL(q || p)`` for a raw batch ``x (N, *input_shape)``; each ``(N,)`` float32."""
         target = self.normalize(x)
         mu, logvar = self.encode_params(x)
-        mu, logvar = mu.float(), logvar.float()
-        if sample:
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            z = mu + torch.exp(0.5 * logvar) * eps
-        else:
-            z = mu
+        q = DiagonalGaussian.from_logvar(mu.float(), logvar.float())
+        z = q.sample(generator) if sample else q.mode()
         out = self.decode_logits(z).float()
         if self.config.likelihood == "bernoulli":
-            recon = F.binary_cross_entropy_with_logits(out, target.clamp(0.0, 1.0), reduction="none")
+            bce = F.binary_cross_entropy_with_logits(out, target.clamp(0.0, 1.0), reduction="none")
+            recon = bce.flatten(1).sum(-1)
         else:
             assert self.obs_log_sigma is not None
-            ls = self.obs_log_sigma.float()
-            u = (target - out) * torch.exp(-ls)
-            recon = 0.5 * u * u + ls + 0.5 * _LOG_2PI
-        kl = 0.5 * (mu * mu + logvar.exp() - 1.0 - logvar).sum(-1)
-        return ElboTerms(recon=recon.flatten(1).sum(-1), kl=kl)
+            # p(x|z) = N(out, diag(sigma_obs^2)) over the item's flattened scalars (N, D).
+            obs_ls = self.obs_log_sigma.float().expand_as(out)
+            recon = -DiagonalGaussian(out.flatten(1), log_sigma=obs_ls.flatten(1)).log_prob(target.flatten(1))
+        return ElboTerms(recon=recon, kl=q.kl())
 
 
 def build_vae(config: VAEConfig | None = None, **overrides: object) -> VAE:

@@ -16,7 +16,12 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from latentsearch.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from latentsearch.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 __all__ = ["AdmissionControl"]
 
@@ -40,7 +45,7 @@ class AdmissionControl:
         self, *, executor: Executor, limit: int, on_inflight: Callable[[int], None] | None = None
     ) -> None:
         if limit < 1:
-            raise ValueError("limit must be >= 1")
+            raise InvalidArgumentError(f"limit must be >= 1, got {limit}", field="limit")
         self._executor = executor
         self.limit = limit
         self._on_inflight = on_inflight or (lambda n: None)

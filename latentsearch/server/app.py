@@ -76,7 +76,7 @@ class ServerConfig:
     reload_interval: float = 2.0
     # Re-hash every file of a version before serving it.
     verify: bool = False
-    # Largest k, and most queries in one NearestBatch call.
+    # Largest k (served engines' config.max_k is capped at it), and most queries in one NearestBatch call.
     max_k: int = 1000
     max_batch_queries: int = 1024
     # TLS certificate chain and private key (PEM files); both or neither.
@@ -111,6 +111,9 @@ class ServerConfig:
             raise InvalidArgumentError("faiss_threads must be >= 1", field="faiss_threads")
         if self.max_wait_ms < 0:
             raise InvalidArgumentError("max_wait_ms must be >= 0", field="max_wait_ms")
+        for name in ("max_k", "max_batch_queries"):
+            if getattr(self, name) < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1", field=name)
         if self.token is not None and not self.token:
             raise InvalidArgumentError("token must be non-empty", field="token")
 
@@ -165,7 +168,7 @@ class LatentSearchServer:
         model = self._model
         if model is None and cfg.model is not None:
             model = await asyncio.to_thread(load_model, cfg.model, device="cpu")
-        self.service = EngineService(model=model, max_k=cfg.max_k, max_batch_queries=cfg.max_batch_queries)
+        self.service = EngineService(model=model, max_batch_queries=cfg.max_batch_queries)
         self._executor = ThreadPoolExecutor(cfg.search_threads, thread_name_prefix="latentsearch-search")
         self._admission = AdmissionControl(
             executor=self._executor, limit=cfg.queue_size, on_inflight=self.metrics.inflight.set
@@ -275,6 +278,7 @@ class LatentSearchServer:
                     IndexRoot(self.config.index),
                     verify=self.config.verify,
                     num_threads=self.faiss_threads,
+                    max_k=self.config.max_k,
                 )
             except Exception as exc:
                 self._failed_version = current

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from latentsearch.errors import InvalidArgumentError
 from latentsearch.server.metrics import ServerMetrics
 
 __all__ = ["OPEN_PREFIXES", "BearerTokenInterceptor"]
@@ -31,15 +32,15 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
 
     def __init__(self, token: str, *, metrics: ServerMetrics | None = None) -> None:
         if not token:
-            raise ValueError("token must be non-empty")
+            raise InvalidArgumentError("token must be non-empty", field="token")
         self._expected = f"Bearer {token}".encode()
         self._metrics = metrics
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler | None:
         method = handler_call_details.method
         if method.startswith(OPEN_PREFIXES) or self._authorized(handler_call_details.invocation_metadata):
             return await continuation(handler_call_details)

@@ -22,7 +22,12 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
 
-from latentsearch.errors import DeadlineExceededError, ResourceExhaustedError, UnavailableError
+from latentsearch.errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 __all__ = ["DeadlineExceededError", "MicroBatcher"]  # the error lives in latentsearch.errors
 
@@ -65,8 +70,15 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         on_depth: Callable[[int], None] | None = None,
     ) -> None:
-        if max_batch < 1 or queue_size < 1 or max_concurrent < 1 or max_wait_ms < 0:
-            raise ValueError("max_batch, queue_size, max_concurrent must be >= 1 and max_wait_ms >= 0")
+        for name, value in (
+            ("max_batch", max_batch),
+            ("queue_size", queue_size),
+            ("max_concurrent", max_concurrent),
+        ):
+            if value < 1:
+                raise InvalidArgumentError(f"{name} must be >= 1, got {value}", field=name)
+        if max_wait_ms < 0:
+            raise InvalidArgumentError(f"max_wait_ms must be >= 0, got {max_wait_ms}", field="max_wait_ms")
         self._run = run
         self._executor = executor
         self.max_batch = max_batch

@@ -1,7 +1,10 @@
-"""The server's core, free of grpc: what is served, request validation, proto <-> engine results.
+"""The server's core, free of grpc: what is served, requests -> engine calls -> replies.
 
-Every method raises only project errors (:mod:`latentsearch.errors`, each naming its field); the
-servicer translates them to status codes. A request captures one :class:`Snapshot` at its start and
+Requests are converted to the engine's arguments and checked by the engine itself (its rules for
+points, k, labels and std live there, once); what is checked here belongs to the API alone (k = 0
+meaning 10, the search-mode enum, batch sizes, Encode's layout, sigma > 0). Every method raises
+only project errors (:mod:`latentsearch.errors`, each naming its request field); the servicer
+translates them to status codes. A request captures one :class:`Snapshot` at its start and
 is answered entirely by it, so a hot reload never mixes two versions in one answer.
 """
 
@@ -18,13 +21,15 @@ from typing import NamedTuple
 
 import numpy as np
 
-from latentsearch.engine.bank import PosteriorBank
-from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine
+from latentsearch.bank import PosteriorBank
+from latentsearch.engine.config import SearchMode
+from latentsearch.engine.engine import SearchEngine, check_points
 from latentsearch.engine.results import BatchResult
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel
 from latentsearch.v1 import latentsearch_pb2 as pb
+from latentsearch.wire import engine_mode, mode_enum
 
 __all__ = [
     "DEFAULT_K",
@@ -38,9 +43,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEFAULT_K = 10
-_MODES: dict[int, str | None] = {pb.MODE_UNSPECIFIED: None, pb.MODE_EXACT: "exact", pb.MODE_APPROX: "approx"}
-_MODE_ENUM = {"exact": pb.MODE_EXACT, "approx": pb.MODE_APPROX}
+DEFAULT_K = 10  # what a request's k = 0 (unset) means
 
 
 @dataclass(frozen=True)
@@ -53,16 +56,22 @@ class Snapshot:
     model_hash: str = ""
 
 
-def load_snapshot(root: IndexRoot, *, verify: bool = False, num_threads: int | None = None) -> Snapshot:
+def load_snapshot(
+    root: IndexRoot, *, verify: bool = False, num_threads: int | None = None, max_k: int | None = None
+) -> Snapshot:
     """Load the root's current version (blocking: call from a thread).
 
     ``num_threads``: FAISS/OpenMP threads each batched search may use (``None``: the engine's own
     setting). A server running several searches at once caps it so they do not oversubscribe the
     cores (OpenMP's spinning threads made batches of 8 over 3x slower per query in measurements).
+    ``max_k``: the largest k served, when below the engine's own ``config.max_k`` (which the engine
+    enforces on every search; ``None``: the engine's).
     """
     version, engine = root.load_current(verify=verify)
     if num_threads is not None:
         engine.config = dataclasses.replace(engine.config, num_threads=num_threads)
+    if max_k is not None and max_k < engine.config.max_k:
+        engine.config = dataclasses.replace(engine.config, max_k=max_k)
     manifest = root.manifest(version)
     return Snapshot(version=version, engine=engine, model_hash=str(manifest.get("model_hash") or ""))
 
@@ -72,33 +81,31 @@ class QueryKey(NamedTuple):
 
     version: str
     k: int
-    mode: str | None
+    mode: SearchMode | None
     labels: tuple[int, ...] | None
 
 
 class NearestQuery(NamedTuple):
-    """A validated Nearest request bound to the snapshot that will answer it."""
+    """A Nearest request the engine has checked, bound to the snapshot that will answer it."""
 
     snapshot: Snapshot
     key: QueryKey
-    # (d,) coordinates, finite and within +-MAX_ABS_COORDINATE (a list: one array per batch, not per call)
+    # (d,) coordinates the engine accepted (a list: one array per batch, not per call)
     z: list[float]
 
 
 class EngineService:
-    """Validates requests and answers them from the current snapshot and the optional model.
+    """Answers requests from the current snapshot and the optional model.
 
     Args:
         model: the model for Encode/Decode (``None``: those calls fail with FAILED_PRECONDITION).
-        max_k: largest k accepted (the engine's own ``config.max_k`` also applies).
         max_batch_queries: most queries in one NearestBatch request.
+
+    The largest k is the serving engine's ``config.max_k`` (see :func:`load_snapshot`).
     """
 
-    def __init__(
-        self, *, model: LoadedModel | None = None, max_k: int = 1000, max_batch_queries: int = 1024
-    ) -> None:
+    def __init__(self, *, model: LoadedModel | None = None, max_batch_queries: int = 1024) -> None:
         self.model = model
-        self.max_k = max_k
         self.max_batch_queries = max_batch_queries
         self._snapshot: Snapshot | None = None
 
@@ -137,18 +144,17 @@ class EngineService:
 
     # -- Nearest ------------------------------------------------------------------------------
     def parse_nearest(self, request: pb.NearestRequest, snapshot: Snapshot | None = None) -> NearestQuery:
-        """Validate one Nearest request against ``snapshot`` (default: the current one).
+        """One Nearest request, checked by ``snapshot``'s engine (default: the current snapshot).
 
-        Plain Python on the hot path (no array per call); the batch becomes one array in
+        Each request is checked on its own (:meth:`SearchEngine.check_query`, plain Python on the
+        hot path) before it joins a batch, so a bad one fails alone; the batch becomes one array in
         :meth:`search_group`.
         """
         snap = snapshot or self.snapshot()
-        engine = snap.engine
-        z = _point(request.z, "z", engine.dim)
-        k = self._k(request.k, engine)
-        mode = _mode(request.mode)
-        labels = _labels(request.labels, engine) if request.labels else None
-        return NearestQuery(snap, QueryKey(snap.version, k, mode, labels), z)
+        z = list(request.z)
+        k = request.k or DEFAULT_K
+        labels = snap.engine.check_query(z, k, request.labels or None)
+        return NearestQuery(snap, QueryKey(snap.version, k, engine_mode(request.mode), labels), z)
 
     @staticmethod
     def search_group(
@@ -160,7 +166,7 @@ class EngineService:
             np.array(zs, dtype=np.float64),
             key.k,
             mode=key.mode,
-            labels=key.labels,  # type: ignore[arg-type]
+            labels=key.labels,
         )
         return nearest_responses(batch, engine.bank, snapshot.version)
 
@@ -203,19 +209,21 @@ class EngineService:
         self, request: pb.NearestToDistributionRequest
     ) -> pb.NearestToDistributionResponse:
         snap = self.snapshot()
-        engine = snap.engine
-        mean = _vector(request.mean, "mean", engine.dim)
-        sigma = _vector(request.sigma, "sigma", engine.dim)
-        if not (sigma > 0).all():
+        sigma = np.asarray(request.sigma, dtype=np.float64)
+        if not (sigma > 0).all():  # the API's rule: the reply's KL needs it (the engine takes std >= 0)
             raise InvalidArgumentError("sigma must be > 0 in every coordinate", field="sigma")
-        k = self._k(request.k, engine)
-        result = engine.search_distribution(
-            mean,
-            sigma,
-            k,
-            mode=_mode(request.mode),  # type: ignore[arg-type]
-            labels=_labels(request.labels, engine),
-        )
+        try:
+            result = snap.engine.search_distribution(
+                np.asarray(request.mean, dtype=np.float64),
+                sigma,
+                request.k or DEFAULT_K,
+                mode=engine_mode(request.mode),
+                labels=list(request.labels) or None,
+            )
+        except InvalidArgumentError as exc:
+            if exc.field != "std":
+                raise
+            raise InvalidArgumentError(exc.message, field="sigma") from exc  # the engine's std
         assert result.kl is not None  # sigma > 0
         neighbors = [
             pb.DistributionNeighbor(
@@ -230,7 +238,7 @@ class EngineService:
         return pb.NearestToDistributionResponse(
             neighbors=neighbors,
             index_version=snap.version,
-            mode=_MODE_ENUM[result.mode],
+            mode=mode_enum(result.mode),
             certified=result.certified,
         )
 
@@ -289,17 +297,15 @@ class EngineService:
             x = np.asarray(request.values, dtype=np.float32).reshape(1, *shape)
             if not np.isfinite(x).all():
                 raise InvalidArgumentError("values contains NaN or inf", field="values")
-        mu, logvar = model.encode_params(x)
-        mean = mu[0].double().cpu().numpy()
-        sigma = np.exp(0.5 * logvar[0].double().cpu().numpy())
-        return pb.EncodeResponse(mean=mean.tolist(), sigma=sigma.tolist(), model_hash=model.model_hash)
+        q = model.encode(x)[0].numpy()  # (d,) float64
+        return pb.EncodeResponse(mean=q.mean.tolist(), sigma=q.std.tolist(), model_hash=model.model_hash)
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         model = self._model()
         if not model.has_decoder:
             raise FailedPreconditionError("the served model has no decoder", field="model")
-        z = _vector(request.z, "z", model.latent_dim)
-        out = model.decode(z[None, :])[0].cpu().numpy().astype(np.float32)
+        z = check_points(request.z, model.latent_dim, "z")  # (1, d): the engine's rule for latents
+        out = model.decode(z)[0].cpu().numpy().astype(np.float32)
         return pb.DecodeResponse(
             png=_png(out),
             values=out.ravel().tolist(),
@@ -313,13 +319,6 @@ class EngineService:
             raise FailedPreconditionError("this server was started without a model (--model)", field="model")
         return self.model
 
-    def _k(self, k: int, engine: SearchEngine) -> int:
-        k = int(k) or DEFAULT_K
-        limit = min(self.max_k, engine.config.max_k)
-        if k > limit:
-            raise InvalidArgumentError(f"k must be at most {limit}, got {k}", field="k")
-        return k
-
 
 def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:
     """One NearestResponse per query of ``batch`` (answered by ``version``), built from whole arrays:
@@ -330,7 +329,7 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
     ids = bank.id_of(rows)
     scores = batch.scores[valid].tolist()
     labels = None if bank.labels is None else bank.labels[rows].tolist()
-    mode = _MODE_ENUM[batch.mode]
+    mode = mode_enum(batch.mode)
     certified = batch.certified.tolist()
     out = []
     start = 0
@@ -346,49 +345,6 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
         start += n
         out.append(resp)
     return out
-
-
-def _point(values: Sequence[float], name: str, dim: int) -> list[float]:
-    """A request's coordinates as a list, checked in plain Python (the fast path of :func:`_vector`)."""
-    z = list(values)
-    if len(z) == dim:
-        lim = MAX_ABS_COORDINATE
-        for v in z:
-            if not -lim <= v <= lim:  # NaN, inf or too large: _vector names the problem
-                break
-        else:
-            return z
-    return _vector(z, name, dim).tolist()  # raises, naming the problem
-
-
-def _vector(values: Sequence[float], name: str, dim: int) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.shape != (dim,):
-        raise InvalidArgumentError(f"{name} must hold {dim} numbers, got {arr.shape[0]}", field=name)
-    if not np.isfinite(arr).all():
-        raise InvalidArgumentError(f"{name} contains NaN or inf", field=name)
-    if (np.abs(arr) > MAX_ABS_COORDINATE).any():
-        raise InvalidArgumentError(f"{name} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=name)
-    return arr
-
-
-def _mode(value: int) -> str | None:
-    if value not in _MODES:
-        raise InvalidArgumentError(f"unknown search mode {value}", field="mode")
-    return _MODES[value]
-
-
-def _labels(values: Sequence[int], engine: SearchEngine) -> tuple[int, ...] | None:
-    if not values:
-        return None
-    bank = engine.bank
-    if bank.labels is None:
-        raise InvalidArgumentError("this index has no labels to filter on", field="labels")
-    wanted = tuple(sorted({int(v) for v in values}))
-    unknown = [v for v in wanted if v not in bank.label_set]
-    if unknown:
-        raise InvalidArgumentError(f"unknown label(s) {unknown[:10]}", field="labels")
-    return wanted
 
 
 def _png(image: np.ndarray) -> bytes:

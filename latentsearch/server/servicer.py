@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from latentsearch.errors import LatentSearchError
+from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, status_details
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.batcher import MicroBatcher
 from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey
@@ -21,16 +21,11 @@ from latentsearch.server.metrics import ServerMetrics
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
-__all__ = ["LatentSearchServicer", "run_nearest_group", "status_details"]
+__all__ = ["LatentSearchServicer", "run_nearest_group"]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def status_details(exc: LatentSearchError) -> str:
-    """The status details of a project error: ``"<field>: <message>"``."""
-    return f"{exc.field}: {exc.message}" if exc.field else exc.message
 
 
 class LatentSearchServicer(pb_grpc.LatentSearchServicer):
@@ -116,7 +111,8 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         except LatentSearchError as exc:
             code = exc.grpc_code
             status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
-            await context.abort(status, status_details(exc))
+            trailing = ((FIELD_METADATA_KEY, exc.field),) if exc.field else ()
+            await context.abort(status, status_details(exc), trailing_metadata=trailing)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = "CANCELLED"
