@@ -49,6 +49,6 @@ USER latentsearch
 WORKDIR /home/latentsearch
 
 # gRPC, Prometheus metrics.
-EXPOSE 50051 9100
+EXPOSE 50051 20051
 # The server's healthcheck (docker-compose.yml): python /app/deploy/healthcheck.py --target 127.0.0.1:50051
 CMD ["latentsearch", "--help"]

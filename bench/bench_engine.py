@@ -34,17 +34,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import faiss
 import numpy as np
 
 from bench.results_io import write_results
 from latentsearch.data.banks import query_families, vae_like_posteriors
-from latentsearch.engine import EngineConfig, SearchEngine
+from latentsearch.engine import EngineConfig, SearchEngine, SearchMode
 from latentsearch.posterior import LOG_2PI
 
 K = 10
+
+
+class Method(Protocol):
+    """A search method under test: row indices of the top ``k``, for one query or a batch."""
+
+    def search(self, z: np.ndarray, k: int) -> np.ndarray: ...  # (d,) -> (k,)
+
+    def search_batch(self, zs: np.ndarray, k: int) -> list[np.ndarray]: ...  # (B, d) -> B x (k,)
 
 
 class NumpyBruteForce:
@@ -88,14 +96,14 @@ class MuL2Rerank:
 
 
 class EngineMethod:
-    def __init__(self, engine: SearchEngine, mode: str, nprobe: int | None = None) -> None:
+    def __init__(self, engine: SearchEngine, mode: SearchMode, nprobe: int | None = None) -> None:
         self.engine, self.mode, self.nprobe = engine, mode, nprobe
 
     def search(self, z: np.ndarray, k: int) -> np.ndarray:
-        return self.engine.search(z, k, mode=self.mode, nprobe=self.nprobe).rows  # type: ignore[arg-type]
+        return self.engine.search(z, k, mode=self.mode, nprobe=self.nprobe).rows
 
     def search_batch(self, zs: np.ndarray, k: int) -> list[np.ndarray]:
-        return [r.rows for r in self.engine.search_batch(zs, k, mode=self.mode, nprobe=self.nprobe)]  # type: ignore[arg-type]
+        return [r.rows for r in self.engine.search_batch(zs, k, mode=self.mode, nprobe=self.nprobe)]
 
 
 def recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
@@ -104,7 +112,7 @@ def recall(found: list[np.ndarray], truth: list[np.ndarray]) -> float:
     )
 
 
-def time_single(method: Any, zs: np.ndarray, n: int) -> float:
+def time_single(method: Method, zs: np.ndarray, n: int) -> float:
     """Median seconds of one-query calls over the first ``n`` queries."""
     times = []
     for z in zs[:n]:
@@ -114,7 +122,7 @@ def time_single(method: Any, zs: np.ndarray, n: int) -> float:
     return float(np.median(times))
 
 
-def time_batch(method: Any, zs: np.ndarray, repeats: int) -> tuple[float, list[np.ndarray]]:
+def time_batch(method: Method, zs: np.ndarray, repeats: int) -> tuple[float, list[np.ndarray]]:
     """Median over repeats of (one batched call) / B, and the last call's results."""
     times, out = [], []
     for _ in range(repeats):
@@ -187,7 +195,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     families = query_families((mu, log_sigma), args.queries, seed=args.seed + 1)
 
     brute = NumpyBruteForce(mu, log_sigma)
-    methods: dict[str, Any] = {
+    methods: dict[str, Method] = {
         "numpy": brute,
         "mu_l2": MuL2Rerank(engine),
         "exact": EngineMethod(engine, "exact"),

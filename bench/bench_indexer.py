@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results["encode"], indent=2), flush=True)
         bank = vae_like_posteriors(args.publish_items, 10)
         npz = tmp / "post.npz"
+        assert bank.labels is not None  # vae_like_posteriors labels every item
         np.savez(npz, mu=bank.mu, logvar=2 * bank.log_sigma, labels=bank.labels)
         del bank
         results["publish"] = []

@@ -12,6 +12,10 @@ and server do not share a GIL; the servers run in this process, one at a time, w
 * ``approx_1m_batched`` / ``approx_1m_unbatched``: Nearest over 1,000,000 items in approximate
   mode, micro-batching on and off.
 
+Those are the names at the default sizes; each name carries the item count actually run
+(:func:`scenario_name`), so a quick run's (``--n-small 5000 --n-large 50000``) are ``exact_5k``,
+``approx_5k``, ``approx_50k_batched``, ...
+
 Two cores are shared by the server and the load generator, and a shared machine drifts by 10-20%
 between runs, so the whole set is measured ``--rounds`` times (echo first in each round) and every
 ratio to echo is taken within its round; the report gives each round and the medians. Queries mix the
@@ -43,7 +47,7 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import grpc
 import numpy as np
@@ -51,9 +55,10 @@ from grpc import aio
 
 from bench.results_io import write_results
 from latentsearch.data.banks import query_families, vae_like_posteriors
-from latentsearch.engine import SearchEngine
+from latentsearch.engine import SearchEngine, SearchMode
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.loadgen import LoadConfig, run_load_sync
+from latentsearch.progress import format_count
 from latentsearch.server.app import LatentSearchServer, ServerConfig, grpc_options
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
@@ -82,7 +87,10 @@ class LoopThread:
 
 
 class EchoServicer(pb_grpc.LatentSearchServicer):
-    """Nearest answers a fixed 10-neighbour response without searching; Info tells the dim."""
+    """Nearest answers a fixed 10-neighbour response without searching; Info tells the dim.
+
+    The other RPCs are not served (UNIMPLEMENTED, as the generated base class answers them).
+    """
 
     def __init__(self, dim: int) -> None:
         self.dim = dim
@@ -100,6 +108,29 @@ class EchoServicer(pb_grpc.LatentSearchServicer):
 
     async def Info(self, request: pb.InfoRequest, context: aio.ServicerContext) -> pb.InfoResponse:
         return pb.InfoResponse(index_version="echo", item_count=0, latent_dim=self.dim)
+
+    @staticmethod
+    async def _not_served(context: aio.ServicerContext) -> NoReturn:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "the echo server answers Nearest and Info only")
+
+    async def NearestBatch(
+        self, request: pb.NearestBatchRequest, context: aio.ServicerContext
+    ) -> pb.NearestBatchResponse:
+        await self._not_served(context)
+
+    async def NearestToDistribution(
+        self, request: pb.NearestToDistributionRequest, context: aio.ServicerContext
+    ) -> pb.NearestToDistributionResponse:
+        await self._not_served(context)
+
+    async def Encode(self, request: pb.EncodeRequest, context: aio.ServicerContext) -> pb.EncodeResponse:
+        await self._not_served(context)
+
+    async def Decode(self, request: pb.DecodeRequest, context: aio.ServicerContext) -> pb.DecodeResponse:
+        await self._not_served(context)
+
+    async def GetItem(self, request: pb.GetItemRequest, context: aio.ServicerContext) -> pb.GetItemResponse:
+        await self._not_served(context)
 
 
 async def start_echo(dim: int) -> tuple[aio.Server, int]:
@@ -137,13 +168,17 @@ def measure(
 
     ``seed`` picks the load's query pool (each round of the benchmark uses its own).
     """
-    target = f"127.0.0.1:{port}"
-    common = {"target": target, "concurrency": concurrency, "dim": dim, "mode": mode, "k": K}
+    def load(seconds: float, load_seed: int) -> LoadConfig:
+        return LoadConfig(
+            target=f"127.0.0.1:{port}", concurrency=concurrency, dim=dim, mode=mode, k=K,
+            duration=seconds, seed=load_seed,
+        )
+
     if warmup > 0:
-        pool.submit(_load_in_child, LoadConfig(duration=warmup, seed=99, **common)).result()
+        pool.submit(_load_in_child, load(warmup, 99)).result()
     before = server_stats() if server_stats else {}
     cpu0, wall0 = os.times(), time.perf_counter()
-    doc = pool.submit(_load_in_child, LoadConfig(duration=duration, seed=seed, **common)).result()
+    doc = pool.submit(_load_in_child, load(duration, seed)).result()
     cpu1, wall = os.times(), time.perf_counter() - wall0
     after = server_stats() if server_stats else {}
     lat = {d["percentage"]: d["latency"] / 1e6 for d in doc["latencyDistribution"]}
@@ -210,7 +245,9 @@ def run_server_scenario(
         loop.run(server.stop(1.0))
 
 
-def search_cost(engine: SearchEngine, queries: np.ndarray, mode: str, repeats: int = 3) -> dict[str, float]:
+def search_cost(
+    engine: SearchEngine, queries: np.ndarray, mode: SearchMode, repeats: int = 3
+) -> dict[str, float]:
     """In-process ``search_batch`` cost per query (ms), batch of 1 (median) and of 64 (best).
 
     FAISS threads are set as the server sets them (``LatentSearchServer.faiss_threads``).
@@ -220,12 +257,12 @@ def search_cost(engine: SearchEngine, queries: np.ndarray, mode: str, repeats: i
     singles = []
     for z in queries[:40]:
         t = time.perf_counter()
-        engine.search_batch(z[None], K, mode=mode)  # type: ignore[arg-type]
+        engine.search_batch(z[None], K, mode=mode)
         singles.append(time.perf_counter() - t)
     batched = []
     for _ in range(repeats):
         t = time.perf_counter()
-        engine.search_batch(queries[:64], K, mode=mode)  # type: ignore[arg-type]
+        engine.search_batch(queries[:64], K, mode=mode)
         batched.append((time.perf_counter() - t) / 64)
     return {"single_ms": 1e3 * float(np.median(singles)), "batch64_ms_per_query": 1e3 * min(batched)}
 
@@ -240,22 +277,58 @@ def build_root(root: Path, n: int, d: int, *, approx: bool, seed: int) -> tuple[
 
 
 # -- the run ------------------------------------------------------------------------------------
-# name -> (index, batching, Nearest mode); indexes are built once per run.
-SCENARIOS: dict[str, tuple[str, bool, str | None]] = {
-    "exact_2k": ("tiny", True, None),
-    "exact_70k": ("small", True, None),
-    "approx_70k": ("small_approx", True, "approx"),
-    "approx_1m_batched": ("large", True, "approx"),
-    "approx_1m_unbatched": ("large", False, "approx"),
-}
+# (kind, size setting, variant, index, batching, Nearest mode); indexes are built once per run. The
+# scenario's name is derived from the size run (scenario_name): exact_70k at the default n_small.
+SCENARIOS: tuple[tuple[str, str, str, str, bool, str | None], ...] = (
+    ("exact", "n_tiny", "", "tiny", True, None),
+    ("exact", "n_small", "", "small", True, None),
+    ("approx", "n_small", "", "small_approx", True, "approx"),
+    ("approx", "n_large", "_batched", "large", True, "approx"),
+    ("approx", "n_large", "_unbatched", "large", False, "approx"),
+)
+
+
+def scenario_name(kind: str, items: int, variant: str = "") -> str:
+    """``exact_70k``, ``approx_1m_batched``: the search, the index's item count, the variant."""
+    return f"{kind}_{format_count(items).lower()}{variant}"
+
+
+def scenarios(settings: dict[str, Any]) -> dict[str, tuple[str, bool, str | None]]:
+    """Scenario name -> (index, batching, Nearest mode) at the sizes of ``settings`` (n_tiny, n_small,
+    n_large: the parsed arguments or a report's settings)."""
+    named = {
+        scenario_name(kind, settings[size], variant): (index, batching, mode)
+        for kind, size, variant, index, batching, mode in SCENARIOS
+    }
+    if len(named) < len(SCENARIOS):
+        raise ValueError(
+            f"--n-tiny {settings['n_tiny']}, --n-small {settings['n_small']} and --n-large "
+            f"{settings['n_large']} give scenarios the same name; choose sizes further apart"
+        )
+    return named
+
+
+def _batched_names(settings: dict[str, Any]) -> tuple[str, str]:
+    """The names of the batched and unbatched scenarios at ``settings['n_large']``."""
+    large = settings["n_large"]
+    return scenario_name("approx", large, "_batched"), scenario_name("approx", large, "_unbatched")
 
 
 def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
+def _recorded(medians: dict[str, float | None], key: str) -> float:
+    """A median the scenario recorded in every round (vs_echo and vs_unbatched where the run sets them)."""
+    value = medians[key]
+    assert value is not None, f"no {key} recorded"
+    return value
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     d = args.d
+    named = scenarios(vars(args))
+    batched, unbatched = _batched_names(vars(args))
     common = {"duration": args.duration, "concurrency": args.concurrency, "warmup": args.warmup, "dim": d}
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -274,6 +347,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "n_tiny": args.n_tiny,
             "n_small": args.n_small,
             "n_large": args.n_large,
+            # name -> what it runs; the names carry the item counts run
+            "scenarios": {
+                name: {"index": index, "batching": batching, "mode": mode or "default"}
+                for name, (index, batching, mode) in named.items()
+            },
             "server_config": dataclasses.asdict(ServerConfig(index="unused")),
         },
     }
@@ -287,16 +365,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         queries = np.concatenate(list(query_families(vae_like_posteriors(1000, d), 64, seed=7).values())[:2])
         roots: dict[str, Path] = {}
         indexes: dict[str, Any] = {}
-        for name, n, approx, seed, mode in (
+        # name, items, approximate index, seed, mode of the in-process search cost
+        builds: tuple[tuple[str, int, bool, int, SearchMode], ...] = (
             ("tiny", args.n_tiny, False, 3, "exact"),
             ("small", args.n_small, False, 1, "exact"),
             ("small_approx", args.n_small, True, 1, "approx"),
             ("large", args.n_large, True, 2, "approx"),
-        ):
+        )
+        for name, n, with_approx, seed, search_mode in builds:
             roots[name] = Path(tmp) / name
-            engine, build_s = build_root(roots[name], n, d, approx=approx, seed=seed)
-            cost = search_cost(engine, queries, mode)
-            indexes[name] = {"items": n, "build_s": build_s, "mode": mode, **cost}
+            engine, build_s = build_root(roots[name], n, d, approx=with_approx, seed=seed)
+            cost = search_cost(engine, queries, search_mode)
+            indexes[name] = {"items": n, "build_s": build_s, "mode": search_mode, **cost}
             del engine
         report["indexes"] = indexes
         rounds: list[dict[str, dict[str, Any]]] = []
@@ -308,19 +388,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 rows["echo"] = measure(pool, port, name="echo", seed=r, **common)
             finally:
                 loop.run(echo.stop(1.0))
-            for name, (index, batching, mode) in SCENARIOS.items():
+            for name, (index, batching, mode) in named.items():
                 rows[name] = run_server_scenario(
                     loop, pool, roots[index], batching=batching, name=name, mode=mode, seed=r, **common
                 )
                 rows[name]["vs_echo"] = rows[name]["rps"] / rows["echo"]["rps"]
-            on, off = rows["approx_1m_batched"], rows["approx_1m_unbatched"]
+            on, off = rows[batched], rows[unbatched]
             on["vs_unbatched"] = on["rps"] / off["rps"] if off["rps"] else float("inf")
             rounds.append(rows)
     loop.close()
     report["rounds"] = rounds
     report["machine"]["load_average_at_end"] = os.getloadavg()
     median: dict[str, dict[str, float | None]] = {}
-    for name in ("echo", *SCENARIOS):
+    for name in ("echo", *named):
         per = [rows[name] for rows in rounds]
         median[name] = {
             key: _median([p[key] for p in per])
@@ -330,13 +410,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             values = [p[key] for p in per if p.get(key) is not None]
             median[name][key] = _median(values) if values else None
     report["median"] = median
-    small, on = median["exact_70k"], median["approx_1m_batched"]
+    exact = scenario_name("exact", args.n_small)
+    approx = scenario_name("approx", args.n_large)
+    small, on = median[exact], median[batched]
     report["targets"] = {
-        "exact_70k >= 80% of echo": bool(small["vs_echo"] >= 0.8),
-        "exact_70k p99 < 50 ms": bool(small["p99_ms"] < 50),
-        "exact_70k zero errors": all(rows["exact_70k"]["errors"] == 0 for rows in rounds),
-        "approx_1m batched >= 50% of echo": bool(on["vs_echo"] >= 0.5),
-        "approx_1m batching on >= 3x off": bool(on["vs_unbatched"] >= 3.0),
+        f"{exact} >= 80% of echo": bool(_recorded(small, "vs_echo") >= 0.8),
+        f"{exact} p99 < 50 ms": bool(_recorded(small, "p99_ms") < 50),
+        f"{exact} zero errors": all(rows[exact]["errors"] == 0 for rows in rounds),
+        f"{approx} batched >= 50% of echo": bool(_recorded(on, "vs_echo") >= 0.5),
+        f"{approx} batching on >= 3x off": bool(_recorded(on, "vs_unbatched") >= 3.0),
     }
     return report
 
@@ -383,10 +465,11 @@ def markdown(report: dict[str, Any]) -> str:
             f"{rows[n]['rps']:.0f}" + ("" if n == "echo" else f" ({rows[n]['vs_echo']:.2f})") for n in names
         ]
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    on = report["median"]["approx_1m_batched"]
+    on = report["median"][_batched_names(s)[0]]
     lines += [
         "",
-        f"Micro-batching on / off at 1M (median of per-round ratios): {on['vs_unbatched']:.2f}x.",
+        f"Micro-batching on / off at {format_count(s['n_large'])} items (median of per-round ratios): "
+        f"{on['vs_unbatched']:.2f}x.",
         "",
         "Search cost alone (in-process `search_batch`, per query, FAISS threads as the server sets them):",
         "",
@@ -411,8 +494,8 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per scenario (default 8)")
     parser.add_argument("--concurrency", type=int, default=64, help="concurrent calls (default 64)")
     parser.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per scenario (default 1)")
@@ -426,7 +509,16 @@ def main(argv: list[str] | None = None) -> int:
         "--n-large", type=int, default=1_000_000, help="approx index size (default 1,000,000)"
     )
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        scenarios(vars(args))
+    except ValueError as exc:
+        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     report = run(args)
     write_results(args.out, f"server-{time.strftime('%Y-%m-%d')}", report, markdown(report))

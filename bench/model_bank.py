@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     t = time.perf_counter()
     bank = model_bank(args.model, args.n, seed=args.seed)
-    np.savez(args.out, **bank)
+    np.savez(args.out, mu=bank["mu"], logvar=bank["logvar"])
     sigma = np.exp(0.5 * bank["logvar"])
     from latentsearch.model.checkpoint import read_model_hash
 

@@ -1,14 +1,15 @@
 """Run every benchmark, then write one summary: ``<out>/<date>.json`` and ``<out>/<date>.md``.
 
-    python -m bench.run_all [--quick] [--only engine,model] [--out bench/results] \
+    python -m bench.run_all [--quick] [--only engine,model] [--out DIR] \
         [--args engine="--n 200000 --d 16"] [--dry-run]
 
 Each benchmark (``bench.bench_engine``, ``bench.bench_model``, ``bench.bench_indexer``,
 ``bench.bench_server``) runs in its own ``python -m`` subprocess with ``--out <out>`` and writes its
 own result files; the summary records the machine, each benchmark's command, exit status and wall
 time, and links the files it wrote. A module that does not exist (yet) is skipped with a note.
-``--quick`` uses small sizes (minutes in all on a laptop; numbers not comparable with full runs);
-the default is each benchmark's own full defaults (can take an hour or more).
+``--quick`` uses small sizes (minutes in all on a laptop; numbers not comparable with full runs)
+and writes into ``bench/results/quick/`` unless ``--out`` says otherwise; the default is each
+benchmark's own full defaults (can take an hour or more), written into ``bench/results/``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
+# Where a --quick run writes (its numbers stay apart from the full-size ones).
+QUICK_RESULTS = RESULTS / "quick"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +76,8 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 class RunAllConfig:
     """Every knob of :func:`run_all`, with its default."""
 
-    # Where the benchmarks and the summary write their files.
-    out: Path = RESULTS
+    # Where the benchmarks and the summary write their files (None: RESULTS, QUICK_RESULTS when quick).
+    out: Path | None = None
     # Small sizes instead of each benchmark's full defaults.
     quick: bool = False
     # Benchmark names to run (None: all of BENCHMARKS).
@@ -87,11 +90,19 @@ class RunAllConfig:
     dry_run: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "out", Path(self.out))
+        if self.out is not None:
+            object.__setattr__(self, "out", Path(self.out))
         known = {b.name for b in BENCHMARKS}
         unknown = sorted((set(self.only or ()) | set(self.args)) - known)
         if unknown:
             raise ValueError(f"unknown benchmark(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+
+    @property
+    def out_dir(self) -> Path:
+        """Where this run writes: ``out``, else QUICK_RESULTS for a quick run and RESULTS for a full one."""
+        if self.out is not None:
+            return self.out
+        return QUICK_RESULTS if self.quick else RESULTS
 
 
 def plan(config: RunAllConfig) -> list[tuple[Benchmark, list[str] | None]]:
@@ -107,7 +118,7 @@ def plan(config: RunAllConfig) -> list[tuple[Benchmark, list[str] | None]]:
             extra = list(config.args[bench.name])
         else:
             extra = list(bench.quick_args) if config.quick else []
-        steps.append((bench, [sys.executable, "-m", bench.module, *extra, "--out", str(config.out)]))
+        steps.append((bench, [sys.executable, "-m", bench.module, *extra, "--out", str(config.out_dir)]))
     return steps
 
 
@@ -177,7 +188,7 @@ def run_all(config: RunAllConfig) -> dict[str, Any]:
         "benchmarks": [],
     }
     if not config.dry_run:
-        config.out.mkdir(parents=True, exist_ok=True)
+        config.out_dir.mkdir(parents=True, exist_ok=True)
     for bench, command in steps:
         entry: dict[str, Any] = {"name": bench.name, "module": bench.module}
         if command is None:
@@ -189,7 +200,7 @@ def run_all(config: RunAllConfig) -> dict[str, Any]:
         else:
             entry["command"] = shlex.join(command)
             print(f"[{bench.name}] {entry['command']}", flush=True)
-            before = _result_files(config.out)
+            before = _result_files(config.out_dir)
             t0 = time.perf_counter()
             try:
                 done = subprocess.run(command, cwd=REPO, timeout=config.timeout_s, check=False)
@@ -198,12 +209,12 @@ def run_all(config: RunAllConfig) -> dict[str, Any]:
             except subprocess.TimeoutExpired:
                 entry.update(status="timeout", returncode=None)
             entry["seconds"] = round(time.perf_counter() - t0, 1)
-            written = _written(before, _result_files(config.out))
+            written = _written(before, _result_files(config.out_dir))
             entry["files"] = [f for f in written if f not in _summary_names(date)]
             print(f"[{bench.name}] {entry['status']} in {entry['seconds']} s: {', '.join(entry['files'])}")
         report["benchmarks"].append(entry)
     if not config.dry_run:
-        json_path, md_path = (config.out / name for name in _summary_names(date))
+        json_path, md_path = (config.out_dir / name for name in _summary_names(date))
         json_path.write_text(json.dumps(report, indent=2) + "\n")
         md_path.write_text(markdown(report))
         print(f"wrote {json_path} and {md_path}")
@@ -252,7 +263,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (minutes), not the full defaults")
     parser.add_argument("--only", default=None, help="comma-separated benchmark names (default: all)")
-    parser.add_argument("--out", default=str(RESULTS), help="results directory (default bench/results)")
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="results directory (default bench/results; with --quick, bench/results/quick)",
+    )
     parser.add_argument(
         "--args",
         action="append",
@@ -270,7 +285,7 @@ def config_from_args(argv: Sequence[str] | None = None) -> RunAllConfig:
     args = parser.parse_args(argv)
     try:
         return RunAllConfig(
-            out=Path(args.out),
+            out=None if args.out is None else Path(args.out),
             quick=args.quick,
             only=tuple(n.strip() for n in args.only.split(",") if n.strip()) if args.only else None,
             args=_parse_args_option(args.args),

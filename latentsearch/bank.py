@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from latentsearch.errors import InvalidArgumentError, NotFoundError
+from latentsearch.errors import InvalidArgumentError, NotFoundError, quoted
 from latentsearch.posterior import DiagonalGaussian
 
 __all__ = ["LOG_SIGMA_LIMIT", "SCALE_ARGS", "PosteriorBank", "normalise_ids", "normalise_labels"]
@@ -133,6 +133,15 @@ def _check_values(mu: np.ndarray, log_sigma: np.ndarray) -> None:
             f"must be finite and > 0 (log sigma within +-{LOG_SIGMA_LIMIT:g})",
             _first_bad_row(bad),
         )
+
+
+def _is_row_number(key: str, n: int) -> bool:
+    """Whether ``key`` is the canonical decimal of a row in ``[0, n)``: ASCII digits, no leading zero,
+    checked by length before ``int()`` (which refuses strings of over 4,300 digits, and digits
+    such as "²" that ``str.isdigit`` accepts)."""
+    if not (key.isascii() and key.isdigit()) or len(key) > len(str(n)) or (key[0] == "0" and key != "0"):
+        return False
+    return int(key) < n
 
 
 def _float64(arr: np.ndarray, copy: bool) -> np.ndarray:
@@ -260,16 +269,23 @@ class PosteriorBank:
         return self.ids[rows].tolist()
 
     def row_of(self, item_id: str | int) -> int:
-        """Row of an external id. Raises NotFoundError for unknown ids."""
-        key = str(item_id)
+        """Row of an external id (a string, or an integer meaning its decimal string).
+
+        Raises only NotFoundError(field="id"), for an unknown id of any length; its message quotes
+        at most the id's first :data:`~latentsearch.errors.QUOTE_LIMIT` characters.
+        """
+        try:
+            key = str(item_id)
+        except ValueError:  # an int beyond Python's int-to-str digit limit
+            raise NotFoundError("unknown id (an integer too long to write in decimal)", field="id") from None
         if self.ids is None:
-            if key.isdigit() and int(key) < len(self) and str(int(key)) == key:
+            if _is_row_number(key, len(self)):
                 return int(key)
         else:
             row = self._id_to_row.get(key)
             if row is not None:
                 return row
-        raise NotFoundError(f"unknown id {key!r}", field="id")
+        raise NotFoundError(f"unknown id {quoted(key)}", field="id")
 
     # -- scores (the engine's exact float64 rerank) --------------------------------------------
     def log_prob_rows(self, z: np.ndarray, rows: np.ndarray) -> np.ndarray:

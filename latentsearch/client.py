@@ -189,6 +189,8 @@ class LatentSearchClient:
             "model_hash": resp.model_hash,
             "served_model_hash": resp.served_model_hash,
             "engine": json.loads(resp.engine_json) if resp.engine_json else {},
+            "current_version": resp.current_version,
+            "fallback_reason": resp.fallback_reason,
         }
 
     def _call(self, method: Any, request: Any) -> Any:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 __all__ = [
     "FIELD_METADATA_KEY",
+    "QUOTE_LIMIT",
     "CorruptIndexError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -27,6 +28,8 @@ __all__ = [
     "UnauthenticatedError",
     "UnavailableError",
     "error_for_status",
+    "quoted",
+    "shorten",
     "status_details",
 ]
 
@@ -132,6 +135,20 @@ _BY_CODE: dict[str, type[LatentSearchError]] = {
 }
 # Trailing metadata key of a failed call's field (a request field path: "z", "queries[3].z", ...).
 FIELD_METADATA_KEY = "latentsearch-field"
+# Most characters of user input a message quotes: status details travel in gRPC metadata, whose
+# size the client bounds (8 KiB by default), so a message never echoes unbounded input.
+QUOTE_LIMIT = 80
+
+
+def shorten(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` when it has at most ``limit`` characters, else its first ``limit`` and its length."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def quoted(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``repr(text)`` for a message, cut to the first ``limit`` characters (and the length) when
+    longer: the way every message quotes a string it was given."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def status_details(exc: LatentSearchError) -> str:

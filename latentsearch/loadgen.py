@@ -33,6 +33,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from grpc import aio
 
 from latentsearch.errors import InvalidArgumentError, NotFoundError, error_for_status
@@ -287,28 +288,63 @@ def check_target(target: str, *, allow_remote: bool = False) -> str:
 
 
 def load_queries(path: str | os.PathLike[str]) -> np.ndarray:
-    """Query points from ``.npy`` (``(n, d)`` or ``(d,)``) or ``.json`` (a list of points, a point,
-    ``{"z": [...]}`` or a list of ``{"z": point}``); returns ``(n, d)`` float64."""
+    """Query points from a ``.npy`` or ``.json`` file; returns ``(n, d)`` float64.
+
+    ``.npy``: ``(n, d)`` or ``(d,)``. ``.json``: a point, a list of points, ghz's request data (one
+    NearestRequest in protobuf's JSON mapping, ``{"z": [...], "k": 10, "mode": "MODE_EXACT"}``, or a
+    list of them), or a whole ghz config holding such ``data`` (``deploy/ghz.json``). Only the
+    requests' ``z`` is used: k, mode and labels are the load run's.
+
+    Raises:
+        NotFoundError: no such file (``field="data_file"``).
+        InvalidArgumentError: anything else the file holds (the message names it; ``field="data_file"``).
+    """
     p = Path(path)
     if not p.is_file():
         raise NotFoundError(f"no query file {p}", field="data_file")
     if p.suffix == ".npy":
         arr = np.load(p, allow_pickle=False)
     elif p.suffix == ".json":
-        obj = json.loads(p.read_text())
-        if isinstance(obj, dict):
-            obj = obj.get("z", obj.get("queries"))
-        if isinstance(obj, list) and obj and isinstance(obj[0], dict):
-            obj = [q["z"] for q in obj]
-        arr = np.asarray(obj, dtype=np.float64)
+        try:
+            doc = json.loads(p.read_text())
+        except ValueError as exc:
+            raise InvalidArgumentError(f"query file {p} is not JSON: {exc}", field="data_file") from exc
+        arr = _json_points(doc, p)
     else:
         raise InvalidArgumentError(f"query file must be .npy or .json, got {p.name}", field="data_file")
-    arr = np.atleast_2d(np.asarray(arr, dtype=np.float64))
-    if arr.ndim != 2 or arr.shape[0] == 0 or not np.isfinite(arr).all():
+    try:
+        arr = np.atleast_2d(np.asarray(arr, dtype=np.float64))
+    except (TypeError, ValueError) as exc:
+        message = f"query file {p} holds no array of numbers: {exc}"
+        raise InvalidArgumentError(message, field="data_file") from exc
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0 or not np.isfinite(arr).all():
         raise InvalidArgumentError(
-            f"query file must hold finite points shaped (n, d), got {arr.shape}", field="data_file"
+            f"query file {p} must hold finite points shaped (n, d), got {arr.shape}", field="data_file"
         )
     return arr
+
+
+def _json_points(doc: Any, path: Path) -> Any:
+    """The points (nested lists) of a JSON query file's document ``doc``."""
+    if isinstance(doc, dict) and "data" in doc and "z" not in doc:  # a ghz config: its request data
+        doc = doc["data"]
+    if isinstance(doc, dict) and "queries" in doc:
+        return doc["queries"]
+    requests = [doc] if isinstance(doc, dict) else doc
+    if not (isinstance(requests, list) and requests and all(isinstance(r, dict) for r in requests)):
+        return doc  # a point or a list of points (checked by the caller)
+    points = []
+    for i, item in enumerate(requests):
+        try:
+            request = json_format.ParseDict(item, pb.NearestRequest())
+        except json_format.ParseError as exc:
+            raise InvalidArgumentError(
+                f"query file {path}: request {i} is no NearestRequest: {exc}", field="data_file"
+            ) from exc
+        if not request.z:
+            raise InvalidArgumentError(f"query file {path}: request {i} has no z", field="data_file")
+        points.append(list(request.z))
+    return points
 
 
 def _request_pool(config: LoadConfig, dim: int) -> list[pb.NearestRequest]:

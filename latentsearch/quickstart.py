@@ -1,9 +1,11 @@
-"""``latentsearch quickstart``: train, index, serve and query end to end, offline, in a minute or two.
+"""``latentsearch quickstart``: train, index, serve and query end to end, offline, in about half a minute.
 
 1. data: the Fashion-MNIST IDX files given with ``--data``, else a generated garment-shapes set;
    a few items are held out and the rest written to ``OUT/data/items.npz`` (the indexed items);
-2. model: train a small VAE into ``OUT/model`` (time-limited), or reuse the one there when it
-   was trained with the same settings on the same items;
+2. model: train a small VAE into ``OUT/model`` for a fixed number of epochs (no time limit unless
+   ``--time-limit`` is given; when it cuts training short, a WARNING and the summary say so), or
+   reuse the one there when it was trained with the same settings on the same items (a run a time
+   limit cut short is resumed);
 3. index: run the indexer (:func:`indexer.run_index_job`), which publishes a new version into
    the versioned index root ``OUT/index``;
 4. serve: start the gRPC server in-process on 127.0.0.1 (``--port 0``: any free port);
@@ -45,7 +47,7 @@ from latentsearch.indexer import IndexJobConfig, IndexRoot, JobResult, run_index
 from latentsearch.model.checkpoint import CONFIG_FILE, is_checkpoint_dir
 from latentsearch.model.config import TrainConfig
 from latentsearch.model.loader import load_model
-from latentsearch.model.train import train
+from latentsearch.model.train import TRAIN_STATE, TrainResult, train, training_done
 from latentsearch.server.app import LatentSearchServer, ServerConfig
 
 __all__ = [
@@ -76,16 +78,17 @@ class QuickstartConfig:
     items: int | None = None
     # Items held out of training and of the index, queried by their posterior.
     held_out: int = 3
-    # Training: most epochs and most wall-clock seconds (checked between epochs).
+    # Training: epochs (early stopping may end sooner); about 30 s on 2 idle cores for the default items.
     epochs: int = 30
-    time_limit_s: float = 60.0
+    # Wall-clock cap on training, checked between epochs (None: none). A run it cuts short is reported.
+    time_limit_s: float | None = None
     latent_dim: int = 10
     # gRPC port on 127.0.0.1 (0: any free port).
     port: int = 0
     # Neighbours per query.
     k: int = 5
     seed: int = 0
-    # tqdm progress bars on stderr.
+    # Progress on stderr: a bar on a terminal, else a log line every few seconds (latentsearch.progress).
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -96,6 +99,10 @@ class QuickstartConfig:
             raise InvalidArgumentError("held_out, k, epochs and latent_dim must be >= 1", field="k")
         if not 0 <= self.port < 65536:
             raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port}", field="port")
+        if self.time_limit_s is not None and not self.time_limit_s >= 0:
+            raise InvalidArgumentError(
+                f"time_limit_s must be >= 0 seconds, got {self.time_limit_s}", field="time_limit"
+            )
 
 
 @dataclass(frozen=True)
@@ -116,6 +123,16 @@ class QuickstartResult:
     matches_brute_force: bool
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
+    # The training run (None when the model was reused as it was).
+    training: TrainResult | None = None
+
+    @property
+    def training_cut(self) -> str | None:
+        """Why the model may be undertrained: the time limit stopped training early (None: it did not)."""
+        t = self.training
+        if t is None or not t.time_limited:
+            return None
+        return f"training stopped by --time-limit after {t.epochs_run} of {t.epochs_planned} epochs"
 
 
 # -- the job ------------------------------------------------------------------------------------
@@ -129,7 +146,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         data = _prepare_data(config)
     model_dir = out / "model"
     with _timed(timings, "train"):
-        reused = _train_or_reuse(config, data.items_file, model_dir)
+        training = _train_or_reuse(config, data.items_file, model_dir)
     index_root = out / "index"
     with _timed(timings, "index"):
         job = _publish_index(config, data.items_file, model_dir, index_root)
@@ -146,7 +163,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         out=out,
         items_file=data.items_file,
         model_dir=model_dir,
-        model_reused=reused,
+        model_reused=training is None,
         index_root=index_root,
         index_version=job.version,
         grid_png=grid,
@@ -157,6 +174,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         matches_brute_force=answers.matches_brute_force,
         seconds=seconds,
         timings=timings,
+        training=training,
     )
     _print_report(result, size, config.k)
     return result
@@ -246,13 +264,19 @@ def _train_settings(config: QuickstartConfig) -> TrainConfig:
 
 
 def _comparable(training: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in training.items() if key != "progress"}
+    """Training settings that decide the model: not the display, nor the time limit (a run it cut short is
+    resumed, see :func:`_train_or_reuse`)."""
+    return {key: value for key, value in training.items() if key not in ("progress", "time_limit_s")}
 
 
-def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path) -> bool:
-    """Train into ``model_dir``, unless the model there matches settings and data. True when reused."""
+def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path) -> TrainResult | None:
+    """Train into ``model_dir``, unless the model there matches settings and data; None when reused.
+
+    A matching model whose training a time limit cut short is resumed, not reused.
+    """
     dataset = open_dataset(items_file)
     settings = _train_settings(config)
+    resume = False
     if is_checkpoint_dir(model_dir):
         try:
             saved = json.loads((model_dir / CONFIG_FILE).read_text())
@@ -261,18 +285,34 @@ def _train_or_reuse(config: QuickstartConfig, items_file: Path, model_dir: Path)
                 and (saved.get("data") or {}).get("fingerprint") == dataset.fingerprint()
                 and (saved.get("vae") or {}).get("latent_dim") == config.latent_dim
             )
-            if same:
+            done = training_done(model_dir) if same else None
+            if done:
                 model = load_model(model_dir, device="cpu")  # verifies the checksums
                 print(f"model: reusing {model_dir} (same settings and items; hash {model.model_hash[:12]})")
-                return True
-        except (OSError, ValueError, LatentSearchError) as exc:
+                return None
+            resume = done is False
+        except (OSError, ValueError, RuntimeError, LatentSearchError) as exc:
             log.warning("not reusing %s: %s", model_dir, exc)
-    result = train(dataset, model_dir, config=settings, latent_dim=config.latent_dim, overwrite=True)
+    if resume:
+        print(f"model: resuming the training in {model_dir / TRAIN_STATE} (a time limit stopped it early)")
+    result = train(
+        dataset, model_dir, config=settings, latent_dim=config.latent_dim, resume=resume, overwrite=True
+    )
     print(
         f"model: trained {model_dir} (validation -ELBO {result.best_val_neg_elbo:.1f} nats, "
-        f"{result.epochs_run} epochs, hash {result.model_hash[:12]})"
+        f"{result.epochs_run} of {result.epochs_planned} epochs, hash {result.model_hash[:12]})"
     )
-    return False
+    if result.time_limited:
+        print(_cut_warning(result, config))
+    return result
+
+
+def _cut_warning(result: TrainResult, config: QuickstartConfig) -> str:
+    return (
+        f"WARNING: training stopped at --time-limit {config.time_limit_s:g} s after {result.epochs_run} of "
+        f"{result.epochs_planned} epochs: the model is undertrained (decoded pictures may be grey blobs). "
+        "Run the same command again to resume it, or give a larger --time-limit (or none)."
+    )
 
 
 def _publish_index(
@@ -412,6 +452,8 @@ def _print_report(result: QuickstartResult, size: tuple[int, int], k: int) -> No
     )
     timings = ", ".join(f"{n} {s:.1f} s" for n, s in result.timings.items())
     print(f"done in {result.seconds:.0f} s ({timings})")
+    if result.training_cut is not None:
+        print(f"WARNING: {result.training_cut}: the model is undertrained (see above)")
 
 
 # -- the in-process server ------------------------------------------------------------------------
@@ -511,6 +553,7 @@ def write_grid(path: Path, rows: list[list[Any]], *, scale: int = 4, gap: int = 
         for c, tile in enumerate(row):
             x0 = c * (w + gap) + (gap if c > 0 else 0)
             canvas[r * (h + gap) : r * (h + gap) + h, x0 : x0 + w] = tile
-    image = Image.fromarray(canvas).resize((canvas.shape[1] * scale, canvas.shape[0] * scale), Image.NEAREST)
+    size = (canvas.shape[1] * scale, canvas.shape[0] * scale)
+    image = Image.fromarray(canvas).resize(size, Image.Resampling.NEAREST)
     image.save(path)
     return image.size

@@ -99,9 +99,11 @@ def test_shapes_are_checked_before_values() -> None:
 
 def test_ids_labels_and_lookup() -> None:
     mu, ls = _arrays(n=4)
-    bank = PosteriorBank.from_arrays(mu, log_sigma=ls, ids=[10, "b", "c", "d"], labels=[1.0, 2, 2, 7])
+    whole_floats = np.array([1.0, 2, 2, 7])
+    bank = PosteriorBank.from_arrays(mu, log_sigma=ls, ids=[10, "b", "c", "d"], labels=whole_floats)
     assert bank.id_of(np.array([0, 3])) == ["10", "d"] and bank.row_of("c") == 2
-    assert bank.labels.dtype == np.int64 and bank.label_set == frozenset({1, 2, 7})
+    assert bank.labels is not None and bank.labels.dtype == np.int64
+    assert bank.label_set == frozenset({1, 2, 7})
     with pytest.raises(NotFoundError):
         bank.row_of("zz")
     plain = PosteriorBank(mu, ls)

@@ -1,14 +1,16 @@
-"""bench/run_all.py: argument parsing, the plan, skipped modules and the summary files (no real benchmark)."""
+"""bench/run_all.py: argument parsing, the plan, skipped modules and the summary files (no real benchmark);
+where a quick run writes, and the server benchmark's scenario names at the sizes a run uses."""
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
 import pytest
 
-from bench import run_all
+from bench import bench_server, run_all
 
 
 def test_parse_quick_only_and_args(tmp_path: Path) -> None:
@@ -73,3 +75,43 @@ def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     report = run_all.run_all(run_all.RunAllConfig(out=tmp_path / "r", quick=True, dry_run=True))
     assert not (tmp_path / "r").exists()
     assert {b["status"] for b in report["benchmarks"]} <= {"planned", "skipped"}
+
+
+def test_a_quick_run_writes_into_results_quick_which_the_readme_links() -> None:
+    quick = run_all.config_from_args(["--quick"])
+    assert quick.out_dir == run_all.RESULTS / "quick"
+    commands = [cmd for _, cmd in run_all.plan(quick) if cmd is not None]
+    assert commands and all(cmd[-2:] == ["--out", str(run_all.RESULTS / "quick")] for cmd in commands)
+    assert run_all.config_from_args([]).out_dir == run_all.RESULTS
+    # The README's "latest summary (quick sizes)" links a file in the directory a quick run writes.
+    readme = (run_all.REPO / "README.md").read_text()
+    quick_dir = (run_all.RESULTS / "quick").relative_to(run_all.REPO).as_posix()
+    links = re.findall(r"\]\((bench/results/[^)]*)\)", readme)
+    summaries = [link for link in links if re.fullmatch(r"bench/results/(quick/)?\d{4}-\d\d-\d\d\.md", link)]
+    assert summaries and all(link.startswith(quick_dir + "/") for link in summaries), summaries
+    assert all((run_all.REPO / link).is_file() for link in summaries)
+
+
+def test_server_scenarios_are_named_by_the_sizes_run() -> None:
+    server = next(b for b in run_all.BENCHMARKS if b.name == "server")
+    quick = bench_server.build_parser().parse_args(list(server.quick_args))
+    assert (quick.n_tiny, quick.n_small, quick.n_large) == (2000, 5000, 50000)
+    assert list(bench_server.scenarios(vars(quick))) == [
+        "exact_2k", "exact_5k", "approx_5k", "approx_50k_batched", "approx_50k_unbatched",
+    ]  # fmt: skip
+    full = bench_server.build_parser().parse_args([])
+    assert list(bench_server.scenarios(vars(full))) == [
+        "exact_2k", "exact_70k", "approx_70k", "approx_1m_batched", "approx_1m_unbatched",
+    ]  # fmt: skip
+    sizes = {"n_tiny": 300, "n_small": 2500, "n_large": 1_234_567}
+    assert list(bench_server.scenarios(sizes)) == [
+        "exact_300", "exact_2.5k", "approx_2.5k", "approx_1.23m_batched", "approx_1.23m_unbatched",
+    ]  # fmt: skip
+
+
+def test_server_sizes_that_would_share_a_scenario_name_are_refused(capsys) -> None:
+    with pytest.raises(ValueError, match="same name"):
+        bench_server.scenarios({"n_tiny": 5000, "n_small": 5000, "n_large": 50000})
+    with pytest.raises(SystemExit):
+        bench_server.main(["--n-tiny", "5000", "--n-small", "5001", "--out", "unused"])
+    assert "same name" in capsys.readouterr().err

@@ -83,10 +83,61 @@ def test_commands_agree_on_paths_and_ports(compose: dict[str, Any]) -> None:
     assert indexer_args.out == VOLUME_MOUNT
     assert server_args.index == f"{VOLUME_MOUNT}/index"
     assert server_args.model == f"{VOLUME_MOUNT}/model"
-    assert server_args.host == "0.0.0.0"
-    ports = {p.split(":")[-1]: p.split(":")[0] for p in services["server"]["ports"]}
-    assert ports == {str(server_args.port): "50051", str(server_args.metrics_port): "9100"}
-    assert (server_args.port, server_args.metrics_port) == (50051, 9100)
+    assert server_args.host == "0.0.0.0"  # inside the container; the host publishes loopback only
+    ports = {p.split(":")[-1]: p.split(":")[1] for p in services["server"]["ports"]}
+    assert ports == {str(server_args.port): "50051", str(server_args.metrics_port): "20051"}
+    assert (server_args.port, server_args.metrics_port) == (50051, 20051)
+
+
+def _published(port: Any) -> tuple[str, str, str]:
+    """(host ip, host port, container port) of a compose ``ports`` entry (short or long syntax)."""
+    if isinstance(port, dict):
+        return str(port.get("host_ip", "")), str(port.get("published", "")), str(port["target"])
+    host_ip, published, target = ["", "", *str(port).split(":")][-3:]  # [[HOST_IP:]PUBLISHED:]TARGET
+    return host_ip, published, target
+
+
+def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
+    # No TLS and no token in the compose file: the host must not publish them on every interface.
+    gpu = _load("docker-compose.gpu.yml")
+    for file in (compose, gpu):
+        for name, service in file["services"].items():
+            for port in service.get("ports", []):
+                host_ip, published, target = _published(port)
+                assert host_ip == "127.0.0.1", f"{name} publishes {port!r} beyond loopback"
+                assert published == target, port
+    assert len(compose["services"]["server"]["ports"]) == 2  # gRPC and metrics
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader plus Compose's ``!override`` tag on a list (the list is kept as it is)."""
+
+
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_sequence(node))
+
+
+def test_readme_exposure_example_adds_tls_and_a_token_file(compose: dict[str, Any]) -> None:
+    from latentsearch import cli
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("### Exposing the server", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.S)
+    assert block is not None, "README's 'Exposing the server' has no yaml example"
+    example = yaml.load(block.group(1), Loader=_ComposeLoader)
+    server = example["services"]["server"]
+    base = compose["services"]["server"]["command"]
+    # The compose file's serve command, plus TLS and the token, each from a secret file.
+    extra = server["command"][len(base):]
+    assert server["command"][: len(base)] == base, "the example drifted from docker-compose.yml"
+    args = cli.build_parser().parse_args(server["command"][1:])
+    assert args.token is None and extra[::2] == ["--tls-cert", "--tls-key", "--token-file"]
+    tls_ca = _option(server["healthcheck"]["test"], "--tls-ca")
+    secrets = {args.tls_cert, args.tls_key, args.token_file, tls_ca}
+    assert all(path.startswith("/run/secrets/") for path in secrets)
+    names = {path.removeprefix("/run/secrets/") for path in secrets}
+    assert names == set(server["secrets"]) == set(example["secrets"])
+    published = {_published(p)[2]: _published(p)[0] for p in server["ports"]}
+    assert published == {str(args.port): "", str(args.metrics_port): "127.0.0.1"}  # metrics stay private
 
 
 def test_healthcheck_uses_grpc_health_without_extra_binary(compose: dict[str, Any]) -> None:
@@ -146,7 +197,9 @@ def test_gpu_override() -> None:
 
 def _proto_methods() -> set[str]:
     text = PROTO.read_text()
-    package = re.search(r"^package\s+([\w.]+);", text, flags=re.M).group(1)
+    declared = re.search(r"^package\s+([\w.]+);", text, flags=re.M)
+    assert declared is not None, f"{PROTO} declares no package"
+    package = declared.group(1)
     methods = set()
     for service, body in re.findall(r"service\s+(\w+)\s*\{(.*?)\n\}", text, flags=re.S):
         for method in re.findall(r"rpc\s+(\w+)\s*\(", body):

@@ -12,7 +12,7 @@ import pytest
 from reference import SIGMA_REGIMES, kl_to, log_q, make_bank, top_k
 
 from latentsearch.data.banks import vae_like_posteriors
-from latentsearch.engine import BatchResult, EngineConfig, SearchEngine
+from latentsearch.engine import BatchResult, EngineConfig, SearchEngine, SearchMode
 from latentsearch.engine import exact as exact_mod
 from latentsearch.engine.engine import BLAS_MIN_QUERIES
 
@@ -47,7 +47,9 @@ def _assert_same(batch: BatchResult, results, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", ["exact", "approx"])
 @pytest.mark.parametrize("labels", [None, [2]])
-def test_arrays_equal_per_query_results(labelled: SearchEngine, mode: str, labels) -> None:
+def test_arrays_equal_per_query_results(
+    labelled: SearchEngine, mode: SearchMode, labels: list[int] | None
+) -> None:
     z = np.random.default_rng(3).uniform(-4, 4, size=(25, 6))
     batch = labelled.search_batch_arrays(z, 10, mode=mode, labels=labels)
     _assert_same(batch, labelled.search_batch(z, 10, mode=mode, labels=labels), mode)
@@ -56,12 +58,14 @@ def test_arrays_equal_per_query_results(labelled: SearchEngine, mode: str, label
 def test_arrays_pad_past_the_selected_items(labelled: SearchEngine) -> None:
     """k above the filtered subset: every selected item, then -1 / -inf padding."""
     z = np.random.default_rng(4).uniform(-4, 4, size=(3, 6))
-    subset = int((labelled.bank.labels == 1).sum())
+    labels = labelled.bank.labels
+    assert labels is not None
+    subset = int((labels == 1).sum())
     batch = labelled.search_batch_arrays(z, 1000, mode="exact", labels=[1])
     assert batch.rows.shape == (3, 1000) and batch.counts.tolist() == [subset] * 3
     ref = log_q(z, labelled.bank.mu, labelled.bank.log_sigma)
     for b in range(3):
-        want = top_k(ref[b], 1000, allowed=labelled.bank.labels == 1)
+        want = top_k(ref[b], 1000, allowed=labels == 1)
         np.testing.assert_array_equal(batch.rows[b, :subset], want)
 
 

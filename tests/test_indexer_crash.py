@@ -52,6 +52,7 @@ def test_sigkill_during_publish_keeps_previous_version(tmp_path: Path) -> None:
     np.savez(small, mu=b.mu, logvar=2 * b.log_sigma)
     big = tmp_path / "big.npz"
     b = vae_like_posteriors(300_000, 10, seed=2)
+    assert b.labels is not None
     np.savez(big, mu=b.mu, logvar=2 * b.log_sigma, labels=b.labels)
     del b
     out = tmp_path / "root"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 from pathlib import Path
 
@@ -14,8 +15,9 @@ from reference import log_q, top_k
 from latentsearch.cli import main
 from latentsearch.data.readers import open_dataset
 from latentsearch.engine import EngineConfig, SearchEngine
-from latentsearch.errors import CorruptIndexError, NotFoundError, UnavailableError
+from latentsearch.errors import CorruptIndexError, NotFoundError, ResourceExhaustedError, UnavailableError
 from latentsearch.indexer import IndexJobConfig, IndexRoot, run_index_job
+from latentsearch.indexer import job as job_module
 from latentsearch.indexer.encode import encode_dataset
 from latentsearch.model.checkpoint import save_checkpoint
 from latentsearch.model.loader import encode_batch, load_model
@@ -71,6 +73,23 @@ def test_model_to_index_end_to_end(model_and_data: tuple[Path, Path], tmp_path: 
     assert "encode/mu.npy" not in files
 
 
+def test_model_job_checks_free_space_before_encoding(
+    model_and_data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model_dir, data = model_and_data
+    out = tmp_path / "root"
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage._replace(free=4096))
+    encoded = []
+    monkeypatch.setattr(job_module, "encode_dataset", lambda *a, **k: encoded.append(1))
+    config = IndexJobConfig(out=out, model=str(model_dir), data=str(data), device="cpu", progress=False)
+    message = rf"no space left on {out} \(needed about 0\.\d MiB, 0\.0 MiB free\)"
+    with pytest.raises(ResourceExhaustedError, match=message):
+        run_index_job(config)
+    assert not encoded and IndexRoot(out).versions() == []
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "versions"]  # no staging left
+
+
 def test_encode_dataset_streams_to_memmaps(model_and_data: tuple[Path, Path], tmp_path: Path) -> None:
     model_dir, data = model_and_data
     model = load_model(model_dir, device="cpu")
@@ -99,6 +118,7 @@ def _npz(path: Path, n: int, d: int = 5, seed: int = 0) -> Path:
     from latentsearch.data.banks import vae_like_posteriors
 
     b = vae_like_posteriors(n, d, seed=seed)
+    assert b.labels is not None
     np.savez(path, mu=b.mu, logvar=2 * b.log_sigma, labels=b.labels)
     return path
 
@@ -138,6 +158,7 @@ def test_npz_publish_verify_rollback_retention(tmp_path: Path) -> None:
     target = root.version_dir(res.version) / "engine" / "mu.npy"
     raw = bytearray(target.read_bytes())
     raw[-3] ^= 0x01
+    target.chmod(0o644)  # published versions are read-only
     target.write_bytes(bytes(raw))
     with pytest.raises(CorruptIndexError, match=r"engine/mu\.npy"):
         root.verify()
@@ -153,6 +174,9 @@ def test_manifest_tamper_and_extra_files_detected(tmp_path: Path) -> None:
     )
     root = IndexRoot(out)
     vdir = root.version_dir(res.version)
+    for path in (vdir, vdir / "engine"):  # published versions are read-only
+        path.chmod(0o755)
+    (vdir / "manifest.json").chmod(0o644)
     (vdir / "engine" / "stray.bin").write_bytes(b"x")
     assert any("stray.bin" in p for p in root.check(res.version))
     (vdir / "engine" / "stray.bin").unlink()
@@ -180,6 +204,7 @@ def test_cli_index_ls_verify_rollback(tmp_path: Path, capsys: pytest.CaptureFixt
     target = root.version_dir(v2) / "engine" / "log_sigma.npy"
     raw = bytearray(target.read_bytes())
     raw[200] ^= 0xFF
+    target.chmod(0o644)  # published versions are read-only
     target.write_bytes(bytes(raw))
     capsys.readouterr()
     assert main(["index", "verify", out, v2]) == 1

@@ -35,9 +35,18 @@ def _arrays(n: int = 50, d: int = 3, seed: int = 0) -> dict[str, np.ndarray]:
     }
 
 
-def _bad_cases() -> list[tuple[str, dict[str, np.ndarray], str, str | None]]:
+# (name, arrays, key the message must name, row the message must name or None)
+BadCase = tuple[str, dict[str, np.ndarray], str, str | None]
+
+
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    # allow_pickle is numpy's default, named so that mypy matches **arrays only to array keywords
+    np.savez(path, allow_pickle=True, **arrays)
+
+
+def _bad_cases() -> list[BadCase]:
     """(name, arrays, key the message must name, row the message must name)."""
-    cases = []
+    cases: list[BadCase] = []
     a = _arrays()
     del a["mu"]
     cases.append(("missing mu", a, "mu", None))
@@ -103,18 +112,18 @@ def _bad_cases() -> list[tuple[str, dict[str, np.ndarray], str, str | None]]:
 @pytest.fixture(scope="module")
 def published_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("valid")
-    np.savez(tmp / "good.npz", **_arrays())
+    _save(tmp / "good.npz", _arrays())
     run_index_job(IndexJobConfig(out=tmp / "root", posteriors=str(tmp / "good.npz"), progress=False))
     return tmp / "root"
 
 
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_malformed_npz_is_rejected_and_nothing_published(
-    case: tuple[str, dict[str, np.ndarray], str, str | None], published_root: Path, tmp_path: Path
+    case: BadCase, published_root: Path, tmp_path: Path
 ) -> None:
     _, arrays, key, row = case
     path = tmp_path / "bad.npz"
-    np.savez(path, **arrays)
+    _save(path, arrays)
     root = IndexRoot(published_root)
     before_current, before_versions = root.current(), root.versions()
     with pytest.raises(InvalidArgumentError) as info:

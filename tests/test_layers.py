@@ -26,6 +26,7 @@ RANKS: dict[str, int] = {
     "posterior": 0,
     "bank": 0,
     "wire": 0,
+    "progress": 0,
     "v1": 0,
     "data": 1,
     "model": 2,
@@ -93,6 +94,7 @@ def _imports(path: Path, module: str, known: dict[str, Path]) -> list[tuple[str,
             for name in names:
                 target = _resolve(name, known)
                 if target is not None and target.split(".")[0] == "latentsearch" and target != module:
+                    assert isinstance(child, (ast.Import, ast.ImportFrom))  # only imports give names
                     found.append((target, child.lineno, in_function))
             visit(child, nested)
 

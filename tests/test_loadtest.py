@@ -98,12 +98,12 @@ def test_a_failed_info_raises_the_error_of_its_code(
         run_load_sync(LoadConfig(target=srv.target, total=1, timeout=10))
     assert err.value.field == "target" and err.value.message.startswith(f"cannot ask {srv.target} ")
     assert run_load_sync(LoadConfig(target=srv.target, total=3, token="s3cret")).status_codes == {"OK": 3}
-    with pytest.raises(UnavailableError) as err:
+    with pytest.raises(UnavailableError) as unavailable:
         run_load_sync(LoadConfig(target="127.0.0.1:1", total=1, timeout=10))
-    assert err.value.grpc_code == "UNAVAILABLE" and err.value.field == "target"
-    with pytest.raises(InvalidArgumentError) as err:
+    assert unavailable.value.grpc_code == "UNAVAILABLE" and unavailable.value.field == "target"
+    with pytest.raises(InvalidArgumentError) as invalid:
         LoadConfig(target=srv.target, total=1, mode="fast")
-    assert err.value.field == "mode"
+    assert invalid.value.field == "mode"
 
 
 @pytest.mark.parametrize("target", ["10.0.0.1:50051", "example.com:443", "0.0.0.0:1", "[2001:db8::1]:80"])

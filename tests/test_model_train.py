@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from typing import Any
 
 import numpy as np
 import pytest
@@ -17,15 +18,13 @@ from latentsearch.data.readers import ArrayDataset
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from latentsearch.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from latentsearch.model.config import TrainConfig, VAEConfig
-from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train
+from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train, training_done
 
 TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)
 
 
-def _cfg(**kw) -> TrainConfig:
-    base = {"epochs": 3, "batch_size": 16, "lr": 5e-3, "progress": False, "patience": 100}
-    base.update(kw)
-    return TrainConfig(**base)
+def _cfg(**kw: Any) -> TrainConfig:
+    return TrainConfig(epochs=3, batch_size=16, lr=5e-3, progress=False, patience=100).replace(**kw)
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +56,8 @@ def test_resume_continues_exactly(data, tmp_path) -> None:
     full = train(data, tmp_path / "full", config=_cfg(), vae_config=TINY)
     part = train(data, tmp_path / "part", config=_cfg(time_limit_s=0.0), vae_config=TINY)
     assert part.epochs_run == 1 and part.stopped_early
+    assert part.time_limited and part.epochs_planned == 3 and not full.time_limited
+    assert training_done(tmp_path / "part") is False and training_done(tmp_path / "full") is True
     with pytest.raises(FailedPreconditionError, match="--resume"):
         train(data, tmp_path / "part", config=_cfg(), vae_config=TINY)
     rest = train(data, tmp_path / "part", config=_cfg(), vae_config=TINY, resume=True)
@@ -78,6 +79,7 @@ def test_resume_continues_exactly(data, tmp_path) -> None:
 def test_early_stop_on_plateau(data, tmp_path) -> None:
     res = train(data, tmp_path / "m", config=_cfg(epochs=20, patience=1, min_delta=1e9), vae_config=TINY)
     assert res.stopped_early and res.epochs_run == 2 and res.best_epoch == 1
+    assert not res.time_limited and training_done(tmp_path / "m") is True
 
 
 def test_features_get_mlp_gaussian(tmp_path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import math
 from pathlib import Path
+from types import EllipsisType
 
 import numpy as np
 import pytest
@@ -250,14 +251,15 @@ def test_indexing_keeps_the_latent_axis_and_the_cached_normaliser() -> None:
     np.testing.assert_allclose(full, ls.sum(-1) + 1.5 * LOG_2PI, rtol=1e-15)
     mask = np.array([True, False, True, False, False, True])
     rows = np.array([[5, 0], [2, 2]])
-    for index, want in [
+    cases: list[tuple[np.ndarray | slice | int | tuple[EllipsisType, slice] | list[int], tuple[int, ...]]] = [
         (rows, (2, 2)),
         (slice(1, 4), (3,)),
         (mask, (3,)),
         (3, ()),
         ((Ellipsis, slice(0, 2)), (2,)),  # batch axes only: d is never indexed
         ([4, 1], (2,)),
-    ]:
+    ]
+    for index, want in cases:
         sub = g[index]
         assert sub.batch_shape == want and sub.dim == 3, index
         picked = np.arange(6)[index]  # the batch rows the index selects
@@ -298,7 +300,7 @@ def test_invalid_inputs() -> None:
     with pytest.raises(InvalidArgumentError):
         DiagonalGaussian(torch.zeros(3), log_sigma=np.zeros(3))
     with pytest.raises(TypeError):  # the scale is keyword-only: a positional logvar cannot slip in
-        DiagonalGaussian(np.zeros(2), np.zeros(2))  # type: ignore[misc]
+        DiagonalGaussian(np.zeros(2), np.zeros(2))  # type: ignore[call-arg]
     for bad in ([1.0, 0.0], [1.0, -1.0], [np.inf, 1.0], [np.nan, 1.0]):
         with pytest.raises(InvalidArgumentError) as exc:
             DiagonalGaussian.from_std(np.zeros(2), np.array(bad))

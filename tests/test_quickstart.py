@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import logging
 import re
 import socket
 import subprocess
@@ -109,6 +111,9 @@ def test_cli_alias_and_arguments() -> None:
     parser = cli.build_parser()
     args = parser.parse_args(["quickstart", "--items", "500", "--epochs", "2", "--port", "0", "-k", "3"])
     assert (args.items, args.epochs, args.port, args.k, args.out) == (500, 2, 0, 3, "quickstart-out")
+    # The default run is sized by its epochs, not cut by the clock.
+    assert args.time_limit is None and QuickstartConfig().time_limit_s is None
+    assert parser.parse_args(["quickstart", "--time-limit", "90"]).time_limit == 90.0
     assert parser.parse_args(["demo"]).func is args.func
 
 
@@ -141,3 +146,39 @@ def test_write_grid_pads_short_rows(tmp_path: Path) -> None:
     a = np.full((3, 2), 255, dtype=np.uint8)
     size = write_grid(tmp_path / "g.png", [[a, a, a], [np.ones((3, 2, 1))]], scale=1, gap=1)
     assert size == (3 * 3 + 1, 2 * 3 + 1)
+
+
+def test_a_time_limit_that_cuts_training_short_is_reported_and_resumed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    config = QuickstartConfig(
+        out=tmp_path, items=ITEMS, held_out=HELD, epochs=2, time_limit_s=0.0, k=K, progress=False
+    )
+    with caplog.at_level(logging.WARNING):
+        result = run_quickstart(config)
+    text = capsys.readouterr().out
+    assert result.training is not None and result.training.time_limited
+    assert (result.training.epochs_run, result.training.epochs_planned) == (1, 2)
+    assert result.training_cut == "training stopped by --time-limit after 1 of 2 epochs"
+    # A WARNING log line, the model line and the closing summary all say it.
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    cut = [message for message in warnings if "time limit" in message]
+    assert len(cut) == 1 and "after 1 of 2 epochs" in cut[0]
+    assert "1 of 2 epochs, hash" in text
+    assert "WARNING: training stopped at --time-limit 0 s after 1 of 2 epochs" in text
+    assert text.rstrip().splitlines()[-1].startswith("WARNING: training stopped by --time-limit after 1 of 2")
+    # The same command without the limit resumes the cut run and finishes its planned epochs.
+    again = run_quickstart(dataclasses.replace(config, time_limit_s=None))
+    text = capsys.readouterr().out
+    assert "model: resuming the training" in text and "WARNING" not in text
+    assert again.training is not None and not again.training.time_limited
+    assert [h["epoch"] for h in again.training.history] == [1, 2]
+    assert again.training_cut is None and again.matches_brute_force
+    # Now complete: a third run reuses it.
+    assert run_quickstart(config).model_reused
+
+
+def test_negative_time_limit_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError) as info:
+        QuickstartConfig(time_limit_s=-1.0)
+    assert info.value.field == "time_limit"

@@ -67,7 +67,8 @@ def test_unbatched_calls_share_a_bounded_inflight_counter(
             with pytest.raises(grpc.RpcError) as err:
                 getattr(stub, method)(request, timeout=10)
             assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, method
-            assert "queue:" in err.value.details()
+            details = err.value.details()
+            assert details is not None and "queue:" in details
             wait_until(lambda m=method: _sample(srv, m, "RESOURCE_EXHAUSTED") == 1)
         release.set()
         assert len(first.result().neighbors) == 3 and len(second.result().neighbors) == 3

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -97,7 +98,8 @@ def test_full_queue_is_resource_exhausted(
         with pytest.raises(grpc.RpcError) as err:
             stub.Nearest(req, timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert err.value.details().startswith("queue:")
+        details = err.value.details()
+        assert details is not None and details.startswith("queue:")
         release.set()
         for fut in (running, waiting_slot, queued):
             assert len(fut.result(timeout=30).neighbors) == 3
@@ -169,12 +171,13 @@ def test_a_bad_call_fails_alone_beside_a_batch(
 def test_bad_settings_name_their_field() -> None:
     executor = ThreadPoolExecutor(1)
     try:
-        for settings, field in [
+        cases: list[tuple[dict[str, Any], str]] = [
             ({"max_batch": 0}, "max_batch"),
             ({"queue_size": 0}, "queue_size"),
             ({"max_concurrent": 0}, "max_concurrent"),
             ({"max_wait_ms": -1.0}, "max_wait_ms"),
-        ]:
+        ]
+        for settings, field in cases:
             with pytest.raises(InvalidArgumentError) as err:
                 MicroBatcher(lambda key, items: items, executor=executor, **settings)
             assert err.value.field == field and field in err.value.message

@@ -37,16 +37,17 @@ def _raised(call, *args, **kwargs) -> LatentSearchError:
     return err.value
 
 
-def _from_the_wire(exc: LatentSearchError, code: grpc.StatusCode) -> None:
-    """``exc`` came from a failed call with status ``code``: the RpcError is its cause, and the
-    field the call's trailing metadata named is the error's."""
+def _from_the_wire(exc: LatentSearchError, code: grpc.StatusCode) -> grpc.RpcError:
+    """``exc`` came from a failed call with status ``code``: the RpcError is its cause (returned), and
+    the field the call's trailing metadata named is the error's."""
     assert exc.grpc_code == code.name
     cause = exc.__cause__
     assert isinstance(cause, grpc.RpcError) and cause.code() == code
-    fields = [v for k, v in cause.trailing_metadata() or () if k == FIELD_METADATA_KEY]
+    fields = [m.value for m in cause.trailing_metadata() or () if m.key == FIELD_METADATA_KEY]
     assert fields == ([] if exc.field is None else [exc.field])
     if exc.field is not None:  # the server's "<field>: <message>" came back split
         assert cause.details() == f"{exc.field}: {exc.message}"
+    return cause
 
 
 def test_failed_calls_raise_the_error_tree(tmp_path: Path, start_server, make_engine, publish) -> None:
@@ -118,8 +119,8 @@ def test_closed_port_is_unavailable() -> None:
     with LatentSearchClient(f"127.0.0.1:{_closed_port()}", timeout=10) as client:
         exc = _raised(client.info)
     assert isinstance(exc, latentsearch.UnavailableError)
-    _from_the_wire(exc, grpc.StatusCode.UNAVAILABLE)
-    assert exc.field is None and exc.message == exc.__cause__.details()  # grpc's own words, kept whole
+    cause = _from_the_wire(exc, grpc.StatusCode.UNAVAILABLE)
+    assert exc.field is None and exc.message == cause.details()  # grpc's own words, kept whole
 
 
 # Each status code and the class a failed call with it comes back as (the reference, by hand).

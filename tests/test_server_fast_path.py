@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import gc
 import math
+from typing import Any
 
 import grpc
 import numpy as np
 import pytest
 
-from latentsearch.cli.serve import register_cli, serve_config
+from latentsearch.cli.serve import DEFAULT_METRICS_PORT, register_cli, serve_config
 from latentsearch.engine import SearchEngine
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.server import ServerConfig
@@ -151,8 +152,8 @@ def test_parse_nearest_keeps_the_point_and_the_defaults(service: EngineService) 
     z = [0.25, -1e6, 1e6, 3.0]  # the coordinate limit itself is allowed
     query = service.parse_nearest(pb.NearestRequest(z=z, labels=[2, 1, 2]))
     assert query.z == z and all(isinstance(v, float) for v in query.z)
-    assert query.key == ("v1", 10, None, (1, 2))
     assert query.key.k == 10 and query.key.labels == (1, 2)
+    assert query.key == ("v1", 10, None, (1, 2))
 
 
 def test_batch_concurrency_is_bounded_by_search_threads() -> None:
@@ -162,8 +163,9 @@ def test_batch_concurrency_is_bounded_by_search_threads() -> None:
     with pytest.raises(InvalidArgumentError):
         ServerConfig(index="x", batch_concurrency=0)
     for name in ("max_k", "max_batch_queries"):
+        zero: dict[str, Any] = {name: 0}
         with pytest.raises(InvalidArgumentError) as err:
-            ServerConfig(index="x", **{name: 0})
+            ServerConfig(index="x", **zero)
         assert err.value.field == name
 
 
@@ -212,6 +214,6 @@ def test_serve_flags_reach_the_config() -> None:
     assert (config.batch_concurrency, config.faiss_threads, config.metrics_port) == (2, 2, None)
     defaults = serve_config(parser.parse_args(["serve", "--index", "x"]))
     assert defaults.batch_concurrency == ServerConfig(index="x").batch_concurrency == 1
-    assert defaults.search_threads == 2 and defaults.metrics_port == 9100
+    assert defaults.search_threads == 2 and defaults.metrics_port == DEFAULT_METRICS_PORT == 20051
     with pytest.raises(InvalidArgumentError):
         serve_config(parser.parse_args(["serve", "--index", "x", "--batch-concurrency", "3"]))

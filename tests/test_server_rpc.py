@@ -129,7 +129,9 @@ def test_get_item_info_encode_decode(served, tiny_model) -> None:
 def _code_and_details(call, request) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as err:
         call(request, timeout=10)
-    return err.value.code(), err.value.details()
+    details = err.value.details()
+    assert details is not None, "the server sent no details"
+    return err.value.code(), details
 
 
 BAD = [
@@ -139,7 +141,7 @@ BAD = [
     ("Nearest", pb.NearestRequest(z=[0.0, 0.0, -2e6, 0.0]), "INVALID_ARGUMENT", "z"),
     ("Nearest", pb.NearestRequest(z=[0.0] * 4, k=1001), "INVALID_ARGUMENT", "k"),
     ("Nearest", pb.NearestRequest(z=[0.0] * 4, labels=[99]), "INVALID_ARGUMENT", "labels"),
-    ("Nearest", pb.NearestRequest(z=[0.0] * 4, mode=7), "INVALID_ARGUMENT", "mode"),
+    ("Nearest", pb.NearestRequest(z=[0.0] * 4, mode=pb.SearchMode.ValueType(7)), "INVALID_ARGUMENT", "mode"),
     ("NearestBatch", pb.NearestBatchRequest(), "INVALID_ARGUMENT", "queries"),
     (
         "NearestBatch",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import runpy
 import shutil
 import subprocess
 from pathlib import Path
@@ -38,6 +39,13 @@ def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return cert, key
 
 
+def _assert_unavailable(exc: UnavailableError) -> None:
+    """The client's UnavailableError came from a call grpc failed with UNAVAILABLE (its cause)."""
+    cause = exc.__cause__
+    assert isinstance(cause, grpc.RpcError) and cause.code() == grpc.StatusCode.UNAVAILABLE
+    assert exc.grpc_code == "UNAVAILABLE"
+
+
 def test_tls_server_with_self_signed_cert(
     tmp_path: Path, start_server, self_signed, make_engine, publish
 ) -> None:
@@ -52,7 +60,7 @@ def test_tls_server_with_self_signed_cert(
     assert report.status_codes == {"OK": 20}
     with LatentSearchClient(srv.target, timeout=3) as plain, pytest.raises(UnavailableError) as err:
         plain.info()
-    assert err.value.grpc_code == "UNAVAILABLE" and err.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE
+    _assert_unavailable(err.value)
 
 
 def test_tls_client_with_wrong_ca_fails(
@@ -75,4 +83,22 @@ def test_tls_client_with_wrong_ca_fails(
     client = LatentSearchClient(f"localhost:{srv.port}", tls_ca=other / "c.pem", timeout=3)
     with client, pytest.raises(UnavailableError) as err:
         client.info()
-    assert err.value.grpc_code == "UNAVAILABLE" and err.value.__cause__.code() == grpc.StatusCode.UNAVAILABLE
+    _assert_unavailable(err.value)
+
+
+def test_container_healthcheck_speaks_tls(
+    tmp_path: Path, start_server, self_signed, make_engine, publish
+) -> None:
+    # README's exposed compose setup serves TLS; its healthcheck must reach the health service too.
+    cert, key = self_signed
+    health = runpy.run_path(str(Path(__file__).resolve().parents[1] / "deploy" / "healthcheck.py"))
+    publish(tmp_path / "idx", make_engine(50, seed=5))
+    srv = start_server(index=tmp_path / "idx", tls_cert=cert, tls_key=key)
+    assert health["check"](srv.target, timeout=3).startswith("UNREACHABLE")  # plaintext
+    assert health["check"](srv.target, tls_ca=str(cert)) == "SERVING"
+    assert health["check"](srv.target, tls_ca=str(cert), server_name="localhost") == "SERVING"
+    # The certificate names localhost and 127.0.0.1 only: another name fails the handshake.
+    assert health["check"](srv.target, timeout=3, tls_ca=str(cert), server_name="example.com").startswith(
+        "UNREACHABLE"
+    )
+    assert health["main"](["--target", srv.target, "--tls-ca", str(cert)]) == 0

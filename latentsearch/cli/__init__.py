@@ -14,6 +14,7 @@ import sys
 from collections.abc import Sequence
 
 from latentsearch.cli import index, loadtest, quickstart, serve, train
+from latentsearch.cli.values import join_negative_values
 from latentsearch.errors import LatentSearchError
 
 __all__ = ["build_parser", "log_level", "main"]
@@ -42,7 +43,8 @@ def log_level(verbose: int, quiet: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # "--z -1.5,0" -> "--z=-1.5,0": argparse would take the value for an option.
+    args = parser.parse_args(join_negative_values(sys.argv[1:] if argv is None else argv))
     logging.basicConfig(
         level=log_level(args.verbose, args.quiet),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from latentsearch.cli.credentials import add_token_arguments, resolve_token
+from latentsearch.cli.values import label_list
 from latentsearch.loadgen import DEFAULT_TOTAL, LoadConfig, load_queries, run_load_sync
 
 __all__ = ["register_cli"]
@@ -25,13 +27,24 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "-n", "--total", type=int, default=None, help=f"calls to send (default {DEFAULT_TOTAL})"
     )
     p.add_argument("--rps", type=float, default=None, help="overall calls per second (default: unpaced)")
-    p.add_argument("--data-file", default=None, help="query points (.npy (n, d) or .json), mixed in")
     p.add_argument(
-        "--families", default="box,prior", help="comma-separated query families: box, prior (default both)"
+        "--data-file",
+        "--queries",
+        dest="data_file",
+        default=None,
+        metavar="FILE",
+        help="query points, mixed in: .npy (n, d), or .json: points, ghz request data ({\"z\": [...]} or a "
+        "list of them) or a whole ghz config such as deploy/ghz.json (its \"data\")",
+    )
+    p.add_argument(
+        "--families",
+        default="box,prior",
+        help="comma-separated query families: box, prior, data (default box,prior; --data-file adds data)",
     )
     p.add_argument("-k", type=int, default=10, help="number of results per call (default 10)")
     p.add_argument("--mode", choices=["auto", "exact", "approx"], default=None, help="search mode")
-    p.add_argument("--token", default=None, help="bearer token")
+    p.add_argument("--labels", type=label_list, default=None, help="integer label filter, e.g. 3,4")
+    add_token_arguments(p, serving=False)
     p.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
     p.add_argument("--timeout", type=float, default=20.0, help="per-call deadline in seconds (default 20)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
@@ -44,7 +57,7 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
     data = None
     if args.data_file:
         data = load_queries(args.data_file)
-        families = (*families, "data")
+        families = families if "data" in families else (*families, "data")
     config = LoadConfig(
         target=args.target,
         allow_remote=args.allow_remote,
@@ -54,9 +67,10 @@ def _cmd_loadtest(args: argparse.Namespace) -> int:
         rps=args.rps,
         k=args.k,
         mode=args.mode,
+        labels=tuple(args.labels or ()),
         families=families,
         data=data,
-        token=args.token,
+        token=resolve_token(args.token_file, args.token),
         tls_ca=args.tls_ca,
         timeout=args.timeout,
     )

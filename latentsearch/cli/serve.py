@@ -8,14 +8,23 @@ import logging
 import sys
 from typing import TYPE_CHECKING
 
+from latentsearch.cli.credentials import add_token_arguments, resolve_token
+from latentsearch.cli.values import float_list, label_list
 from latentsearch.errors import LatentSearchError, status_details
 
 if TYPE_CHECKING:
     from latentsearch.server.app import ServerConfig
 
-__all__ = ["register_cli", "serve_config"]
+__all__ = ["DEFAULT_METRICS_PORT", "register_cli", "serve_config"]
 
 log = logging.getLogger(__name__)
+
+# The /metrics port `serve` uses unless told otherwise. Prometheus keeps 9090-9094 for its own
+# components and allocates 9100-9999 to exporters (9100 is node_exporter's, which many hosts
+# run; 9464 the OpenTelemetry Prometheus exporter's), and 8000-8999 is where development web
+# servers live; 20051 lies outside all of them, below Linux's ephemeral range (32768-60999) so no
+# outgoing connection takes it, and echoes the gRPC port 50051.
+DEFAULT_METRICS_PORT = 20051
 
 
 def register_cli(subparsers: argparse._SubParsersAction) -> None:
@@ -29,7 +38,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="model directory for Encode/Decode (optional)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any free port)")
-    p.add_argument("--metrics-port", type=int, default=9100, help="Prometheus port (default 9100; 0: off)")
+    p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=DEFAULT_METRICS_PORT,
+        help=f"Prometheus /metrics port (default {DEFAULT_METRICS_PORT}; 0: off)",
+    )
     p.add_argument(
         "--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)"
     )
@@ -48,20 +62,31 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--reload-interval", type=float, default=2.0, help="seconds between index polls (default 2; 0: off)"
     )
-    p.add_argument("--verify", action="store_true", help="re-hash every file of a version before serving it")
+    p.add_argument(
+        "--verify",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="check every file of a version against its sha256 checksums before serving it, at start "
+        "and on each reload (default; --no-verify: sizes, shapes and value ranges only)",
+    )
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
-    p.add_argument("--token", default=None, help="require 'authorization: Bearer TOKEN' (health stays open)")
+    add_token_arguments(p, serving=True)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
     p.set_defaults(func=_cmd_serve)
 
     q = subparsers.add_parser("query", help="send one Nearest query to a running server")
     q.add_argument("--target", default="127.0.0.1:50051", help="server host:port (default 127.0.0.1:50051)")
-    q.add_argument("--z", required=True, help="comma-separated latent point, e.g. 0.1,0.2,-0.3")
+    q.add_argument(
+        "--z",
+        required=True,
+        type=float_list,
+        help="latent point, numbers separated by commas or spaces: -0.1,0.2,0.3 or \"-0.1 0.2 0.3\"",
+    )
     q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
-    q.add_argument("--labels", default=None, help="comma-separated label filter")
+    q.add_argument("--labels", type=label_list, default=None, help="integer label filter, e.g. 3,4")
     q.add_argument("--mode", choices=["auto", "exact", "approx"], default=None, help="search mode")
-    q.add_argument("--token", default=None, help="bearer token")
+    add_token_arguments(q, serving=False)
     q.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
     q.set_defaults(func=_cmd_query)
 
@@ -88,7 +113,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         verify=args.verify,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
-        token=args.token,
+        token=resolve_token(args.token_file, args.token),
         grace=args.grace,
     )
 
@@ -103,11 +128,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_query(args: argparse.Namespace) -> int:
     from latentsearch.client import LatentSearchClient
 
-    z = [float(v) for v in args.z.split(",") if v.strip()]
-    labels = [int(v) for v in args.labels.split(",")] if args.labels else None
-    with LatentSearchClient(args.target, token=args.token, tls_ca=args.tls_ca) as client:
+    token = resolve_token(args.token_file, args.token)
+    with LatentSearchClient(args.target, token=token, tls_ca=args.tls_ca) as client:
         try:
-            answer = client.nearest(z, args.k, labels=labels, mode=args.mode)
+            answer = client.nearest(args.z, args.k, labels=args.labels, mode=args.mode)
         except LatentSearchError as exc:  # the failed call's error, with its status code
             print(f"error: {exc.grpc_code}: {status_details(exc)}", file=sys.stderr)
             return 2

@@ -17,7 +17,7 @@ from latentsearch.bank import PosteriorBank
 from latentsearch.engine.approx import ApproxIndex, ApproxQuery
 from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
-from latentsearch.engine.gpu import resolve_device
+from latentsearch.engine.gpu import Device, resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
@@ -436,6 +436,7 @@ class SearchEngine:
             if sel is not None:
                 self._selections.move_to_end(wanted)
                 return sel
+        assert self.bank.labels is not None  # _label_set refuses a bank without labels
         mask = np.isin(self.bank.labels, np.fromiter(wanted, dtype=np.int64))
         sel = Selection(mask, self.exact.groups)
         with self._lock:
@@ -481,7 +482,7 @@ class SearchEngine:
 
     @classmethod
     def load(
-        cls, path: str | Path, *, mmap: bool = True, verify: bool = False, device: str = "auto"
+        cls, path: str | Path, *, mmap: bool = True, verify: bool = False, device: Device = "auto"
     ) -> SearchEngine:
         """Load a saved engine; arrays are memory-mapped unless ``mmap=False``.
 

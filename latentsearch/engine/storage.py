@@ -19,6 +19,13 @@ Layout (``FORMAT_VERSION`` 1)::
 Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
 exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
 them. The directory is written under a temporary name beside the target and renamed into place.
+
+Every write error surfaces as the ``OSError`` the kernel gave (``ENOSPC`` on a full disk): the FAISS
+index is written through Python file calls, not FAISS's own ``fwrite``/``fclose`` (whose errors
+arrive as a RuntimeError or, at close, not at all). Loading checks sizes, dtypes and shapes, and the
+value ranges of the index arrays (scale group and partition of every row, partition sizes against
+the FAISS index, finite partition boxes) with vectorised min/max passes, so a damaged file is a
+:class:`CorruptIndexError` naming it rather than a search that allocates by a corrupt value.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ from latentsearch.bank import PosteriorBank
 from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
-from latentsearch.engine.gpu import resolve_device
+from latentsearch.engine.gpu import Device, resolve_device
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
 __all__ = [
@@ -55,6 +62,7 @@ __all__ = [
     "read_json_manifest",
     "read_manifest",
     "save_engine",
+    "saved_bytes",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,36 @@ def _save_npy(directory: Path, name: str, array: np.ndarray) -> None:
         np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
         fh.flush()
         os.fsync(fh.fileno())
+
+
+def _save_faiss(directory: Path, name: str, index: faiss.Index) -> None:
+    """``faiss.write_index`` through this file's ``write``: a failed write raises its OSError."""
+    with open(directory / name, "wb") as fh:
+        # PyCallbackIOWriter is a SWIG class faiss's own __init__.pyi leaves out.
+        faiss.write_index(index, faiss.PyCallbackIOWriter(fh.write))  # type: ignore[attr-defined]
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def saved_bytes(
+    items: int, dim: int, *, id_bytes: int = 0, labels: bool = False, nlist: int | None = None
+) -> int:
+    """About how many bytes :func:`save_engine` writes for ``items`` posteriors of dimension ``dim``.
+
+    Args:
+        id_bytes: bytes of the ids array (0: no ids file).
+        labels: whether a labels file is written.
+        nlist: partitions of the approximate index (``None``: none is built); every row is
+            counted as partitioned, so this is an upper bound.
+    """
+    n, d = items, dim
+    total = 2 * n * d * 8 + n * 2 + id_bytes + (n * 8 if labels else 0)  # mu, log_sigma, groups, ...
+    if nlist is not None:
+        lifted = 2 * d + 1
+        total += n * (lifted * 4 + 8)  # IVF codes and ids
+        total += nlist * (lifted * 4 + 16)  # quantizer and per-list headers
+        total += n * 4 + nlist * 8 * (4 * d + 2 * lifted + 3 * d + 1) + 4 * d * 8  # lists, boxes, ...
+    return total + (1 << 16)  # npy headers and manifests
 
 
 @dataclass(frozen=True)
@@ -131,7 +169,7 @@ def save_engine(
             _save_npy(tmp, "labels.npy", np.asarray(bank.labels, dtype=np.int64))
         approx = engine.approx
         if approx is not None:
-            faiss.write_index(approx.ivf, str(tmp / "approx.faiss"))
+            _save_faiss(tmp, "approx.faiss", approx.ivf)
             _save_npy(tmp, "approx_boxes.npy", np.stack([approx.lo, approx.hi, approx.slo, approx.shi]))
             _save_npy(tmp, "approx_lists.npy", approx.list_of_row)
             _save_npy(tmp, "approx_features.npy", approx.features)
@@ -237,7 +275,29 @@ def _load_npy(path: Path, name: str, mmap: bool, dtype: Any, shape: tuple[int, .
     return arr
 
 
-def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: str = "auto") -> EngineParts:
+def _check_range(fpath: Path, values: np.ndarray, lo: int, hi: int, what: str) -> None:
+    """Raise CorruptIndexError naming ``fpath`` unless every value lies in ``[lo, hi)``."""
+    if values.size == 0:
+        return
+    vmin, vmax = int(values.min()), int(values.max())
+    if vmin < lo or vmax >= hi:
+        raise CorruptIndexError(
+            f"{fpath} holds {what} in [{vmin}, {vmax}]; valid ones are in [{lo}, {hi - 1}]"
+        )
+
+
+def _check_boxes(fpath: Path, lo: np.ndarray, hi: np.ndarray, *, positive: bool = False) -> None:
+    """Raise CorruptIndexError naming ``fpath`` unless ``lo <= hi`` are finite bounds (``lo > 0``)."""
+    ok = bool(np.isfinite(lo).all() and np.isfinite(hi).all() and (lo <= hi).all())
+    if not ok or (positive and not (lo > 0).all()):
+        raise CorruptIndexError(
+            f"{fpath} holds bounds that are not finite{' and positive' if positive else ''} with lo <= hi"
+        )
+
+
+def load_engine(
+    path: Path, *, mmap: bool = True, verify: bool = False, device: Device = "auto"
+) -> EngineParts:
     """Load the parts of an engine saved by :func:`save_engine`.
 
     ``device`` is where this process runs the exact flat screens (``auto``: a GPU when faiss-gpu
@@ -269,6 +329,8 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: 
     groups = _load_npy(path, "exact_groups.npy", mmap, np.int16, (n,))
     try:
         meta = manifest["exact"]
+        n_groups = len(meta["group_absmax"])
+        _check_range(path / "exact_groups.npy", groups, 0, n_groups, "scale groups")
         exact = ExactIndex.from_groups(
             mu,
             log_sigma,
@@ -283,29 +345,67 @@ def load_engine(path: Path, *, mmap: bool = True, verify: bool = False, device: 
     if [len(g) for g in exact.groups] != meta["scale_groups"]:
         raise CorruptIndexError(f"{path / 'exact_groups.npy'} does not match the manifest's scale groups")
     approx_meta = manifest.get("approx")
-    approx = None if approx_meta is None else _load_approx(path, mmap, n, d, approx_meta)
+    approx = None if approx_meta is None else _load_approx(path, n, d, approx_meta, groups, n_groups)
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
     return EngineParts(bank=bank, config=config, exact=exact, approx=approx)
 
 
-def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -> ApproxIndex:
+def _load_approx(
+    path: Path, n: int, d: int, meta: dict[str, Any], group_of_row: np.ndarray, n_groups: int
+) -> ApproxIndex:
+    """The approximate index, checked against the bank: ``group_of_row`` is the ``(N,)`` scale group
+    of every row (already range-checked), ``n_groups`` the number of scale groups."""
+    fpath = path / "approx.faiss"
     try:
-        ivf = faiss.read_index(str(path / "approx.faiss"))
+        nlist, nprobe, factory = int(meta["nlist"]), int(meta["nprobe"]), str(meta["factory"])
+        exact_groups = [int(g) for g in meta["exact_groups"]]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptIndexError(f"{path / MANIFEST} has a bad 'approx' section: {exc}") from exc
+    _check_range(path / MANIFEST, np.array(exact_groups, dtype=np.int64), 0, n_groups, "exact_groups")
+    try:
+        ivf = faiss.read_index(str(fpath))
     except RuntimeError as exc:
-        raise CorruptIndexError(f"{path / 'approx.faiss'} is unreadable: {exc}") from exc
+        raise CorruptIndexError(f"{fpath} is unreadable: {exc}") from exc
     if not isinstance(ivf, faiss.IndexIVFFlat):
-        raise CorruptIndexError(f"{path / 'approx.faiss'} holds {type(ivf).__name__}, not an IVF flat index")
-    nlist = int(meta["nlist"])
+        raise CorruptIndexError(f"{fpath} holds {type(ivf).__name__}, not an IVF flat index")
     if ivf.d != 2 * d + 1 or ivf.nlist != nlist:
-        raise CorruptIndexError(
-            f"{path / 'approx.faiss'} does not match the bank (d={ivf.d}, nlist={ivf.nlist})"
-        )
+        raise CorruptIndexError(f"{fpath} does not match the bank (d={ivf.d}, nlist={ivf.nlist})")
     boxes = _load_npy(path, "approx_boxes.npy", False, np.float64, (4, nlist, d))
     lists = _load_npy(path, "approx_lists.npy", False, np.int32, (n,))
     features = _load_npy(path, "approx_features.npy", False, np.float64, (2, 2 * d))
     lifted_box = _load_npy(path, "approx_lifted_boxes.npy", False, np.float64, (2, nlist, 2 * d + 1))
     centred = _load_npy(path, "approx_centred.npy", False, np.float64, (3, nlist, d))
     centred_c = _load_npy(path, "approx_centred_c.npy", False, np.float64, (nlist,))
+    # Every row is in one partition, or on the exact path (-1) exactly when its scale group is.
+    lpath = path / "approx_lists.npy"
+    _check_range(lpath, lists, -1, nlist, "partition ids")
+    if not np.array_equal(lists < 0, np.isin(group_of_row, exact_groups)):
+        raise CorruptIndexError(
+            f"{lpath} does not match exact_groups.npy: rows on the exact path are those of scale "
+            f"groups {exact_groups}"
+        )
+    sizes = np.bincount(lists[lists >= 0], minlength=nlist)  # (L,)
+    invlists = ivf.invlists
+    if invlists is None:  # faiss reads an index stored without its lists ("il00") as lists = NULL
+        raise CorruptIndexError(f"{fpath} holds no inverted lists")
+    stored = np.fromiter((invlists.list_size(i) for i in range(nlist)), dtype=np.int64, count=nlist)
+    if not np.array_equal(sizes, stored):
+        raise CorruptIndexError(
+            f"{lpath} does not match {fpath}: partition sizes differ in {int((sizes != stored).sum())} "
+            f"of {nlist} partitions ({int(sizes.sum())} vs {int(ivf.ntotal)} rows)"
+        )
+    _check_boxes(path / "approx_boxes.npy", boxes[0], boxes[1])
+    _check_boxes(path / "approx_boxes.npy", boxes[2], boxes[3], positive=True)
+    _check_boxes(path / "approx_lifted_boxes.npy", lifted_box[0], lifted_box[1])
+    _check_boxes(path / "approx_centred.npy", centred[1], centred[2])
+    _check_boxes(path / "approx_features.npy", features[1], features[1], positive=True)
+    for name, arr in (
+        ("approx_features.npy", features[0]),
+        ("approx_centred.npy", centred[0]),
+        ("approx_centred_c.npy", centred_c),
+    ):
+        if not np.isfinite(arr).all():
+            raise CorruptIndexError(f"{path / name} holds NaN or inf")
     return ApproxIndex(
         ivf=ivf,
         lo=boxes[0],
@@ -313,9 +413,9 @@ def _load_approx(path: Path, mmap: bool, n: int, d: int, meta: dict[str, Any]) -
         slo=boxes[2],
         shi=boxes[3],
         list_of_row=lists,
-        exact_groups=[int(g) for g in meta["exact_groups"]],
-        factory=str(meta["factory"]),
-        nprobe=int(meta["nprobe"]),
+        exact_groups=exact_groups,
+        factory=factory,
+        nprobe=nprobe,
         features=features,
         lifted_box=lifted_box,
         centred=centred,

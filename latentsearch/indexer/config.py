@@ -45,7 +45,7 @@ class IndexJobConfig:
     keep: int = 3
     # Re-hash every file of the new version after publishing (slower; the write path already fsyncs).
     verify: bool = False
-    # tqdm progress bars on stderr.
+    # Progress on stderr: a bar on a terminal, else a log line every few seconds (latentsearch.progress).
     progress: bool = True
 
     def __post_init__(self) -> None:

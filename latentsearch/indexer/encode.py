@@ -29,6 +29,7 @@ from latentsearch.data.readers import Dataset
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.model.device import configure_cpu_threads
 from latentsearch.model.loader import LoadedModel, encode_batch
+from latentsearch.progress import Progress
 
 __all__ = ["EncodedPosteriors", "encode_dataset", "encode_posteriors"]
 
@@ -144,8 +145,6 @@ def encode_dataset(
     Returns:
         The files memory-mapped read-only.
     """
-    from tqdm.auto import tqdm
-
     n, d = len(dataset), model.latent_dim
     if n == 0:
         raise InvalidArgumentError("the dataset is empty", field="data")
@@ -161,7 +160,7 @@ def encode_dataset(
     mu = np.lib.format.open_memmap(out / MU_FILE, mode="w+", dtype=np.float32, shape=(n, d))
     logvar = np.lib.format.open_memmap(out / LOGVAR_FILE, mode="w+", dtype=np.float32, shape=(n, d))
     start = time.perf_counter()
-    bar = tqdm(total=n, unit="item", unit_scale=True, desc="encode", disable=not progress, smoothing=0.1)
+    bar = Progress(n, desc="encode", unit="item", enabled=progress, logger=log, unit_scale=True)
     try:
         for row, batch in _prefetch(dataset.iter_batches(batch_size)):
             m, lv = encode_posteriors(model, batch, bf16=bf16)

@@ -14,16 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from latentsearch.data.readers import open_dataset
+from latentsearch.engine.approx import default_nlist
 from latentsearch.engine.engine import SearchEngine
-from latentsearch.engine.storage import file_digest
+from latentsearch.engine.storage import file_digest, saved_bytes
 from latentsearch.indexer.config import IndexJobConfig
 from latentsearch.indexer.encode import encode_dataset
 from latentsearch.indexer.posteriors import read_posteriors_npz
-from latentsearch.indexer.root import IndexRoot, Staging
+from latentsearch.indexer.root import IndexRoot, Staging, engine_bytes
 from latentsearch.model.loader import load_model
+from latentsearch.progress import Progress
 
 __all__ = ["JobResult", "run_index_job"]
 
@@ -58,11 +59,11 @@ class JobResult:
 
 
 class _Stages:
-    """A tqdm bar over named stages, and their timings."""
+    """Progress over named stages (a bar on a terminal, else a periodic log line), and their timings."""
 
     def __init__(self, names: list[str], progress: bool) -> None:
         self.timings: dict[str, float] = {}
-        self._bar = tqdm(total=len(names), desc="index", unit="stage", disable=not progress, leave=True)
+        self._bar = Progress(len(names), desc="index", unit="stage", enabled=progress, logger=log)
         self._name: str | None = None
         self._t0 = 0.0
 
@@ -90,7 +91,9 @@ def run_index_job(config: IndexJobConfig) -> JobResult:
 
     Raises:
         LatentSearchError subclasses: bad input (naming the file / npz key and row), missing model or
-        data, corrupt model checkpoints.
+        data, corrupt model checkpoints; ResourceExhaustedError "no space left on ROOT (needed about
+        X MiB, ...)" when the free space is short before encoding or saving (checked against an
+        estimate) or the disk fills up on the way (nothing is left behind).
     """
     t_start = time.perf_counter()
     root = IndexRoot(config.out, create=True)
@@ -103,7 +106,7 @@ def run_index_job(config: IndexJobConfig) -> JobResult:
             finally:
                 stages.close()
         else:
-            engine, metadata, stages = _from_model(config, staging)
+            engine, metadata, stages = _from_model(config, root, staging)
             try:
                 version = _save_and_publish(root, staging, engine, metadata, config, stages)
             finally:
@@ -132,7 +135,10 @@ def _save_and_publish(
     stages: _Stages,
 ) -> str:
     stages.start("save")
-    engine.save(staging.engine_dir, extra={k: v for k, v in metadata.items() if k != "timings"})
+    needed = engine_bytes(engine)
+    root.require_space(needed)
+    with root.disk_errors(needed):
+        engine.save(staging.engine_dir, extra={k: v for k, v in metadata.items() if k != "timings"})
     stages.start("publish")
     metadata["timings"] = dict(stages.timings)
     return root.publish_staged(staging, metadata, keep=config.keep)
@@ -156,28 +162,36 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEng
     return engine, metadata
 
 
-def _from_model(config: IndexJobConfig, staging: Staging) -> tuple[SearchEngine, dict[str, Any], _Stages]:
+def _from_model(
+    config: IndexJobConfig, root: IndexRoot, staging: Staging
+) -> tuple[SearchEngine, dict[str, Any], _Stages]:
     assert config.model is not None and config.data is not None
     t0 = time.perf_counter()
     model = load_model(config.model, input_shape=config.input_shape, device=config.device)
     dataset = open_dataset(config.data)
     log.info("encoding %s with %s", dataset, model)
     t_load = time.perf_counter() - t0
-    encoded = encode_dataset(
-        model,
-        dataset,
-        staging.path / "encode",
-        batch_size=config.batch_size,
-        bf16=config.bf16,
-        num_threads=config.num_threads,
-        progress=config.progress,
-    )
+    # The encoder writes float32 memory maps (a full disk there is a SIGBUS, not an error), then
+    # the version is saved beside them: check the space for both first.
+    n, d = len(dataset), model.latent_dim
+    nlist = config.engine.approx_nlist or default_nlist(n)
+    needed = 2 * n * d * 4 + saved_bytes(n, d, labels=dataset.labels is not None, nlist=nlist)
+    root.require_space(needed)
+    with root.disk_errors(needed):
+        encoded = encode_dataset(
+            model,
+            dataset,
+            staging.path / "encode",
+            batch_size=config.batch_size,
+            bf16=config.bf16,
+            num_threads=config.num_threads,
+            progress=config.progress,
+        )
     stages = _Stages(["fingerprint", "build", "save", "publish"], config.progress)
     stages.timings.update({"load": round(t_load, 3), "encode": round(encoded.seconds, 3)})
     try:
         stages.start("fingerprint")
         fingerprint = dataset.fingerprint()
-        n = len(dataset)
         named = dataset.ids
         # row numbers are the engine's default: no ids file
         ids = None if np.array_equal(named, np.arange(n).astype(str)) else named

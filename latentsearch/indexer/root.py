@@ -13,6 +13,8 @@ Layout::
       .tmp-<random>/               a job's staging directory (same filesystem), renamed into
                                    versions/ when complete; ``.owner.lock`` is flocked by its job
       .trash-<version>-<random>/   a version being deleted by retention
+      .pending-<version>           exists while a publish moves <version> into versions/ and
+                                   swaps CURRENT (under the lock)
 
 Version ids are ``YYYYmmddTHHMMSS.ffffffZ-<6 hex>`` (UTC), assigned at publish time under the
 lock, so sorting by name is publish order.
@@ -23,12 +25,25 @@ directories fsynced), and ``CURRENT`` is only replaced after that rename (write 
 version intact; its staging directory is removed by the next writer (its ``.owner.lock`` is no
 longer held: flock locks die with their process). Readers take no lock. flock needs a local
 filesystem (or one with working flock, e.g. NFSv4).
+
+A publish that fails (a full disk, say) leaves no version behind: a version moved into
+``versions/`` whose ``CURRENT`` swap then failed is removed again, and a full disk (ENOSPC,
+EDQUOT) is reported as :class:`ResourceExhaustedError` "no space left on ROOT (needed about X MiB,
+Y MiB free)". A job killed between the two steps leaves ``.pending-<version>``: the next writer
+(every ``latentsearch index`` run cleans first) removes that never-current version.
+
+Versions are immutable: once published, their files are mode 0444 and their directories 0555, so
+a stray write fails with "permission denied" instead of changing (or, by truncation, crashing) a
+server that memory-maps them. Retention and cleanup make a directory writable again just before
+deleting it. (root ignores permission bits: the modes protect against other users and mistakes,
+not against root.)
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import fcntl
 import json
 import logging
@@ -43,10 +58,22 @@ from pathlib import Path
 from typing import IO, Any
 
 from latentsearch.engine.engine import SearchEngine
-from latentsearch.engine.storage import file_digest, fsync_dir, read_json_manifest, read_manifest
-from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError, UnavailableError
+from latentsearch.engine.storage import (
+    file_digest,
+    fsync_dir,
+    read_json_manifest,
+    read_manifest,
+    saved_bytes,
+)
+from latentsearch.errors import (
+    CorruptIndexError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
-__all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo"]
+__all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo", "engine_bytes", "remove_tree"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +86,8 @@ ENGINE_DIR = "engine"
 MANIFEST = "manifest.json"
 MANIFEST_SHA = "manifest.sha256"
 OWNER_LOCK = ".owner.lock"
+PENDING_PREFIX = ".pending-"
+FILE_MODE, DIR_MODE = 0o444, 0o555  # of a published version's files and directories
 _VERSION_RE = re.compile(r"^\d{8}T\d{6}\.\d{6}Z-[0-9a-f]{6}$")
 
 
@@ -79,6 +108,39 @@ def _new_version_id(after: str | None) -> str:
 
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _make_read_only(path: Path) -> None:
+    """Files under ``path`` to :data:`FILE_MODE`, directories below it to :data:`DIR_MODE`
+    (``path`` itself stays writable: a directory renamed to another parent must be)."""
+    for dirpath, dirnames, filenames in os.walk(path, topdown=False):
+        for name in filenames:
+            os.chmod(os.path.join(dirpath, name), FILE_MODE)
+        for name in dirnames:
+            os.chmod(os.path.join(dirpath, name), DIR_MODE)
+
+
+def remove_tree(path: Path) -> None:
+    """Delete directory ``path`` like ``shutil.rmtree``, read-only (published) directories too:
+    each directory is made writable before its entries go. Missing: nothing to do."""
+    if not path.is_dir() or path.is_symlink():
+        return
+    for dirpath, _dirnames, _filenames in os.walk(path):
+        with contextlib.suppress(OSError):
+            os.chmod(dirpath, 0o755)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def engine_bytes(engine: SearchEngine) -> int:
+    """About how many bytes a version of ``engine`` takes on disk (see :func:`storage.saved_bytes`)."""
+    bank = engine.bank
+    return saved_bytes(
+        len(bank),
+        bank.dim,
+        id_bytes=0 if bank.ids is None else int(bank.ids.nbytes),
+        labels=bank.labels is not None,
+        nlist=None if engine.approx is None else engine.approx.nlist,
+    )
 
 
 @dataclass(frozen=True)
@@ -112,7 +174,7 @@ class Staging:
 
     def close(self) -> None:
         if self.published is None:
-            shutil.rmtree(self.path, ignore_errors=True)
+            remove_tree(self.path)
         if not self._lock.closed:
             self._lock.close()
 
@@ -158,6 +220,10 @@ class IndexRoot:
         except FileNotFoundError:
             return []
         return sorted(names)
+
+    def older(self, version: str | None) -> list[str]:
+        """Published versions older than ``version`` (all of them for ``None``), oldest first."""
+        return [v for v in self.versions() if version is None or v < version]
 
     def version_dir(self, version: str) -> Path:
         if not isinstance(version, str) or not _VERSION_RE.match(version):
@@ -282,6 +348,40 @@ class IndexRoot:
         return version
 
     # -- writing ------------------------------------------------------------------------------
+    def free_bytes(self) -> int | None:
+        """Bytes free for this process on the root's filesystem (``None``: unknown)."""
+        try:
+            return shutil.disk_usage(self.path if self.path.exists() else self.path.parent).free
+        except OSError:
+            return None
+
+    def _no_space(self, needed: int, what: str = "no space left") -> ResourceExhaustedError:
+        free = self.free_bytes()
+        have = "" if free is None else f", {free / 2**20:.1f} MiB free"
+        return ResourceExhaustedError(
+            f"{what} on {self.path} (needed about {needed / 2**20:.1f} MiB{have})", field="out"
+        )
+
+    def require_space(self, needed: int) -> None:
+        """Raise ResourceExhaustedError when under ``needed`` bytes are free on the root's filesystem."""
+        free = self.free_bytes()
+        if free is not None and free < needed:
+            raise self._no_space(needed)
+
+    @contextlib.contextmanager
+    def disk_errors(self, needed: int) -> Iterator[None]:
+        """Turn a full disk or quota (``ENOSPC``, ``EDQUOT``) met inside the block into
+        ResourceExhaustedError "no space left on ROOT (needed about X MiB, ...)"; ``needed``: the
+        bytes the whole write needs (e.g. :func:`engine_bytes`)."""
+        try:
+            yield
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._no_space(needed) from exc
+            if exc.errno == errno.EDQUOT:
+                raise self._no_space(needed, "disk quota exceeded") from exc
+            raise
+
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -323,17 +423,45 @@ class IndexRoot:
                         continue
                 elif p.name.startswith(".trash-") and p.is_dir():
                     pass
+                elif p.name.startswith(PENDING_PREFIX) and p.is_file():
+                    removed += self._finish_pending(p)
+                    continue
                 elif p.name.startswith(f"{CURRENT_FILE}.tmp-") and p.is_file():
                     p.unlink(missing_ok=True)
                     removed.append(p)
                     continue
                 else:
                     continue
-                shutil.rmtree(p, ignore_errors=True)
+                remove_tree(p)
                 removed.append(p)
         if removed:
             log.info("removed %d stale temporary entries from %s", len(removed), self.path)
         return removed
+
+    def _finish_pending(self, marker: Path) -> list[Path]:
+        """A dead publish's marker (caller holds the lock): remove its version unless ``CURRENT``
+        names it, then the marker; returns what was removed. Kept as is while CURRENT is unreadable."""
+        version = marker.name[len(PENDING_PREFIX) :]
+        try:
+            current = self.current()
+        except CorruptIndexError:
+            return []
+        removed = []
+        vdir = self.versions_dir / version
+        if current != version and _VERSION_RE.match(version) and vdir.is_dir():
+            remove_tree(vdir)
+            removed.append(vdir)
+            log.warning(
+                "removed version %s of %s: its publish died before CURRENT named it", version, self.path
+            )
+        marker.unlink(missing_ok=True)
+        return [*removed, marker]
+
+    def _current_or_none(self) -> str | None:
+        try:
+            return self.current()
+        except CorruptIndexError:
+            return None
 
     @staticmethod
     def _owner_alive(path: Path) -> bool:
@@ -358,7 +486,10 @@ class IndexRoot:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        fsync_dir(self.path)
+        try:
+            fsync_dir(self.path)
+        except OSError as exc:  # CURRENT names version already: only its durability is in doubt
+            log.warning("%s now names %s, but syncing %s failed: %s", CURRENT_FILE, version, self.path, exc)
 
     def publish_staged(
         self, staging: Staging, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
@@ -369,28 +500,35 @@ class IndexRoot:
         manifest, the directory is fsynced and renamed into ``versions/``, then ``CURRENT`` is
         swapped. ``metadata`` (JSON) is stored in the manifest; its ``model_hash`` and
         ``dataset_fingerprint`` keys are also promoted to the top level. ``keep``: retention
-        (``None``: keep everything).
+        (``None``: keep everything; a failed deletion is logged, not raised). The published files
+        and directories are made read-only.
 
         Returns:
             The new version id.
+
+        Raises:
+            ResourceExhaustedError: the disk (or quota) filled up; nothing was published and the
+                staged version is removed.
         """
+        if keep is not None and keep < 1:
+            raise InvalidArgumentError(f"keep must be >= 1, got {keep}", field="keep")
         metadata = dict(metadata or {})
         engine_manifest = read_manifest(staging.engine_dir)
         for p in list(staging.path.iterdir()):
             if p.name not in (ENGINE_DIR, OWNER_LOCK):
                 if p.is_dir():
-                    shutil.rmtree(p)
+                    remove_tree(p)
                 else:
                     p.unlink()
-        files = {}
+        files: dict[str, dict[str, Any]] = {}
+        needed = 0  # bytes of the version, for a full disk's message
         for p in sorted(staging.engine_dir.rglob("*")):
             if p.is_file():
-                files[p.relative_to(staging.path).as_posix()] = {
-                    "bytes": p.stat().st_size,
-                    "sha256": file_digest(p),
-                }
+                size = p.stat().st_size
+                files[p.relative_to(staging.path).as_posix()] = {"bytes": size, "sha256": file_digest(p)}
+                needed += size
         fsync_dir(staging.engine_dir)
-        with self._locked():
+        with self.disk_errors(needed), self._locked():
             version = _new_version_id(self.versions()[-1] if self.versions() else None)
             now = time.time()
             approx = engine_manifest.get("approx")
@@ -427,22 +565,53 @@ class IndexRoot:
             _write_durable(staging.path / MANIFEST, data)
             digest = file_digest(staging.path / MANIFEST)
             _write_durable(staging.path / MANIFEST_SHA, f"{digest}  {MANIFEST}\n".encode())
+            _make_read_only(staging.path)
             fsync_dir(staging.path)
             self.versions_dir.mkdir(parents=True, exist_ok=True)
-            os.replace(staging.path, self.versions_dir / version)
-            staging.published = version
-            fsync_dir(self.versions_dir)
-            self._swap_current(version)
+            self._move_in_and_swap(staging, version)
             log.info("published version %s (%d items) in %s", version, manifest["items"], self.path)
             if keep is not None:
-                self._prune_locked(keep)
+                try:
+                    self._prune_locked(keep)
+                except OSError as exc:
+                    log.warning("retention after publishing %s failed (run 'index' again): %s", version, exc)
         return version
+
+    def _move_in_and_swap(self, staging: Staging, version: str) -> None:
+        """Rename the staging directory to ``versions/<version>`` and point ``CURRENT`` at it
+        (caller holds the lock). On any failure before ``CURRENT`` names it, the version is removed
+        again; a ``.pending-<version>`` marker covers a process killed in between."""
+        vdir = self.versions_dir / version
+        marker = self.path / f"{PENDING_PREFIX}{version}"
+        try:
+            _write_durable(marker, b"")
+            fsync_dir(self.path)
+            os.replace(staging.path, vdir)
+            staging.published = version
+            os.chmod(vdir, DIR_MODE)
+            fsync_dir(self.versions_dir)
+            self._swap_current(version)
+        except BaseException:
+            if staging.published is not None and self._current_or_none() != version:
+                remove_tree(vdir)  # never current: no reader serves it
+                staging.published = None
+                log.warning("publishing %s failed; removed it again", version)
+            marker.unlink(missing_ok=True)
+            raise
+        marker.unlink(missing_ok=True)
 
     def publish_engine(
         self, engine: SearchEngine, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
     ) -> str:
-        """Save ``engine`` and publish it as the new current version; returns the version id."""
-        with self.staging() as staging:
+        """Save ``engine`` and publish it as the new current version; returns the version id.
+
+        Raises:
+            ResourceExhaustedError: too little free space (checked first, against
+                :func:`engine_bytes`) or the disk filled up while writing; nothing was published.
+        """
+        needed = engine_bytes(engine)
+        self.require_space(needed)
+        with self.disk_errors(needed), self.staging() as staging:
             engine.save(staging.engine_dir, extra=metadata)
             return self.publish_staged(staging, metadata, keep=keep)
 
@@ -458,7 +627,7 @@ class IndexRoot:
         with self._locked():
             cur = self.current()
             if version is None:
-                older = [v for v in self.versions() if cur is None or v < cur]
+                older = self.older(cur)
                 if not older:
                     raise NotFoundError(f"{self.path}: no version older than {cur} to roll back to")
                 version = older[-1]
@@ -483,10 +652,16 @@ class IndexRoot:
         cur = self.current()
         doomed = [v for v in versions[:-keep] if v != cur]
         for v in doomed:
+            vdir = self.versions_dir / v
             trash = self.path / f".trash-{v}-{secrets.token_hex(4)}"
-            os.replace(self.versions_dir / v, trash)
+            os.chmod(vdir, 0o755)  # a directory moved to another parent must be writable ('..')
+            try:
+                os.replace(vdir, trash)
+            except BaseException:
+                os.chmod(vdir, DIR_MODE)
+                raise
             fsync_dir(self.versions_dir)
-            shutil.rmtree(trash, ignore_errors=True)
+            remove_tree(trash)
             log.info("retention: deleted version %s", v)
         return doomed
 

@@ -155,7 +155,7 @@ class TrainConfig:
     amp: bool = True
     # Clip the global gradient norm (0: off).
     grad_clip: float = 0.0
-    # Show a tqdm progress bar.
+    # Progress on stderr: a bar on a terminal, else a log line every few seconds (latentsearch.progress).
     progress: bool = True
     # Cap on wall-clock training seconds (None: no cap); checked between epochs.
     time_limit_s: float | None = None

@@ -113,6 +113,14 @@ class LoadedModel:
             return t.to(torch.float32) / 255.0
         return t.to(torch.float32)
 
+    def network_input(self, x: Any) -> torch.Tensor:
+        """A batch ``(N, *shape)`` -> the float32 values the encoder's first layer sees, shaped as
+        :meth:`prepare` returns them: our VAEs' normalisation ``(x - shift) * scale`` applied
+        (:class:`~model.config.Normalization`), a user model's input as :meth:`prepare` gives it."""
+        with torch.inference_mode():
+            t = self.prepare(x)
+            return self.module.normalize(t) if self._raw_input else t
+
     def encode_params(self, x: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``(N, *input_shape)`` -> ``(mu, logvar)``, each ``(N, d)`` float32 on ``device`` (no autograd)."""
         with torch.inference_mode():

@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from latentsearch.data.garments import NOTICE, garment_dataset
 from latentsearch.data.readers import Dataset
@@ -27,8 +26,9 @@ from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_F
 from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads, resolve_device
 from latentsearch.model.vae import VAE
+from latentsearch.progress import Progress
 
-__all__ = ["TRAIN_STATE", "TrainResult", "default_vae_config", "split_indices", "train"]
+__all__ = ["TRAIN_STATE", "TrainResult", "default_vae_config", "split_indices", "train", "training_done"]
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,14 @@ class TrainResult:
     best_val_neg_elbo: float
     best_epoch: int
     epochs_run: int
+    # Stopped before `epochs_planned`: on a plateau (early stopping) or by the time limit.
     stopped_early: bool
     history: list[dict[str, float]] = field(default_factory=list)
+    # TrainConfig.epochs of the run.
+    epochs_planned: int = 0
+    # The time limit (TrainConfig.time_limit_s) ended the run before `epochs_planned`, not a plateau:
+    # the model may be undertrained (a WARNING was logged; the run can be resumed).
+    time_limited: bool = False
 
 
 def default_vae_config(
@@ -230,7 +236,7 @@ def train(
         # A run that plateaued or reached `epochs` is finished; a larger --epochs extends it.
         if progress.epoch >= cfg.epochs or progress.bad >= cfg.patience:
             log.info("%s: training had already finished (epoch %d of %d)", out, progress.epoch, cfg.epochs)
-            return _result(out, progress)
+            return _result(out, progress, cfg)
     t0 = time.perf_counter()
     for epoch in range(progress.epoch, cfg.epochs):
         t_epoch = time.perf_counter()
@@ -248,7 +254,26 @@ def train(
                 progress.best_epoch,
             )
             break
-    return _result(out, progress)
+    result = _result(out, progress, cfg)
+    if result.time_limited:
+        log.warning(
+            "training was cut short by its time limit (%g s) after %d of %d epochs: the model may be "
+            "undertrained; allow more time or resume it (%s)",
+            cfg.time_limit_s,
+            result.epochs_run,
+            result.epochs_planned,
+            out,
+        )
+    return result
+
+
+def training_done(out_dir: str | Path) -> bool | None:
+    """Whether the run recorded in ``out_dir/training/last.pt`` has finished (all its epochs, or a
+    plateau): False when a time limit stopped it earlier (it can be resumed), None without a state."""
+    path = Path(out_dir) / TRAIN_STATE
+    if not path.is_file():
+        return None
+    return bool(torch.load(path, map_location="cpu", weights_only=True).get("done"))
 
 
 def _split_data(
@@ -334,17 +359,16 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
         sums += (float(loss.detach()), float(recon.detach()), float(kl.detach()))
-        if bar is not None:
+        bar.update(1)
+        if bar.enabled:
             seen = min((s + 1) * cfg.batch_size, n_train)
-            bar.update(1)
             bar.set_postfix(
                 loss=f"{sums[0] / (s + 1):.1f}",
                 recon=f"{sums[1] / (s + 1):.1f}",
                 kl=f"{sums[2] / (s + 1):.2f}",
                 items_s=f"{seen / (time.perf_counter() - t_epoch):.0f}",
             )
-    if bar is not None:
-        bar.close()
+    bar.close()
     return sums / steps
 
 
@@ -410,7 +434,8 @@ def _end_epoch(run: _Run, progress: _Progress, val: dict[str, float], t0: float)
     return "time limit reached" if over_time else f"no improvement for {progress.bad} epochs"
 
 
-def _result(out: Path, progress: _Progress) -> TrainResult:
+def _result(out: Path, progress: _Progress, cfg: TrainConfig) -> TrainResult:
+    plateau = progress.bad >= cfg.patience
     return TrainResult(
         out,
         progress.model_hash,
@@ -419,15 +444,15 @@ def _result(out: Path, progress: _Progress) -> TrainResult:
         progress.epoch,
         progress.stopped,
         progress.history,
+        epochs_planned=cfg.epochs,
+        time_limited=progress.stopped and not plateau and progress.epoch < cfg.epochs,
     )
 
 
-def _progress(cfg: TrainConfig, steps: int, epoch: int) -> Any:
-    if not cfg.progress:
-        return None
-    return tqdm(
-        total=steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="step", leave=False, dynamic_ncols=True
-    )
+def _progress(cfg: TrainConfig, steps: int, epoch: int) -> Progress:
+    """The step progress of 0-based ``epoch`` (a bar on a terminal, else a periodic log line)."""
+    desc = f"epoch {epoch + 1}/{cfg.epochs}"
+    return Progress(steps, desc=desc, unit="step", enabled=cfg.progress, leave=False, logger=log)
 
 
 def _save_state(run: _Run, progress: _Progress, *, done: bool) -> None:

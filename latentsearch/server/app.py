@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import faulthandler
 import gc
 import logging
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,25 +18,33 @@ from pathlib import Path
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from latentsearch.errors import InvalidArgumentError, LatentSearchError, UnavailableError
+from latentsearch.errors import InvalidArgumentError, LatentSearchError
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel, load_model
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.auth import BearerTokenInterceptor
 from latentsearch.server.batcher import MicroBatcher
-from latentsearch.server.engine_service import EngineService, load_snapshot
+from latentsearch.server.engine_service import EngineService, Snapshot, load_snapshot
+from latentsearch.server.malformed import GuardedRegistry, MalformedRequests, add_guarded
 from latentsearch.server.metrics import ServerMetrics
+from latentsearch.server.ports import bind_errno, bind_error
+from latentsearch.server.reflection import enable_reflection
 from latentsearch.server.servicer import LatentSearchServicer, run_nearest_group
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "LatentSearchServer", "ServerConfig", "grpc_options", "serve"]
+__all__ = ["SERVICE_NAME", "SIGBUS_NOTE", "LatentSearchServer", "ServerConfig", "grpc_options", "serve"]
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LatentSearch"].full_name
+# Logged at start by serve(): what a crash on a damaged memory-mapped version prints, and why.
+SIGBUS_NOTE = (
+    "index files are memory-mapped: a 'Fatal Python error: Bus error' (SIGBUS) crash means a file of "
+    "the served version was truncated or rewritten in place; versions are read-only by contract, "
+    "publish a new one instead"
+)
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -49,7 +60,12 @@ class ServerConfig:
     # Address to bind; port 0 picks a free port (LatentSearchServer.port tells which).
     host: str = "127.0.0.1"
     port: int = 50051
-    # Prometheus /metrics HTTP port (None: off; 0: any free port).
+    # Share the gRPC port with other processes (SO_REUSEPORT; the kernel splits new connections
+    # between them): only for workers serving the same index on purpose. False: the port is bound
+    # exclusively and a port in use fails start() with "port P is in use".
+    reuse_port: bool = False
+    # Prometheus /metrics HTTP port (None: off; 0: any free port). `latentsearch serve` defaults to
+    # DEFAULT_METRICS_PORT (cli/serve.py), outside the 9100-9999 range Prometheus exporters use.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
     # Micro-batch concurrent Nearest calls (False: each call searched alone).
@@ -74,8 +90,11 @@ class ServerConfig:
     faiss_threads: int | None = None
     # Seconds between polls of the index root's CURRENT (<= 0: no hot reload).
     reload_interval: float = 2.0
-    # Re-hash every file of a version before serving it.
-    verify: bool = False
+    # Check every file of a version against its sha256 checksums before serving it, at start and on
+    # every hot reload (a reload verifies in the background while the old version keeps serving);
+    # a version that fails is refused. About 0.3 s per million items at d=10 (265 MiB) on one core.
+    # False (`serve --no-verify`): only sizes, shapes and index value ranges are checked.
+    verify: bool = True
     # Largest k (served engines' config.max_k is capped at it), and most queries in one NearestBatch call.
     max_k: int = 1000
     max_batch_queries: int = 1024
@@ -123,6 +142,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     return [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", int(config.reuse_port)),  # grpc's default is 1 (shared)
     ]
 
 
@@ -149,6 +169,7 @@ class LatentSearchServer:
         self._reloader: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
         self._failed_version: str | None = None
+        self._fallback_reason = ""  # why the served version is not CURRENT's ("": it is)
         self._stopping = False
         self._stopped = asyncio.Event()
 
@@ -163,8 +184,28 @@ class LatentSearchServer:
 
     # -- lifecycle ----------------------------------------------------------------------------
     async def start(self) -> int:
-        """Load the model and the current index (if any), bind and start serving; returns the port."""
+        """Bind both ports, load the model and the current index (if any), start serving; returns the port.
+
+        A port in use fails at once, before anything loads, with UnavailableError naming it and
+        nothing left bound: the gRPC port (bound exclusively unless ``reuse_port``) is checked
+        first, the metrics port bound next, and the gRPC port bound once the model is loaded
+        (grpc releases a port only after its server has started).
+        """
+        try:
+            return await self._start()
+        except BaseException:
+            await self.stop(0)
+            raise
+
+    async def _start(self) -> int:
         cfg = self.config
+        if cfg.port != 0 and not cfg.reuse_port and bind_errno(cfg.host, cfg.port) == errno.EADDRINUSE:
+            # Refused before grpc tries: it would log its own multi-line error first.
+            raise bind_error("port", cfg.host, cfg.port, errno.EADDRINUSE, field="port")
+        interceptors = [BearerTokenInterceptor(cfg.token, metrics=self.metrics)] if cfg.token else []
+        self._server = aio.server(interceptors=interceptors, options=grpc_options(cfg))
+        if cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         model = self._model
         if model is None and cfg.model is not None:
             model = await asyncio.to_thread(load_model, cfg.model, device="cpu")
@@ -189,30 +230,16 @@ class LatentSearchServer:
             )
             self._batcher.start()
             servicer.batcher = self._batcher
-        interceptors = [BearerTokenInterceptor(cfg.token, metrics=self.metrics)] if cfg.token else []
-        self._server = aio.server(interceptors=interceptors, options=grpc_options(cfg))
-        pb_grpc.add_LatentSearchServicer_to_server(servicer, self._server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
-        )
+        # Every handler parses leniently: malformed bytes answer INVALID_ARGUMENT (server.malformed).
+        reject = MalformedRequests(self.metrics).reject
+        add_guarded(pb_grpc.add_LatentSearchServicer_to_server, servicer, self._server, reject)
+        add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, self._server, reject)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), GuardedRegistry(self._server, reject))
+        port = self.port = self._bind_grpc(self._server)  # bound, not serving until _server.start()
         await self._set_health(_NOT_SERVING)
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert is not None and cfg.tls_key is not None:
-            creds = grpc.ssl_server_credentials(
-                [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
-            )
-            port = self._server.add_secure_port(address, creds)
-        else:
-            port = self._server.add_insecure_port(address)
-        if port == 0:
-            raise UnavailableError(f"could not bind {address}", field="port")
-        self.port = port
         if not await self.reload_now():  # a loaded version has frozen the heap already
             self._freeze_heap()
         await self._server.start()
-        if cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
         if cfg.reload_interval > 0:
             self._reloader = asyncio.get_running_loop().create_task(
                 self._reload_loop(), name="index-reloader"
@@ -225,6 +252,25 @@ class LatentSearchServer:
             "TLS" if cfg.tls_cert else "plaintext",
             self.version,
         )
+        return port
+
+    def _bind_grpc(self, server: aio.Server) -> int:
+        """Add the configured gRPC port to ``server``; the bound port. Raises UnavailableError
+        ("port P is in use", field ``port``) when it cannot be bound."""
+        cfg = self.config
+        address = f"{cfg.host}:{cfg.port}"
+        try:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                creds = grpc.ssl_server_credentials(
+                    [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
+                )
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # grpc: "Failed to bind to address ..." (the reason only in its own log)
+            port = 0
+        if port == 0:
+            raise bind_error("port", cfg.host, cfg.port, bind_errno(cfg.host, cfg.port), field="port")
         return port
 
     async def stop(self, grace: float | None = None) -> None:
@@ -248,7 +294,8 @@ class LatentSearchServer:
             if self._executor is not None:
                 await asyncio.to_thread(self._executor.shutdown, wait=True)
             self.metrics.close()
-            log.info("server on port %s stopped", self.port)
+            if self.port is not None:  # else start() failed before binding it
+                log.info("server on port %s stopped", self.port)
         finally:
             self._stopped.set()
 
@@ -260,8 +307,13 @@ class LatentSearchServer:
     async def reload_now(self) -> bool:
         """Poll the index root once; load and swap in a new current version. True when swapped.
 
-        A version that fails to load is logged and skipped (the old one keeps serving) until
-        ``CURRENT`` names another version.
+        A version that fails to load (or, with ``verify``, its checksums) is logged at ERROR,
+        counted (``latentsearch_index_reloads{result="failed"}``) and skipped until ``CURRENT``
+        names another version: the version served before keeps serving. When nothing serves yet
+        (at start), the newest intact version older than it serves instead. Either way the served
+        version is a fallback while ``CURRENT`` names the failed one: gauge
+        ``latentsearch_index_fallback`` is 1, Info's ``fallback_reason`` says why, and health stays
+        SERVING.
         """
         assert self.service is not None
         async with self._reload_lock:
@@ -270,39 +322,88 @@ class LatentSearchServer:
             except LatentSearchError as exc:
                 log.warning("cannot read the current version of %s: %s", self.config.index, exc)
                 return False
-            if current is None or current in (self.service.version, self._failed_version):
+            serving = self.service.version
+            if current is None or current == self._failed_version:
                 return False
+            if current == serving:
+                self._set_status(current, "")  # e.g. `index rollback` to the fallback version
+                return False
+            root = IndexRoot(self.config.index)
+            reason = ""
             try:
-                snapshot = await asyncio.to_thread(
-                    load_snapshot,
-                    IndexRoot(self.config.index),
-                    verify=self.config.verify,
-                    num_threads=self.faiss_threads,
-                    max_k=self.config.max_k,
-                )
+                snapshot = await asyncio.to_thread(self._load_snapshot, root, None)
             except Exception as exc:
                 self._failed_version = current
                 self.metrics.reloads.labels("failed").inc()
-                log.error(
-                    "failed to load index version %s (still serving %s): %s",
-                    current,
-                    self.service.version,
-                    exc,
-                )
+                reason = f"version {current} (CURRENT) failed to load: {exc}"
+                if serving is not None:
+                    log.error("failed to load index version %s (still serving %s): %s", current, serving, exc)
+                    self._set_status(current, reason)
+                    return False
+                found = await self._fallback(root, current, reason)
+                if found is None:
+                    log.error("%s; no older version is intact either: nothing to serve", reason)
+                    self._set_status(current, "")
+                    return False
+                snapshot = found
+            if snapshot.version == serving:
                 return False
-            if snapshot.version == self.service.version:
-                return False
-            old = self.service.version
             self.service.set_snapshot(snapshot)
-            self._failed_version = None
+            if not reason:
+                self._failed_version = None
+            self._set_status(current if reason else snapshot.version, reason)
             self.metrics.reloads.labels("ok").inc()
             self.metrics.set_index(snapshot.version, len(snapshot.engine))
             log.info(
-                "now serving index version %s (%d items; was %s)", snapshot.version, len(snapshot.engine), old
+                "now serving index version %s (%d items; was %s)",
+                snapshot.version,
+                len(snapshot.engine),
+                serving,
             )
             self._freeze_heap()
             await self._set_health(_SERVING)
             return True
+
+    def _load_snapshot(self, root: IndexRoot, version: str | None) -> Snapshot:
+        """``version`` of ``root`` (``None``: the current one) as this server serves it (blocking)."""
+        t0 = time.perf_counter()
+        snapshot = load_snapshot(
+            root,
+            version=version,
+            verify=self.config.verify,
+            num_threads=self.faiss_threads,
+            max_k=self.config.max_k,
+        )
+        log.info(
+            "loaded index version %s in %.2f s (%s)",
+            snapshot.version,
+            time.perf_counter() - t0,
+            "checksums verified" if self.config.verify else "checksums not verified: --no-verify",
+        )
+        return snapshot
+
+    async def _fallback(self, root: IndexRoot, failed: str, reason: str) -> Snapshot | None:
+        """The newest version older than ``failed`` that loads (and verifies), or ``None``."""
+        for version in reversed(await asyncio.to_thread(root.older, failed)):
+            try:
+                snapshot = await asyncio.to_thread(self._load_snapshot, root, version)
+            except Exception as exc:
+                log.error("fallback: index version %s failed to load too: %s", version, exc)
+                continue
+            log.error("%s; serving the newest intact older version %s instead (fallback)", reason, version)
+            return snapshot
+        return None
+
+    def _set_status(self, current: str, reason: str) -> None:
+        """Record (Info, gauge, log) whether the served version is ``CURRENT``'s, and why not."""
+        assert self.service is not None
+        if self._fallback_reason and not reason:
+            log.warning(
+                "fallback over: CURRENT of %s names the served version %s", self.config.index, current
+            )
+        self._fallback_reason = reason
+        self.service.set_status(current, reason)
+        self.metrics.fallback.set(1 if reason and self.service.version is not None else 0)
 
     def _freeze_heap(self) -> None:
         """gc.freeze() what is alive now (see ServerConfig.gc_freeze).
@@ -337,7 +438,15 @@ class LatentSearchServer:
 
 
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:
-    """Run a server until SIGTERM or SIGINT, then shut down gracefully (the CLI's entry point)."""
+    """Run a server until SIGTERM or SIGINT, then shut down gracefully (the CLI's entry point).
+
+    faulthandler is enabled: index arrays are memory-mapped, and a served version's file truncated
+    or rewritten in place makes the kernel kill the process with SIGBUS, which Python cannot catch;
+    faulthandler prints "Fatal Python error: Bus error" and every thread's stack to stderr first,
+    and the startup log says what that means (:data:`SIGBUS_NOTE`).
+    """
+    faulthandler.enable()
+    log.info("%s", SIGBUS_NOTE)
     server = LatentSearchServer(config)
     await server.start()
     stop = asyncio.Event()

@@ -61,7 +61,11 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
 def _deny(
     handler: grpc.RpcMethodHandler, method: str, metrics: ServerMetrics | None
 ) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED (and counts it)."""
+    """A handler of the same shape as ``handler`` that aborts with UNAUTHENTICATED (and counts it).
+
+    It takes the request bytes as they are (no deserializer): nothing an unauthenticated caller
+    sends is parsed, so malformed bytes get UNAUTHENTICATED too.
+    """
 
     async def abort(request: Any, context: aio.ServicerContext) -> None:
         start = time.perf_counter()
@@ -73,10 +77,7 @@ def _deny(
             if metrics is not None:
                 metrics.observe(method, "UNAUTHENTICATED", time.perf_counter() - start)
 
-    kwargs = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
+    kwargs = {"request_deserializer": None, "response_serializer": handler.response_serializer}
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort, **kwargs)
     if handler.request_streaming:

@@ -23,9 +23,9 @@ import numpy as np
 
 from latentsearch.bank import PosteriorBank
 from latentsearch.engine.config import SearchMode
-from latentsearch.engine.engine import SearchEngine, check_points
+from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine, check_points
 from latentsearch.engine.results import BatchResult
-from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
+from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError, shorten
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel
 from latentsearch.v1 import latentsearch_pb2 as pb
@@ -33,6 +33,8 @@ from latentsearch.wire import engine_mode, mode_enum
 
 __all__ = [
     "DEFAULT_K",
+    "MAX_ID_LENGTH",
+    "MAX_NETWORK_INPUT",
     "EngineService",
     "NearestQuery",
     "QueryKey",
@@ -44,6 +46,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10  # what a request's k = 0 (unset) means
+# Longest id GetItem looks up (INVALID_ARGUMENT beyond it): ids are names, not payloads.
+MAX_ID_LENGTH = 1024
+# Largest |value| Encode takes in the units the encoder's first layer sees (LoadedModel.network_input):
+# training data spans about [0, 1] there (pixels / 255) or a few units (standardised features), so
+# +-1000 leaves room for any real input while float32 activations stay far from overflow.
+MAX_NETWORK_INPUT = 1e3
 
 
 @dataclass(frozen=True)
@@ -57,9 +65,17 @@ class Snapshot:
 
 
 def load_snapshot(
-    root: IndexRoot, *, verify: bool = False, num_threads: int | None = None, max_k: int | None = None
+    root: IndexRoot,
+    *,
+    version: str | None = None,
+    verify: bool = False,
+    num_threads: int | None = None,
+    max_k: int | None = None,
 ) -> Snapshot:
-    """Load the root's current version (blocking: call from a thread).
+    """Load ``version`` of the root (default: the current one; blocking: call from a thread).
+
+    ``verify``: check every file's sha256 against the version manifest first (a CorruptIndexError
+    naming the file when one fails).
 
     ``num_threads``: FAISS/OpenMP threads each batched search may use (``None``: the engine's own
     setting). A server running several searches at once caps it so they do not oversubscribe the
@@ -67,7 +83,10 @@ def load_snapshot(
     ``max_k``: the largest k served, when below the engine's own ``config.max_k`` (which the engine
     enforces on every search; ``None``: the engine's).
     """
-    version, engine = root.load_current(verify=verify)
+    if version is None:
+        version, engine = root.load_current(verify=verify)
+    else:
+        engine = root.load(version, verify=verify)
     if num_threads is not None:
         engine.config = dataclasses.replace(engine.config, num_threads=num_threads)
     if max_k is not None and max_k < engine.config.max_k:
@@ -108,6 +127,8 @@ class EngineService:
         self.model = model
         self.max_batch_queries = max_batch_queries
         self._snapshot: Snapshot | None = None
+        # (version CURRENT names, why another version serves or ""): what Info reports
+        self._status: tuple[str, str] = ("", "")
 
     # -- what is served -----------------------------------------------------------------------
     @property
@@ -134,6 +155,11 @@ class EngineService:
                     self.model.model_hash[:12],
                 )
         self._snapshot = snapshot
+
+    def set_status(self, current_version: str | None, fallback_reason: str = "") -> None:
+        """What Info reports besides the served version: the version ``CURRENT`` names and, when
+        that is not the one served, why (one assignment: atomic for every reader)."""
+        self._status = (current_version or "", fallback_reason)
 
     def snapshot(self) -> Snapshot:
         """The snapshot a new request is answered by. Raises UnavailableError before the first load."""
@@ -244,6 +270,10 @@ class EngineService:
 
     # -- items and info -----------------------------------------------------------------------
     def get_item(self, request: pb.GetItemRequest) -> pb.GetItemResponse:
+        if len(request.id) > MAX_ID_LENGTH:
+            raise InvalidArgumentError(
+                f"id has {len(request.id)} characters; ids are at most {MAX_ID_LENGTH}", field="id"
+            )
         snap = self.snapshot()
         bank = snap.engine.bank
         row = bank.row_of(request.id)  # NotFoundError(field="id")
@@ -258,6 +288,7 @@ class EngineService:
 
     def info(self, request: pb.InfoRequest | None = None) -> pb.InfoResponse:
         snap = self.snapshot()
+        current, reason = self._status
         return pb.InfoResponse(
             index_version=snap.version,
             item_count=len(snap.engine),
@@ -265,15 +296,26 @@ class EngineService:
             model_hash=snap.model_hash,
             served_model_hash="" if self.model is None else self.model.model_hash,
             engine_json=json.dumps(snap.engine.info(), sort_keys=True, default=str),
+            current_version=current or snap.version,
+            fallback_reason=reason,
         )
 
     # -- model --------------------------------------------------------------------------------
     def encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
+        """One item -> its posterior (blocking).
+
+        ``raw`` holds uint8 units (pixels 0..255); ``values`` floats in the same units as ``raw``
+        for our VAEs (they normalise raw units themselves) and the model's own input units for a
+        TorchScript or factory model. Either must lie within +-:data:`MAX_NETWORK_INPUT` once
+        normalised (:meth:`LoadedModel.network_input`), and the posterior must be one the engine
+        searches with (:func:`_check_posterior`).
+        """
         model = self._model()
         shape = tuple(int(s) for s in request.shape)
         if shape != model.input_shape:
             raise InvalidArgumentError(
-                f"shape must be {list(model.input_shape)} (the model's input), got {list(shape)}",
+                f"shape must be {list(model.input_shape)} (the model's input), "
+                f"got {shorten(str(list(shape)))}",
                 field="shape",
             )
         size = math.prod(shape)
@@ -283,22 +325,33 @@ class EngineService:
                 "give exactly one of raw (uint8 bytes) or values (floats)", field="raw"
             )
         if has_raw:
+            field = "raw"
             if len(request.raw) != size:
                 raise InvalidArgumentError(
                     f"raw holds {len(request.raw)} bytes; shape {list(shape)} needs {size}", field="raw"
                 )
             x = np.frombuffer(request.raw, dtype=np.uint8).reshape(1, *shape).astype(np.float32)
         else:
+            field = "values"
             if len(request.values) != size:
                 raise InvalidArgumentError(
                     f"values holds {len(request.values)} numbers; shape {list(shape)} needs {size}",
                     field="values",
                 )
-            x = np.asarray(request.values, dtype=np.float32).reshape(1, *shape)
-            if not np.isfinite(x).all():
+            values = np.asarray(request.values, dtype=np.float64)
+            if not np.isfinite(values).all():
                 raise InvalidArgumentError("values contains NaN or inf", field="values")
+            x = values.astype(np.float32).reshape(1, *shape)  # beyond float32's range: inf (refused below)
+        units = model.network_input(x).abs()
+        if not bool((units <= MAX_NETWORK_INPUT).all()):  # False for inf and NaN too
+            raise InvalidArgumentError(
+                f"{field} is out of range: normalised the way the model normalises its input, every "
+                f"value must be within +-{MAX_NETWORK_INPUT:g} (got {float(units.max()):.3g})",
+                field=field,
+            )
         q = model.encode(x)[0].numpy()  # (d,) float64
-        return pb.EncodeResponse(mean=q.mean.tolist(), sigma=q.std.tolist(), model_hash=model.model_hash)
+        mean, std = _check_posterior(q.mean, q.std, field)
+        return pb.EncodeResponse(mean=mean.tolist(), sigma=std.tolist(), model_hash=model.model_hash)
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
         model = self._model()
@@ -318,6 +371,24 @@ class EngineService:
         if self.model is None:
             raise FailedPreconditionError("this server was started without a model (--model)", field="model")
         return self.model
+
+
+def _check_posterior(mean: np.ndarray, std: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
+    """The ``(d,)`` mean and std the model encoded an item to, when the engine can search with them:
+    finite, ``|mean| <= MAX_ABS_COORDINATE`` and ``0 < std <= MAX_ABS_COORDINATE`` (what Nearest
+    and NearestToDistribution accept). Raises InvalidArgumentError(field=``field``), the input's."""
+    lim = MAX_ABS_COORDINATE
+    if (np.abs(mean) <= lim).all() and ((std > 0) & (std <= lim)).all():  # False for NaN too
+        return mean, std
+    if np.isfinite(mean).all() and np.isfinite(std).all():
+        got = f"|mean| up to {float(np.abs(mean).max()):.3g}, sigma in [{std.min():.3g}, {std.max():.3g}]"
+    else:
+        got = "NaN or inf"
+    raise InvalidArgumentError(
+        f"the model encodes this {field} to a posterior the engine cannot search with (mean within "
+        f"+-{lim:g}, sigma in (0, {lim:g}]; got {got})",
+        field=field,
+    )
 
 
 def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:

@@ -8,6 +8,8 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 
+from latentsearch.server.ports import bind_error
+
 __all__ = ["ServerMetrics"]
 
 log = logging.getLogger(__name__)
@@ -55,10 +57,23 @@ class ServerMetrics:
             "Calls queued for or running on the search threads outside the batcher",
             registry=r,
         )
+        self.malformed = Counter(
+            "latentsearch_malformed_requests",
+            "Requests whose bytes did not parse as the method's request message (answered "
+            "INVALID_ARGUMENT), by method",
+            ["method"],
+            registry=r,
+        )
         self.index = Info("latentsearch_index", "The index version being served", registry=r)
         self.items = Gauge("latentsearch_index_items", "Items in the served index", registry=r)
         self.reloads = Counter(
             "latentsearch_index_reloads", "Index reload attempts, by result", ["result"], registry=r
+        )
+        self.fallback = Gauge(
+            "latentsearch_index_fallback",
+            "1 while the served index version is not the one CURRENT names (that one failed to load "
+            "or verify), else 0",
+            registry=r,
         )
         # Label children by (method, code): labels() takes a lock and builds a key on every call.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
@@ -74,13 +89,26 @@ class ServerMetrics:
         children[0].inc()
         children[1].observe(seconds)
 
+    def count_malformed(self, method: str) -> None:
+        """Count one request that did not parse (also in the requests counter, as INVALID_ARGUMENT)."""
+        self.malformed.labels(method).inc()
+        self.requests.labels(method, "INVALID_ARGUMENT").inc()
+
     def set_index(self, version: str, items: int) -> None:
         self.index.info({"version": version})
         self.items.set(items)
 
     def serve(self, host: str, port: int) -> int:
-        """Expose ``/metrics`` over HTTP on ``host:port`` (0: any free port); returns the port."""
-        self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        """Expose ``/metrics`` over HTTP on ``host:port`` (0: any free port); returns the port.
+
+        Raises:
+            UnavailableError: the port cannot be bound ("metrics port P is in use", field
+                ``metrics_port``).
+        """
+        try:
+            self._http, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:
+            raise bind_error("metrics port", host, port, exc.errno, field="metrics_port") from exc
         bound = int(self._http.server_port)
         log.info("metrics on http://%s:%d/metrics", host, bound)
         return bound

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, status_details
+from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, shorten, status_details
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.batcher import MicroBatcher
 from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey
@@ -26,6 +26,11 @@ __all__ = ["LatentSearchServicer", "run_nearest_group"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Longest status details sent: they travel in a trailer, and a client refuses metadata over its
+# limit (8 KiB by default) with RESOURCE_EXHAUSTED instead of the error. Messages quote at most
+# QUOTE_LIMIT characters of user input (errors.quoted); this bounds them whatever they hold.
+MAX_DETAILS = 1024
 
 
 class LatentSearchServicer(pb_grpc.LatentSearchServicer):
@@ -112,7 +117,7 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
             code = exc.grpc_code
             status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
             trailing = ((FIELD_METADATA_KEY, exc.field),) if exc.field else ()
-            await context.abort(status, status_details(exc), trailing_metadata=trailing)
+            await context.abort(status, shorten(status_details(exc), MAX_DETAILS), trailing_metadata=trailing)
             raise  # unreachable: abort raises
         except asyncio.CancelledError:
             code = "CANCELLED"

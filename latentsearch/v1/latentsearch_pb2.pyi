@@ -481,6 +481,8 @@ class InfoResponse(_message.Message):
     MODEL_HASH_FIELD_NUMBER: _builtins.int
     SERVED_MODEL_HASH_FIELD_NUMBER: _builtins.int
     ENGINE_JSON_FIELD_NUMBER: _builtins.int
+    CURRENT_VERSION_FIELD_NUMBER: _builtins.int
+    FALLBACK_REASON_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     item_count: _builtins.int
     latent_dim: _builtins.int
@@ -490,6 +492,12 @@ class InfoResponse(_message.Message):
     """Hash of the model this server encodes/decodes with (empty when none is loaded)."""
     engine_json: _builtins.str
     """SearchEngine.info() as JSON: counts, scale groups, approximate index and engine config."""
+    current_version: _builtins.str
+    """The version the index root's CURRENT names: index_version unless a fallback is serving."""
+    fallback_reason: _builtins.str
+    """Why index_version is not current_version (CURRENT's version failed to load or verify, so an
+    older intact version, or the one served before, answers); empty when they are the same.
+    """
     def __init__(
         self,
         *,
@@ -499,10 +507,12 @@ class InfoResponse(_message.Message):
         model_hash: _builtins.str = ...,
         served_model_hash: _builtins.str = ...,
         engine_json: _builtins.str = ...,
+        current_version: _builtins.str = ...,
+        fallback_reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["engine_json", b"engine_json", "index_version", b"index_version", "item_count", b"item_count", "latent_dim", b"latent_dim", "model_hash", b"model_hash", "served_model_hash", b"served_model_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_version", b"current_version", "engine_json", b"engine_json", "fallback_reason", b"fallback_reason", "index_version", b"index_version", "item_count", b"item_count", "latent_dim", b"latent_dim", "model_hash", b"model_hash", "served_model_hash", b"served_model_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
