@@ -32,14 +32,14 @@ def check(
 ) -> str:
     """The health status name of ``service`` at ``target`` (``UNREACHABLE`` on any RPC error).
 
-    ``tls_ca``: PEM file of the CA that signed the server's certificate (enables TLS);
+    ``tls_ca``: PEM file of the CA that signed the server's certificate (enables TLS; a missing or
+    unreadable one raises ValueError naming ``--tls-ca`` and the file);
     ``server_name``: the name to check that certificate against (default: the target's host).
     """
     if tls_ca is None:
         channel = grpc.insecure_channel(target)
     else:
-        with open(tls_ca, "rb") as f:
-            creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+        creds = grpc.ssl_channel_credentials(root_certificates=_read_ca(tls_ca))
         options = [] if server_name is None else [("grpc.ssl_target_name_override", server_name)]
         channel = grpc.secure_channel(target, creds, options=options)
     with channel:
@@ -51,6 +51,16 @@ def check(
     return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
 
 
+def _read_ca(path: str) -> bytes:
+    """The bytes of the ``--tls-ca`` file; ValueError (one line: the option, the file, why) when it
+    cannot be read. The script imports no latentsearch module, so this mirrors latentsearch.tls."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise ValueError(f"--tls-ca {path}: {exc.strerror or exc}") from exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--target", default="127.0.0.1:50051", help="server host:port")
@@ -59,7 +69,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--tls-ca", default=None, help="PEM CA certificate of a TLS server (enables TLS)")
     parser.add_argument("--server-name", default=None, help="name the server's certificate holds (TLS)")
     args = parser.parse_args(argv)
-    status = check(args.target, args.service, args.timeout, tls_ca=args.tls_ca, server_name=args.server_name)
+    try:
+        status = check(
+            args.target, args.service, args.timeout, tls_ca=args.tls_ca, server_name=args.server_name
+        )
+    except ValueError as exc:  # a bad --tls-ca: one line, and unhealthy (exit 2 is reserved by docker)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(status)
     return 0 if status == "SERVING" else 1
 

@@ -4,7 +4,7 @@ Layers, each importing only those before it (``tests/test_layers.py`` checks thi
 
 1. base: :mod:`latentsearch.errors`, :mod:`latentsearch.posterior` (the Gaussian type),
    :mod:`latentsearch.bank` (the catalogue type), :mod:`latentsearch.progress` (progress display),
-   the generated gRPC stubs :mod:`latentsearch.v1`;
+   :mod:`latentsearch.tls` (TLS files), the generated gRPC stubs :mod:`latentsearch.v1`;
 2. :mod:`latentsearch.data` (dataset readers, generated garments and banks) and
    :mod:`latentsearch.model` (the VAE, training, checkpoints, users' own models);
 3. :mod:`latentsearch.engine` (exact and approximate search);

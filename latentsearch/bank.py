@@ -17,10 +17,20 @@ import numpy as np
 from latentsearch.errors import InvalidArgumentError, NotFoundError, quoted
 from latentsearch.posterior import DiagonalGaussian
 
-__all__ = ["LOG_SIGMA_LIMIT", "SCALE_ARGS", "PosteriorBank", "normalise_ids", "normalise_labels"]
+__all__ = [
+    "LOG_SIGMA_LIMIT",
+    "MAX_ID_LENGTH",
+    "SCALE_ARGS",
+    "PosteriorBank",
+    "normalise_ids",
+    "normalise_labels",
+]
 
 # exp(-2 log sigma) must stay finite in float64 for the lifted form.
 LOG_SIGMA_LIMIT = 300.0
+# Longest external id, in characters: a bank refuses longer ids and the server's GetItem takes no
+# longer one (INVALID_ARGUMENT), so every id that can be indexed can be fetched. Ids are names, not payloads.
+MAX_ID_LENGTH = 1024
 # The three ways to give the scales, in the order they are named in messages.
 SCALE_ARGS = ("log_sigma", "logvar", "sigma")
 
@@ -42,7 +52,8 @@ def _check_length(field: str, arr: np.ndarray, n: int | None) -> None:
 
 
 def normalise_ids(ids: Any, n: int | None = None) -> np.ndarray:
-    """``(N,)`` unique, non-empty external ids as a unicode array.
+    """``(N,)`` unique, non-empty external ids of at most :data:`MAX_ID_LENGTH` characters, as a
+    unicode array.
 
     Accepts strings, integers (written in decimal), UTF-8 bytes, or an object array of str/int.
 
@@ -57,7 +68,7 @@ def normalise_ids(ids: Any, n: int | None = None) -> np.ndarray:
     elif arr.dtype.kind == "O":
         if not all(isinstance(v, (str, int, np.integer)) for v in arr):
             raise _bad_row("ids", "must hold strings or integers")
-        arr = np.array([str(v) for v in arr], dtype=str)
+        arr = np.array([_id_text(v, row) for row, v in enumerate(arr)], dtype=str)
     elif arr.dtype.kind == "S":
         try:
             arr = np.char.decode(arr, "utf-8")
@@ -70,6 +81,10 @@ def normalise_ids(ids: Any, n: int | None = None) -> np.ndarray:
     empty = np.char.str_len(arr) == 0
     if empty.any():
         raise _bad_row("ids", "must be non-empty", int(np.flatnonzero(empty)[0]))
+    long = np.char.str_len(arr) > MAX_ID_LENGTH
+    if long.any():
+        row = int(np.flatnonzero(long)[0])
+        raise _bad_row("ids", f"must be at most {MAX_ID_LENGTH} characters, got {len(arr[row])}", row)
     order = np.argsort(arr, kind="stable")
     ordered = arr[order]
     dup = np.flatnonzero(ordered[1:] == ordered[:-1])
@@ -78,6 +93,15 @@ def normalise_ids(ids: Any, n: int | None = None) -> np.ndarray:
         first = int(np.flatnonzero(arr == arr[row])[0])
         raise _bad_row("ids", f"duplicate id {str(arr[row])!r} (also at row {first})", row)
     return arr
+
+
+def _id_text(value: str | int | np.integer, row: int) -> str:
+    """``value`` as an id string; an integer too long for ``str`` (Python refuses more than 4,300
+    digits) is refused like any id longer than MAX_ID_LENGTH."""
+    try:
+        return str(value)
+    except ValueError as exc:  # "Exceeds the limit (4300 digits) for integer string conversion"
+        raise _bad_row("ids", f"must be at most {MAX_ID_LENGTH} characters ({exc})", row) from exc
 
 
 def normalise_labels(labels: Any, n: int | None = None) -> np.ndarray:

@@ -12,7 +12,6 @@ import json
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -20,6 +19,7 @@ import numpy as np
 
 from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, error_for_status
 from latentsearch.posterior import DiagonalGaussian
+from latentsearch.tls import read_pem
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.wire import mode_enum, mode_name
@@ -92,7 +92,8 @@ class LatentSearchClient:
     Args:
         target: ``host:port``.
         token: bearer token sent as ``authorization`` metadata.
-        tls_ca: PEM file of the CA that signed the server certificate (enables TLS).
+        tls_ca: PEM file of the CA that signed the server certificate (enables TLS); a missing,
+            unreadable or non-PEM file raises InvalidArgumentError(field="tls_ca") here.
         timeout: default per-call deadline in seconds (``None``: none).
     """
 
@@ -105,7 +106,7 @@ class LatentSearchClient:
         timeout: float | None = 30.0,
     ) -> None:
         if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            creds = grpc.ssl_channel_credentials(root_certificates=read_pem(tls_ca, field="tls_ca"))
             self.channel = grpc.secure_channel(target, creds)
         else:
             self.channel = grpc.insecure_channel(target)

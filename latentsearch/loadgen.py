@@ -37,6 +37,7 @@ from google.protobuf import json_format
 from grpc import aio
 
 from latentsearch.errors import InvalidArgumentError, NotFoundError, error_for_status
+from latentsearch.tls import read_pem
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 from latentsearch.wire import mode_enum
@@ -375,7 +376,7 @@ def _request_pool(config: LoadConfig, dim: int) -> list[pb.NearestRequest]:
 def _channel(config: LoadConfig) -> aio.Channel:
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if config.tls_ca is not None:
-        creds = grpc.ssl_channel_credentials(root_certificates=Path(config.tls_ca).read_bytes())
+        creds = grpc.ssl_channel_credentials(root_certificates=read_pem(config.tls_ca, field="tls_ca"))
         return aio.secure_channel(config.target, creds, options=options)
     return aio.insecure_channel(config.target, options=options)
 

@@ -10,6 +10,11 @@ For a bank of N diagonal Gaussians q(z|x_n) = N(mu_n, diag(sigma_n^2)) in d dime
     E_{z ~ N(m, s^2)} log q = -1/2 sum(((m - mu)^2 + s^2) / sigma^2) - sum(log sigma) - d/2 log(2 pi)
     KL(N(m, s^2) || q)      = sum(log(sigma / s) + (s^2 + (m - mu)^2) / (2 sigma^2) - 1/2)
 
+With a uniform prior over the N items (those passing a label filter):
+
+    log q(z)   = logsumexp_n log q(z|x_n) - log N   (aggregate posterior density)
+    p(n | z)   = exp(log q(z|x_n) - logsumexp_m log q(z|x_m))
+
 Rankings are by score descending, ties broken by ascending row (the engine's rule).
 
 Shapes: query points / query means and stds are ``(B, d)`` (a single ``(d,)`` is taken as
@@ -29,6 +34,8 @@ __all__ = [
     "expected_log_q",
     "kl_to",
     "log_q",
+    "log_qz",
+    "logsumexp",
     "make_bank",
     "top_k",
 ]
@@ -101,6 +108,21 @@ def kl_to(mean: np.ndarray, std: np.ndarray, mu: np.ndarray, log_sigma: np.ndarr
         terms = np.log(sigma[None] / sd) + (sd**2 + (m - mu[None]) ** 2) / (2.0 * sigma[None] ** 2) - 0.5
         out[s] = terms.sum(-1)
     return out
+
+
+def logsumexp(scores: np.ndarray) -> np.ndarray:
+    """``(B,)`` float64 ``log sum_n exp(scores[b, n])`` for ``(B, N)`` scores (max-shifted)."""
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    top = scores.max(axis=1)
+    return top + np.log(np.exp(scores - top[:, None]).sum(axis=1))
+
+
+def log_qz(scores: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
+    """``(B,)`` aggregate-posterior log density from ``(B, N)`` scores over the ``allowed`` rows."""
+    scores = np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if allowed is not None:
+        scores = scores[:, allowed]
+    return logsumexp(scores) - math.log(scores.shape[1])
 
 
 def top_k(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:

@@ -26,7 +26,7 @@ from latentsearch.cli import build_parser, main
 from latentsearch.cli.credentials import TOKEN_ENV, resolve_token
 from latentsearch.cli.serve import serve_config
 from latentsearch.cli.values import float_list, join_negative_values, label_list
-from latentsearch.errors import InvalidArgumentError, NotFoundError
+from latentsearch.errors import InvalidArgumentError
 from latentsearch.loadgen import load_queries
 from latentsearch.server import ServerConfig
 
@@ -88,7 +88,7 @@ def test_an_empty_or_unsendable_token_file_is_refused_by_name(tmp_path: Path, te
 
 def test_a_missing_or_unreadable_token_file_is_refused_by_name(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(NotFoundError) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         resolve_token(missing, environ={})
     assert err.value.field == "token_file" and str(missing) in err.value.message
     with pytest.raises(InvalidArgumentError) as err2:  # a directory

@@ -27,6 +27,7 @@ RANKS: dict[str, int] = {
     "bank": 0,
     "wire": 0,
     "progress": 0,
+    "tls": 0,
     "v1": 0,
     "data": 1,
     "model": 2,

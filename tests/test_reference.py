@@ -23,7 +23,17 @@ import math
 
 import numpy as np
 import pytest
-from reference import LOG_2PI, SIGMA_REGIMES, expected_log_q, kl_to, log_q, make_bank, top_k
+from reference import (
+    LOG_2PI,
+    SIGMA_REGIMES,
+    expected_log_q,
+    kl_to,
+    log_q,
+    log_qz,
+    logsumexp,
+    make_bank,
+    top_k,
+)
 
 MU_1 = np.array([[1.0]])
 LOG_SIGMA_1 = np.log(np.array([[2.0]]))
@@ -106,6 +116,20 @@ def test_top_k_descending_ties_by_row() -> None:
     assert top_k(scores, 10, allowed).tolist() == [2, 3, 0, 5]
     batch = top_k(np.stack([scores, -scores]), 2)
     assert batch.tolist() == [[1, 2], [5, 0]]
+
+
+def test_logsumexp_and_log_qz_by_hand() -> None:
+    # log(e^1 + e^2 + e^3) = 3 + log(1 + e^-1 + e^-2); huge offsets must not overflow.
+    want = 3.0 + math.log(1.0 + math.exp(-1.0) + math.exp(-2.0))
+    got = logsumexp(np.array([[1.0, 2.0, 3.0], [1001.0, 1002.0, 1003.0], [-1e4, -1e4, -np.inf]]))
+    assert got[0] == pytest.approx(want, rel=1e-15)
+    assert got[1] == pytest.approx(1000.0 + want, rel=1e-15)
+    assert got[2] == pytest.approx(-1e4 + math.log(2.0), rel=1e-15)
+    assert log_qz(np.array([1.0, 2.0, 3.0]))[0] == pytest.approx(want - math.log(3.0), rel=1e-15)
+    allowed = np.array([True, False, True])
+    assert log_qz(np.array([1.0, 2.0, 3.0]), allowed)[0] == pytest.approx(
+        math.log((math.e + math.e**3) / 2.0), rel=1e-15
+    )
 
 
 @pytest.mark.parametrize("regime", SIGMA_REGIMES)

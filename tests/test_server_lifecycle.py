@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import shutil
 import threading
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 from latentsearch.client import LatentSearchClient
 from latentsearch.errors import LatentSearchError
 from latentsearch.indexer import IndexRoot
+from latentsearch.indexer.root import remove_tree
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
@@ -92,7 +92,10 @@ def test_failed_version_keeps_serving_old(tmp_path: Path, start_server, caplog, 
     v1 = publish(root, make_engine(60, seed=1))
     srv = start_server(index=root)
     v2 = publish(root, make_engine(70, seed=2))
-    shutil.rmtree(root / "versions" / v2 / "engine")
+    vdir = root / "versions" / v2
+    vdir.chmod(0o755)  # published versions are read-only (0555 directories, 0444 files)
+    remove_tree(vdir / "engine")
+    assert not (vdir / "engine").exists()
     assert srv.run(srv.server.reload_now()) is False
     assert srv.server.version == v1
     assert "failed to load index version" in caplog.text

@@ -21,6 +21,10 @@ __all__ = ["build_parser", "log_level", "main"]
 
 log = logging.getLogger(__name__)
 
+# Libraries whose INFO lines are noise to an operator (faiss logs which SIMD build it loads, and
+# every build it could not): shown from -v on.
+QUIET_LIBRARIES = ("faiss",)
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -49,6 +53,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=log_level(args.verbose, args.quiet),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return int(args.func(args) or 0)
     except LatentSearchError as exc:

@@ -22,7 +22,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
-from latentsearch.errors import InvalidArgumentError, NotFoundError
+from latentsearch.errors import InvalidArgumentError
 
 __all__ = ["TOKEN_ENV", "add_token_arguments", "resolve_token"]
 
@@ -65,10 +65,9 @@ def resolve_token(
         environ: the environment to read ``LATENTSEARCH_TOKEN`` from (default ``os.environ``).
 
     Raises:
-        NotFoundError: ``token_file`` does not exist (``field="token_file"``).
-        InvalidArgumentError: ``token_file`` cannot be read, or the token found is empty or holds
-            characters a bearer token cannot carry (``field`` names the option: ``token_file``,
-            ``token`` or ``LATENTSEARCH_TOKEN``).
+        InvalidArgumentError: ``token_file`` does not exist or cannot be read, or the token
+            found is empty or holds characters a bearer token cannot carry (``field`` names the
+            option: ``token_file``, ``token`` or ``LATENTSEARCH_TOKEN``).
     """
     env = os.environ if environ is None else environ
     if token_file is not None:
@@ -101,7 +100,7 @@ def _read_token_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
-        raise NotFoundError(f"no token file {path}", field="token_file") from exc
+        raise InvalidArgumentError(f"no token file {path}", field="token_file") from exc
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise InvalidArgumentError(f"cannot read token file {path}: {reason}", field="token_file") from exc

@@ -87,4 +87,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         f"model written to {result.out_dir} (model_hash {result.model_hash}); best validation -ELBO "
         f"{result.best_val_neg_elbo:.2f} nats/item at epoch {result.best_epoch} of {result.epochs_run}"
     )
+    if result.time_limited:
+        print(
+            f"WARNING: training stopped at --time-limit {cfg.time_limit_s:g} s after {result.epochs_run} "
+            f"of {result.epochs_planned} epochs: the model may be undertrained; run again with --resume "
+            "to continue it, or give a larger --time-limit"
+        )
     return 0

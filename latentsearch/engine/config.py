@@ -60,6 +60,11 @@ class EngineConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # FAISS / BLAS threads (None: leave the library default, all cores).
     num_threads: int | None = None
+    # Typicality reference: log q(z) of this many posterior samples of random items, computed when
+    # the index is built and saved with it (0: none; queries then report typicality as NaN). Each
+    # sample screens the whole bank once: 1024 give percentiles to 0.1% and cost about 3 s at 70k
+    # items and about 12 s at 1M on 2 cores (2048 doubled a 1M publish).
+    typicality_samples: int = 1024
 
     def __post_init__(self) -> None:
         if self.mode not in ("auto", "exact", "approx"):
@@ -70,6 +75,7 @@ class EngineConfig:
             if getattr(self, name) is not None:
                 _check_int(self, name, minimum=1)
         _check_int(self, "exact_extra", minimum=0)
+        _check_int(self, "typicality_samples", minimum=0)
         if not self.scale_group_base > 1.0:
             raise InvalidArgumentError("scale_group_base must be > 1", field="scale_group_base")
         if self.device not in ("auto", "cpu", "cuda"):

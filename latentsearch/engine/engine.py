@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,8 +21,10 @@ from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import Device, resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
+from latentsearch.engine.probability import DEFAULT_REL_TOL, normalise
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
+from latentsearch.engine.typicality import TypicalityReference, reference_points
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.posterior import DiagonalGaussian
 
@@ -78,6 +82,7 @@ class SearchEngine:
         *,
         exact: ExactIndex | None = None,
         approx: ApproxIndex | None = None,
+        typicality: TypicalityReference | None = None,
     ) -> None:
         self.bank = bank
         self.config = config or EngineConfig()
@@ -89,6 +94,7 @@ class SearchEngine:
             device=resolve_device(self.config.device),
         )
         self.approx = approx
+        self.typicality = typicality
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -131,7 +137,17 @@ class SearchEngine:
         engine = cls(bank, config)
         if build_approx:
             engine.approx = ApproxIndex.build(bank.mu, bank.log_sigma, config, groups=engine.exact.groups)
+        if config.typicality_samples:
+            engine.typicality = engine.build_typicality(config.typicality_samples, seed=config.seed)
         return engine
+
+    def build_typicality(self, samples: int, *, seed: int = 0) -> TypicalityReference:
+        """The typicality reference: ``log q(z)`` of ``samples`` draws from random items' posteriors
+        (see :mod:`latentsearch.engine.typicality`), certified to the default relative tolerance."""
+        rows, z = reference_points(self.bank.mu, self.bank.log_sigma, samples, seed)
+        ref = self.bank.log_prob_rows(z, rows[:, None])[:, 0]  # each sample's own item: a valid M
+        norm = normalise(self.exact, lift_points(z), ref, self._rescorer(z, None), None)
+        return TypicalityReference(log_qz=np.sort(norm.log_qz))
 
     # -- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -163,6 +179,8 @@ class SearchEngine:
         mode: SearchMode | None = None,
         labels: Iterable[int] | None = None,
         nprobe: int | None = None,
+        with_probability: bool = False,
+        rel_tol: float = DEFAULT_REL_TOL,
     ) -> SearchResult:
         """Top-k items for one latent point ``z (d,)``.
 
@@ -172,9 +190,14 @@ class SearchEngine:
             mode: "exact", "approx" or "auto" (default ``config.mode``).
             labels: only items whose label is in this set (inside the search, not after).
             nprobe: approximate mode only: partitions to scan (default: the index's, ~3% of them).
+            with_probability: also return each item's match probability p(i | z), the query's
+                aggregate-posterior log density log q(z) with certified bounds, and its typicality
+                (see :mod:`latentsearch.engine.probability`); costs a pass over every item.
+            rel_tol: the certified relative width of the normaliser interval, in [0, 1)
+                (``upper / lower - 1 <= rel_tol``; 0 scores every item in float64).
         """
         z_arr = self._check_points(z, "z", single=True)
-        return self._search(z_arr, None, k, mode, labels, nprobe)[0]
+        return self._search(z_arr, None, k, mode, labels, nprobe, _tol(with_probability, rel_tol))[0]
 
     def search_batch(
         self,
@@ -184,10 +207,12 @@ class SearchEngine:
         mode: SearchMode | None = None,
         labels: Iterable[int] | None = None,
         nprobe: int | None = None,
+        with_probability: bool = False,
+        rel_tol: float = DEFAULT_REL_TOL,
     ) -> list[SearchResult]:
         """Top-k items for each of B latent points ``z (B, d)``; one result per query, in order."""
         z_arr = self._check_points(z, "z", single=False)
-        return self._search(z_arr, None, k, mode, labels, nprobe)
+        return self._search(z_arr, None, k, mode, labels, nprobe, _tol(with_probability, rel_tol))
 
     def search_batch_arrays(
         self,
@@ -197,6 +222,8 @@ class SearchEngine:
         mode: SearchMode | None = None,
         labels: Iterable[int] | None = None,
         nprobe: int | None = None,
+        with_probability: bool = False,
+        rel_tol: float = DEFAULT_REL_TOL,
     ) -> BatchResult:
         """:meth:`search_batch` as one :class:`BatchResult` of ``(B, k)`` arrays.
 
@@ -204,7 +231,7 @@ class SearchEngine:
         objects): what a server answering many small calls uses.
         """
         z_arr = self._check_points(z, "z", single=False)
-        return self._search_arrays(z_arr, None, k, mode, labels, nprobe)
+        return self._search_arrays(z_arr, None, k, mode, labels, nprobe, _tol(with_probability, rel_tol))
 
     def search_distribution(
         self,
@@ -215,6 +242,8 @@ class SearchEngine:
         mode: SearchMode | None = None,
         labels: Iterable[int] | None = None,
         nprobe: int | None = None,
+        with_probability: bool = False,
+        rel_tol: float = DEFAULT_REL_TOL,
     ) -> SearchResult:
         """Top-k items for a query Gaussian ``N(mean, diag(std^2))`` (each ``(d,)``).
 
@@ -223,7 +252,7 @@ class SearchEngine:
         """
         m = self._check_points(mean, "mean", single=True)
         s = self._check_std(std, m.shape)
-        return self._search(m, s, k, mode, labels, nprobe)[0]
+        return self._search(m, s, k, mode, labels, nprobe, _tol(with_probability, rel_tol))[0]
 
     def search_distribution_batch(
         self,
@@ -234,11 +263,13 @@ class SearchEngine:
         mode: SearchMode | None = None,
         labels: Iterable[int] | None = None,
         nprobe: int | None = None,
+        with_probability: bool = False,
+        rel_tol: float = DEFAULT_REL_TOL,
     ) -> list[SearchResult]:
         """Batched :meth:`search_distribution`: ``mean`` and ``std`` are ``(B, d)``."""
         m = self._check_points(mean, "mean", single=False)
         s = self._check_std(std, m.shape)
-        return self._search(m, s, k, mode, labels, nprobe)
+        return self._search(m, s, k, mode, labels, nprobe, _tol(with_probability, rel_tol))
 
     def brute_force(self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None) -> list[SearchResult]:
         """Reference float64 scan of the whole bank for ``z (B, d)`` (slow; for checks and benchmarks)."""
@@ -278,18 +309,10 @@ class SearchEngine:
         mode: SearchMode | None,
         labels: Iterable[int] | None,
         nprobe: int | None,
+        rel_tol: float | None = None,
     ) -> list[SearchResult]:
-        batch = self._search_arrays(points, std, k, mode, labels, nprobe)
-        return [
-            self._result(
-                batch.rows[b],
-                batch.scores[b],
-                batch.mode,
-                bool(batch.certified[b]),
-                None if batch.kl is None else batch.kl[b],
-            )
-            for b in range(points.shape[0])
-        ]
+        batch = self._search_arrays(points, std, k, mode, labels, nprobe, rel_tol)
+        return [self._result_of(batch, b) for b in range(points.shape[0])]
 
     def _search_arrays(
         self,
@@ -299,6 +322,7 @@ class SearchEngine:
         mode: SearchMode | None,
         labels: Iterable[int] | None,
         nprobe: int | None,
+        rel_tol: float | None = None,
     ) -> BatchResult:
         k_eff = self._check_k(k)
         if nprobe is not None and (
@@ -318,8 +342,22 @@ class SearchEngine:
             # KL(N(mean, std^2) || q) = -entropy - E log q, and the scores are E log q.
             entropy = DiagonalGaussian.from_std(points, std).entropy()  # (B,)
             kl = np.where(rows >= 0, -entropy[:, None] - scores, np.inf)  # (B, k)
-        return BatchResult(
+        batch = BatchResult(
             rows=rows, scores=scores, certified=np.asarray(certified, bool), mode=resolved, kl=kl
+        )
+        if rel_tol is None:
+            return batch
+        norm = normalise(self.exact, queries, scores[:, 0], rescore, selection, rel_tol=rel_tol)
+        typicality = np.full(points.shape[0], np.nan)
+        if self.typicality is not None and selection is None:
+            typicality = self.typicality.percentile(norm.log_qz)
+        return dataclasses.replace(
+            batch,
+            probability=norm.probability(scores),
+            log_qz=norm.log_qz,
+            log_qz_lower=norm.log_lower - math.log(norm.count),
+            log_qz_upper=norm.log_upper - math.log(norm.count),
+            typicality=typicality,
         )
 
     def _threads_for(self, nq: int) -> int:
@@ -365,6 +403,28 @@ class SearchEngine:
             )
             certified = np.ones(points.shape[0], dtype=bool)
         return rows, scores, certified
+
+    def _result_of(self, batch: BatchResult, b: int) -> SearchResult:
+        """Query ``b`` of ``batch`` as a :class:`SearchResult`."""
+        result = self._result(
+            batch.rows[b],
+            batch.scores[b],
+            batch.mode,
+            bool(batch.certified[b]),
+            None if batch.kl is None else batch.kl[b],
+        )
+        if batch.probability is None:
+            return result
+        assert batch.log_qz is not None and batch.log_qz_lower is not None
+        assert batch.log_qz_upper is not None and batch.typicality is not None
+        return dataclasses.replace(
+            result,
+            probability=batch.probability[b][batch.rows[b] >= 0],
+            log_qz=float(batch.log_qz[b]),
+            log_qz_lower=float(batch.log_qz_lower[b]),
+            log_qz_upper=float(batch.log_qz_upper[b]),
+            typicality=float(batch.typicality[b]),
+        )
 
     def _result(
         self,
@@ -477,7 +537,8 @@ class SearchEngine:
 
         ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
         """
-        parts = EngineParts(bank=self.bank, config=self.config, exact=self.exact, approx=self.approx)
+        bank, config, exact, approx = self.bank, self.config, self.exact, self.approx
+        parts = EngineParts(bank=bank, config=config, exact=exact, approx=approx, typicality=self.typicality)
         return save_engine(parts, Path(path), overwrite=overwrite, extra=extra)
 
     @classmethod
@@ -490,7 +551,9 @@ class SearchEngine:
         ``device`` picks where the exact flat screens run on this host (see ``EngineConfig.device``).
         """
         parts = load_engine(Path(path), mmap=mmap, verify=verify, device=device)
-        return cls(parts.bank, parts.config, exact=parts.exact, approx=parts.approx)
+        return cls(
+            parts.bank, parts.config, exact=parts.exact, approx=parts.approx, typicality=parts.typicality
+        )
 
 
 def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True) -> np.ndarray:
@@ -516,6 +579,17 @@ def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True)
             f"{field} coordinates must be within +-{MAX_ABS_COORDINATE:g}", field=field
         )
     return arr
+
+
+def _tol(with_probability: bool, rel_tol: Any) -> float | None:
+    """The normaliser's relative tolerance when probabilities are asked for, else ``None``."""
+    if not with_probability:
+        return None
+    if isinstance(rel_tol, bool) or not isinstance(rel_tol, (int, float, np.floating, np.integer)):
+        raise InvalidArgumentError(f"rel_tol must be a number, got {type(rel_tol).__name__}", field="rel_tol")
+    if not 0.0 <= float(rel_tol) < 1.0:
+        raise InvalidArgumentError(f"rel_tol must be in [0, 1), got {rel_tol!r}", field="rel_tol")
+    return float(rel_tol)
 
 
 def _plain_point_ok(z: Any, dim: int) -> bool:

@@ -15,6 +15,8 @@ Layout (``FORMAT_VERSION`` 1)::
     approx_lifted_boxes.npy (2, L, 2d + 1) float64 min and max lifted vector of every partition
     approx_centred.npy   (3, L, d) float64 mean mu and box of (mu - mean) / sigma^2 per partition
     approx_centred_c.npy (L,) float64 max centred constant per partition (see approx.py)
+    typicality.npy       (S,) float64 ascending log q(z) of the typicality reference sample (see
+                         typicality.py); versions written without it load with no reference
 
 Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
 exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
@@ -50,6 +52,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.gpu import Device, resolve_device
+from latentsearch.engine.typicality import TypicalityReference
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
 __all__ = [
@@ -70,6 +73,7 @@ log = logging.getLogger(__name__)
 FORMAT_NAME = "latentsearch.engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+TYPICALITY = "typicality.npy"
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -137,6 +141,7 @@ class EngineParts:
     config: EngineConfig
     exact: ExactIndex
     approx: ApproxIndex | None
+    typicality: TypicalityReference | None = None
 
 
 def save_engine(
@@ -176,6 +181,8 @@ def save_engine(
             _save_npy(tmp, "approx_lifted_boxes.npy", approx.lifted_box)
             _save_npy(tmp, "approx_centred.npy", approx.centred)
             _save_npy(tmp, "approx_centred_c.npy", approx.centred_c)
+        if engine.typicality is not None:
+            _save_npy(tmp, TYPICALITY, engine.typicality.log_qz)
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,
@@ -346,8 +353,15 @@ def load_engine(
         raise CorruptIndexError(f"{path / 'exact_groups.npy'} does not match the manifest's scale groups")
     approx_meta = manifest.get("approx")
     approx = None if approx_meta is None else _load_approx(path, n, d, approx_meta, groups, n_groups)
+    typicality = None
+    if TYPICALITY in manifest.get("files", {}):
+        reference = _load_npy(path, TYPICALITY, False, np.float64, None)
+        try:
+            typicality = TypicalityReference(log_qz=reference)
+        except CorruptIndexError as exc:
+            raise CorruptIndexError(f"{path / TYPICALITY}: {exc}") from exc
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
-    return EngineParts(bank=bank, config=config, exact=exact, approx=approx)
+    return EngineParts(bank=bank, config=config, exact=exact, approx=approx, typicality=typicality)
 
 
 def _load_approx(

@@ -1,7 +1,8 @@
 """latentsearch.model: the VAE, its training, checkpoints and users' own models.
 
 Torch-heavy modules load lazily (PEP 562), so importing ``latentsearch.model.config`` (the CLI's
-defaults) does not import torch.
+defaults) does not import torch. The training function is ``latentsearch.model.train.train``: it is
+not re-exported here, because the name ``train`` is also the submodule's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ _LAZY = {
     "build_vae": "latentsearch.model.vae",
     "ElboTerms": "latentsearch.model.vae",
     "TrainResult": "latentsearch.model.train",
-    "train": "latentsearch.model.train",
+    "training_done": "latentsearch.model.train",
     "Checkpoint": "latentsearch.model.checkpoint",
     "load_checkpoint": "latentsearch.model.checkpoint",
     "read_model_hash": "latentsearch.model.checkpoint",

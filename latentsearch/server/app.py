@@ -31,6 +31,7 @@ from latentsearch.server.metrics import ServerMetrics
 from latentsearch.server.ports import bind_errno, bind_error
 from latentsearch.server.reflection import enable_reflection
 from latentsearch.server.servicer import LatentSearchServicer, run_nearest_group
+from latentsearch.tls import read_pem
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
@@ -98,7 +99,8 @@ class ServerConfig:
     # Largest k (served engines' config.max_k is capped at it), and most queries in one NearestBatch call.
     max_k: int = 1000
     max_batch_queries: int = 1024
-    # TLS certificate chain and private key (PEM files); both or neither.
+    # TLS certificate chain and private key (PEM files); both or neither. start() reads them first,
+    # before binding or loading anything (latentsearch.tls.read_pem).
     tls_cert: str | os.PathLike[str] | None = None
     tls_key: str | os.PathLike[str] | None = None
     # Required bearer token (metadata "authorization: Bearer <token>"); None: no auth.
@@ -189,7 +191,9 @@ class LatentSearchServer:
         A port in use fails at once, before anything loads, with UnavailableError naming it and
         nothing left bound: the gRPC port (bound exclusively unless ``reuse_port``) is checked
         first, the metrics port bound next, and the gRPC port bound once the model is loaded
-        (grpc releases a port only after its server has started).
+        (grpc releases a port only after its server has started). The TLS files are read before
+        either port: a missing, unreadable or non-PEM one fails with InvalidArgumentError naming
+        the option and the file (field ``tls_cert`` or ``tls_key``).
         """
         try:
             return await self._start()
@@ -199,6 +203,7 @@ class LatentSearchServer:
 
     async def _start(self) -> int:
         cfg = self.config
+        credentials = self._credentials()  # a bad --tls-cert / --tls-key fails before anything binds
         if cfg.port != 0 and not cfg.reuse_port and bind_errno(cfg.host, cfg.port) == errno.EADDRINUSE:
             # Refused before grpc tries: it would log its own multi-line error first.
             raise bind_error("port", cfg.host, cfg.port, errno.EADDRINUSE, field="port")
@@ -235,7 +240,8 @@ class LatentSearchServer:
         add_guarded(pb_grpc.add_LatentSearchServicer_to_server, servicer, self._server, reject)
         add_guarded(health_pb2_grpc.add_HealthServicer_to_server, self.health, self._server, reject)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), GuardedRegistry(self._server, reject))
-        port = self.port = self._bind_grpc(self._server)  # bound, not serving until _server.start()
+        # Bound, not serving until _server.start().
+        port = self.port = self._bind_grpc(self._server, credentials)
         await self._set_health(_NOT_SERVING)
         if not await self.reload_now():  # a loaded version has frozen the heap already
             self._freeze_heap()
@@ -254,17 +260,25 @@ class LatentSearchServer:
         )
         return port
 
-    def _bind_grpc(self, server: aio.Server) -> int:
-        """Add the configured gRPC port to ``server``; the bound port. Raises UnavailableError
-        ("port P is in use", field ``port``) when it cannot be bound."""
+    def _credentials(self) -> grpc.ServerCredentials | None:
+        """The TLS credentials of ``tls_cert`` and ``tls_key`` (None: plaintext). Raises
+        InvalidArgumentError (field ``tls_cert`` or ``tls_key``) for a missing, unreadable or
+        non-PEM file (:func:`latentsearch.tls.read_pem`)."""
+        cfg = self.config
+        if cfg.tls_cert is None or cfg.tls_key is None:
+            return None
+        chain = read_pem(cfg.tls_cert, field="tls_cert")
+        key = read_pem(cfg.tls_key, field="tls_key")
+        return grpc.ssl_server_credentials([(key, chain)])
+
+    def _bind_grpc(self, server: aio.Server, credentials: grpc.ServerCredentials | None) -> int:
+        """Add the configured gRPC port to ``server`` (TLS with ``credentials``); the bound port.
+        Raises UnavailableError ("port P is in use", field ``port``) when it cannot be bound."""
         cfg = self.config
         address = f"{cfg.host}:{cfg.port}"
         try:
-            if cfg.tls_cert is not None and cfg.tls_key is not None:
-                creds = grpc.ssl_server_credentials(
-                    [(Path(cfg.tls_key).read_bytes(), Path(cfg.tls_cert).read_bytes())]
-                )
-                port = server.add_secure_port(address, creds)
+            if credentials is not None:
+                port = server.add_secure_port(address, credentials)
             else:
                 port = server.add_insecure_port(address)
         except RuntimeError:  # grpc: "Failed to bind to address ..." (the reason only in its own log)

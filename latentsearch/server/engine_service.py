@@ -21,7 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from latentsearch.bank import PosteriorBank
+from latentsearch.bank import MAX_ID_LENGTH, PosteriorBank
 from latentsearch.engine.config import SearchMode
 from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine, check_points
 from latentsearch.engine.results import BatchResult
@@ -46,8 +46,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_K = 10  # what a request's k = 0 (unset) means
-# Longest id GetItem looks up (INVALID_ARGUMENT beyond it): ids are names, not payloads.
-MAX_ID_LENGTH = 1024
 # Largest |value| Encode takes in the units the encoder's first layer sees (LoadedModel.network_input):
 # training data spans about [0, 1] there (pixels / 255) or a few units (standardised features), so
 # +-1000 leaves room for any real input while float32 activations stay far from overflow.
