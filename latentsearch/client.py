@@ -44,14 +44,25 @@ class Hit:
     score: float
     label: int | None
     kl: float | None = None
+    # match probability p(i | z) among the items passing the label filter (asked with_probability)
+    probability: float | None = None
 
 
 @dataclass(frozen=True)
 class SearchAnswer:
+    """One query's answer. With ``with_probability`` (else ``None``): ``log_qz`` is the
+    aggregate-posterior log density log q(z), ``log_qz_interval`` its certified ``(lower, upper)``
+    bounds, and ``typicality`` the fraction in [0, 1] of the index's reference log densities
+    ``<= log_qz`` (also ``None`` when the server has none for this query: no reference sample, or a
+    label filter)."""
+
     hits: list[Hit]
     index_version: str
     mode: str
     certified: bool
+    log_qz: float | None = None
+    log_qz_interval: tuple[float, float] | None = None
+    typicality: float | None = None
 
     @property
     def ids(self) -> list[str]:
@@ -125,16 +136,35 @@ class LatentSearchClient:
 
     # -- calls --------------------------------------------------------------------------------
     def nearest(
-        self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None, mode: str | None = None
+        self,
+        z: Any,
+        k: int = 10,
+        *,
+        labels: Iterable[int] | None = None,
+        mode: str | None = None,
+        with_probability: bool = False,
+        rel_tol: float | None = None,
     ) -> SearchAnswer:
-        return _answer(self._call(self.stub.Nearest, _nearest_request(z, k, labels, mode)))
+        """Top-k items for ``z (d,)``; ``with_probability`` also fills each hit's ``probability`` and
+        the answer's ``log_qz``, ``log_qz_interval`` and ``typicality`` (``rel_tol``: the certified
+        relative width of the normaliser interval; ``None``: the server's default, 1e-6)."""
+        req = _nearest_request(z, k, labels, mode, with_probability, rel_tol)
+        return _answer(self._call(self.stub.Nearest, req))
 
     def nearest_batch(
-        self, z: Any, k: int = 10, *, labels: Iterable[int] | None = None, mode: str | None = None
+        self,
+        z: Any,
+        k: int = 10,
+        *,
+        labels: Iterable[int] | None = None,
+        mode: str | None = None,
+        with_probability: bool = False,
+        rel_tol: float | None = None,
     ) -> list[SearchAnswer]:
         """One query per row of ``z (B, d)``; all answered by one index version."""
         rows = np.asarray(z, dtype=np.float64)
-        req = pb.NearestBatchRequest(queries=[_nearest_request(r, k, labels, mode) for r in rows])
+        queries = [_nearest_request(r, k, labels, mode, with_probability, rel_tol) for r in rows]
+        req = pb.NearestBatchRequest(queries=queries)
         return [_answer(r) for r in self._call(self.stub.NearestBatch, req).results]
 
     def nearest_to_distribution(
@@ -145,16 +175,33 @@ class LatentSearchClient:
         *,
         labels: Iterable[int] | None = None,
         mode: str | None = None,
+        with_probability: bool = False,
+        rel_tol: float | None = None,
     ) -> SearchAnswer:
+        """Top-k items for the query Gaussian ``N(mean, diag(sigma^2))``; probabilities as in
+        :meth:`nearest`, from each item's expected log-likelihood."""
         req = pb.NearestToDistributionRequest(
-            mean=_floats(mean), sigma=_floats(sigma), k=k, labels=list(labels or ()), mode=mode_enum(mode)
+            mean=_floats(mean),
+            sigma=_floats(sigma),
+            k=k,
+            labels=list(labels or ()),
+            mode=mode_enum(mode),
+            with_probability=with_probability,
+            rel_tol=rel_tol,
         )
         resp = self._call(self.stub.NearestToDistribution, req)
         hits = [
-            Hit(n.rank, n.id, n.expected_log_likelihood, n.label if n.HasField("label") else None, n.kl)
+            Hit(
+                n.rank,
+                n.id,
+                n.expected_log_likelihood,
+                n.label if n.HasField("label") else None,
+                n.kl,
+                n.probability if n.HasField("probability") else None,
+            )
             for n in resp.neighbors
         ]
-        return SearchAnswer(hits, resp.index_version, mode_name(resp.mode), resp.certified)
+        return _search_answer(hits, resp)
 
     def encode(self, image: Any) -> Encoding:
         """Posterior q(z|x) of one item: uint8 arrays go as raw bytes, anything else as float values."""
@@ -225,12 +272,49 @@ def _floats(values: Any) -> list[float]:
     return np.asarray(values, dtype=np.float64).ravel().tolist()
 
 
-def _nearest_request(z: Any, k: int, labels: Iterable[int] | None, mode: str | None) -> pb.NearestRequest:
-    return pb.NearestRequest(z=_floats(z), k=k, labels=list(labels or ()), mode=mode_enum(mode))
+def _nearest_request(
+    z: Any,
+    k: int,
+    labels: Iterable[int] | None,
+    mode: str | None,
+    with_probability: bool = False,
+    rel_tol: float | None = None,
+) -> pb.NearestRequest:
+    return pb.NearestRequest(
+        z=_floats(z),
+        k=k,
+        labels=list(labels or ()),
+        mode=mode_enum(mode),
+        with_probability=with_probability,
+        rel_tol=rel_tol,
+    )
 
 
 def _answer(resp: pb.NearestResponse) -> SearchAnswer:
     hits = [
-        Hit(n.rank, n.id, n.log_likelihood, n.label if n.HasField("label") else None) for n in resp.neighbors
+        Hit(
+            n.rank,
+            n.id,
+            n.log_likelihood,
+            n.label if n.HasField("label") else None,
+            probability=n.probability if n.HasField("probability") else None,
+        )
+        for n in resp.neighbors
     ]
-    return SearchAnswer(hits, resp.index_version, mode_name(resp.mode), resp.certified)
+    return _search_answer(hits, resp)
+
+
+def _search_answer(
+    hits: list[Hit], resp: pb.NearestResponse | pb.NearestToDistributionResponse
+) -> SearchAnswer:
+    """The answer of ``resp`` with ``hits``; its probability fields where the server set them."""
+    has_qz = resp.HasField("log_qz")
+    return SearchAnswer(
+        hits,
+        resp.index_version,
+        mode_name(resp.mode),
+        resp.certified,
+        log_qz=resp.log_qz if has_qz else None,
+        log_qz_interval=(resp.log_qz_lower, resp.log_qz_upper) if has_qz else None,
+        typicality=resp.typicality if resp.HasField("typicality") else None,
+    )

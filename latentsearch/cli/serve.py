@@ -86,6 +86,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("-k", type=int, default=10, help="number of results (default 10)")
     q.add_argument("--labels", type=label_list, default=None, help="integer label filter, e.g. 3,4")
     q.add_argument("--mode", choices=["auto", "exact", "approx"], default=None, help="search mode")
+    q.add_argument(
+        "--probability",
+        action="store_true",
+        help="also print each item's match probability p(i|z), log q(z) with its certified bounds and "
+        "the typicality of z",
+    )
     add_token_arguments(q, serving=False)
     q.add_argument("--tls-ca", default=None, help="PEM CA certificate (enables TLS)")
     q.set_defaults(func=_cmd_query)
@@ -131,13 +137,22 @@ def _cmd_query(args: argparse.Namespace) -> int:
     token = resolve_token(args.token_file, args.token)
     with LatentSearchClient(args.target, token=token, tls_ca=args.tls_ca) as client:
         try:
-            answer = client.nearest(args.z, args.k, labels=args.labels, mode=args.mode)
+            answer = client.nearest(
+                args.z, args.k, labels=args.labels, mode=args.mode, with_probability=args.probability
+            )
         except LatentSearchError as exc:  # the failed call's error, with its status code
             print(f"error: {exc.grpc_code}: {status_details(exc)}", file=sys.stderr)
             return 2
     print(f"index version {answer.index_version}  mode {answer.mode}  certified {answer.certified}")
-    print(f"{'rank':>4}  {'id':<24} {'log q(z|x)':>14}  {'label':>6}")
+    extra = f"  {'p(i|z)':>12}" if args.probability else ""
+    print(f"{'rank':>4}  {'id':<24} {'log q(z|x)':>14}  {'label':>6}{extra}")
     for h in answer.hits:
         label = "" if h.label is None else str(h.label)
-        print(f"{h.rank:>4}  {h.id:<24} {h.score:>14.6f}  {label:>6}")
+        extra = f"  {h.probability:>12.6g}" if h.probability is not None else ""
+        print(f"{h.rank:>4}  {h.id:<24} {h.score:>14.6f}  {label:>6}{extra}")
+    if answer.log_qz is not None and answer.log_qz_interval is not None:
+        lo, hi = answer.log_qz_interval
+        typicality = "n/a" if answer.typicality is None else f"{100.0 * answer.typicality:.1f}%"
+        bounds = f"certified within [{lo:.6f}, {hi:.6f}]"
+        print(f"log q(z) = {answer.log_qz:.6f} ({bounds}); typicality {typicality}")
     return 0

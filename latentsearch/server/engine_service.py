@@ -24,7 +24,8 @@ import numpy as np
 from latentsearch.bank import MAX_ID_LENGTH, PosteriorBank
 from latentsearch.engine.config import SearchMode
 from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine, check_points
-from latentsearch.engine.results import BatchResult
+from latentsearch.engine.probability import DEFAULT_REL_TOL
+from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError, shorten
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel
@@ -100,6 +101,9 @@ class QueryKey(NamedTuple):
     k: int
     mode: SearchMode | None
     labels: tuple[int, ...] | None
+    # the normaliser's relative tolerance when the request asked with_probability; None: it did not
+    # (so calls with and without probabilities never share a search)
+    rel_tol: float | None = None
 
 
 class NearestQuery(NamedTuple):
@@ -178,7 +182,8 @@ class EngineService:
         z = list(request.z)
         k = request.k or DEFAULT_K
         labels = snap.engine.check_query(z, k, request.labels or None)
-        return NearestQuery(snap, QueryKey(snap.version, k, engine_mode(request.mode), labels), z)
+        key = QueryKey(snap.version, k, engine_mode(request.mode), labels, _rel_tol(request))
+        return NearestQuery(snap, key, z)
 
     @staticmethod
     def search_group(
@@ -191,6 +196,8 @@ class EngineService:
             key.k,
             mode=key.mode,
             labels=key.labels,
+            with_probability=key.rel_tol is not None,
+            rel_tol=DEFAULT_REL_TOL if key.rel_tol is None else key.rel_tol,  # checked by the engine
         )
         return nearest_responses(batch, engine.bank, snapshot.version)
 
@@ -222,7 +229,13 @@ class EngineService:
             groups.setdefault(q.key, []).append(i)
         results: list[pb.NearestResponse | None] = [None] * n
         for key, idx in groups.items():
-            for i, res in zip(idx, self.search_group(snap, key, [parsed[i].z for i in idx]), strict=True):
+            try:
+                replies = self.search_group(snap, key, [parsed[i].z for i in idx])
+            except InvalidArgumentError as exc:  # the group's shared rel_tol: name its first query
+                raise InvalidArgumentError(
+                    f"queries[{idx[0]}]: {exc.message}", field=f"queries[{idx[0]}].{exc.field}"
+                ) from exc
+            for i, res in zip(idx, replies, strict=True):
                 results[i] = res
         return pb.NearestBatchResponse(
             results=[r for r in results if r is not None], index_version=snap.version
@@ -233,6 +246,7 @@ class EngineService:
         self, request: pb.NearestToDistributionRequest
     ) -> pb.NearestToDistributionResponse:
         snap = self.snapshot()
+        rel_tol = _rel_tol(request)
         sigma = np.asarray(request.sigma, dtype=np.float64)
         if not (sigma > 0).all():  # the API's rule: the reply's KL needs it (the engine takes std >= 0)
             raise InvalidArgumentError("sigma must be > 0 in every coordinate", field="sigma")
@@ -243,6 +257,8 @@ class EngineService:
                 request.k or DEFAULT_K,
                 mode=engine_mode(request.mode),
                 labels=list(request.labels) or None,
+                with_probability=rel_tol is not None,
+                rel_tol=DEFAULT_REL_TOL if rel_tol is None else rel_tol,  # checked by the engine
             )
         except InvalidArgumentError as exc:
             if exc.field != "std":
@@ -256,15 +272,18 @@ class EngineService:
                 kl=float(result.kl[n.rank]),
                 label=n.label,
                 rank=n.rank,
+                probability=n.probability,
             )
             for n in result
         ]
-        return pb.NearestToDistributionResponse(
+        resp = pb.NearestToDistributionResponse(
             neighbors=neighbors,
             index_version=snap.version,
             mode=mode_enum(result.mode),
             certified=result.certified,
         )
+        _set_probability_fields(resp, result)
+        return resp
 
     # -- items and info -----------------------------------------------------------------------
     def get_item(self, request: pb.GetItemRequest) -> pb.GetItemResponse:
@@ -389,6 +408,29 @@ def _check_posterior(mean: np.ndarray, std: np.ndarray, field: str) -> tuple[np.
     )
 
 
+def _rel_tol(request: pb.NearestRequest | pb.NearestToDistributionRequest) -> float | None:
+    """The normaliser tolerance a request asks for (unset: the engine's default), ``None`` when it
+    asks for no probabilities. The engine checks the value (InvalidArgumentError field rel_tol)."""
+    if not request.with_probability:
+        return None
+    return request.rel_tol if request.HasField("rel_tol") else DEFAULT_REL_TOL
+
+
+def _set_probability_fields(
+    resp: pb.NearestResponse | pb.NearestToDistributionResponse,
+    result: SearchResult | BatchResult,
+    b: int | None = None,
+) -> None:
+    """Set the response's log q(z), its certified bounds and typicality from ``result`` (query ``b``
+    of a batch); none without probabilities, and typicality stays absent where it is NaN."""
+    for name in ("log_qz", "log_qz_lower", "log_qz_upper", "typicality"):
+        value = getattr(result, name)
+        if value is not None:
+            v = float(value if b is None else value[b])
+            if not math.isnan(v):
+                setattr(resp, name, v)
+
+
 def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:
     """One NearestResponse per query of ``batch`` (answered by ``version``), built from whole arrays:
     ids, scores and labels are gathered once for the batch, not per neighbour."""
@@ -400,10 +442,12 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
     labels = None if bank.labels is None else bank.labels[rows].tolist()
     mode = mode_enum(batch.mode)
     certified = batch.certified.tolist()
+    probability = None if batch.probability is None else batch.probability[valid].tolist()
     out = []
     start = 0
     for b, n in enumerate(counts):
         resp = pb.NearestResponse(index_version=version, mode=mode, certified=certified[b])
+        _set_probability_fields(resp, batch, b)
         add = resp.neighbors.add
         if labels is None:
             for j in range(n):
@@ -411,6 +455,9 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
         else:
             for j in range(n):
                 add(id=ids[start + j], log_likelihood=scores[start + j], label=labels[start + j], rank=j)
+        if probability is not None:
+            for j, neighbor in enumerate(resp.neighbors):
+                neighbor.probability = probability[start + j]
         start += n
         out.append(resp)
     return out

@@ -55,9 +55,20 @@ class NearestRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    WITH_PROBABILITY_FIELD_NUMBER: _builtins.int
+    REL_TOL_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of results; 0 means 10."""
     mode: Global___SearchMode.ValueType
+    with_probability: _builtins.bool
+    """Also return each neighbour's match probability p(i | z) (uniform prior over the items passing
+    the label filter), the query's aggregate-posterior log density log q(z) with certified bounds,
+    and its typicality. Costs a pass over every item's bound (see the README).
+    """
+    rel_tol: _builtins.float
+    """Certified relative width of the normaliser interval (upper / lower - 1 <= rel_tol), in [0, 1);
+    unset: 1e-6; 0: every item scored in float64. Only read with with_probability.
+    """
     @_builtins.property
     def z(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Latent point, length = the index's latent dimension."""
@@ -73,12 +84,16 @@ class NearestRequest(_message.Message):
         k: _builtins.int = ...,
         labels: _abc.Iterable[_builtins.int] | None = ...,
         mode: Global___SearchMode.ValueType = ...,
+        with_probability: _builtins.bool = ...,
+        rel_tol: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "rel_tol", b"rel_tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "labels", b"labels", "mode", b"mode", "z", b"z"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mode", b"mode", "rel_tol", b"rel_tol", "with_probability", b"with_probability", "z", b"z"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rel_tol: _TypeAlias = _typing.Literal["rel_tol"]  # noqa: Y015
+    _WhichOneofArgType__rel_tol: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rel_tol) -> _WhichOneofReturnType__rel_tol | None: ...
 
 Global___NearestRequest: _TypeAlias = NearestRequest  # noqa: Y015
 
@@ -90,12 +105,18 @@ class Neighbor(_message.Message):
     LOG_LIKELIHOOD_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     log_likelihood: _builtins.float
     """Exact log q(z|x) of this item at the query point."""
     label: _builtins.int
     rank: _builtins.int
     """0 is the best."""
+    probability: _builtins.float
+    """p(i | z) = q(z|x_i) / sum_j q(z|x_j), set only with with_probability; normalised by the
+    scanned part of the sum, so the true value lies within
+    probability * exp(log_qz - log_qz_upper) .. probability * exp(log_qz - log_qz_lower).
+    """
     def __init__(
         self,
         *,
@@ -103,14 +124,20 @@ class Neighbor(_message.Message):
         log_likelihood: _builtins.float = ...,
         label: _builtins.int | None = ...,
         rank: _builtins.int = ...,
+        probability: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "label", b"label"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "label", b"label", "probability", b"probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "id", b"id", "label", b"label", "log_likelihood", b"log_likelihood", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "id", b"id", "label", b"label", "log_likelihood", b"log_likelihood", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
+    _WhichOneofReturnType__probability: _TypeAlias = _typing.Literal["probability"]  # noqa: Y015
+    _WhichOneofArgType__probability: _TypeAlias = _typing.Literal["_probability", b"_probability"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__probability) -> _WhichOneofReturnType__probability | None: ...
 
 Global___Neighbor: _TypeAlias = Neighbor  # noqa: Y015
 
@@ -122,11 +149,27 @@ class NearestResponse(_message.Message):
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     CERTIFIED_FIELD_NUMBER: _builtins.int
+    LOG_QZ_FIELD_NUMBER: _builtins.int
+    LOG_QZ_LOWER_FIELD_NUMBER: _builtins.int
+    LOG_QZ_UPPER_FIELD_NUMBER: _builtins.int
+    TYPICALITY_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     mode: Global___SearchMode.ValueType
     """How the candidates were found (MODE_EXACT or MODE_APPROX); scores are always exact."""
     certified: _builtins.bool
     """True when the top-k is proven identical to the float64 brute force."""
+    log_qz: _builtins.float
+    """The fields below are set only when the request asked with_probability (absent otherwise).
+    log q(z) = log (1/N) sum_j q(z|x_j) over the N items passing the label filter, from the exactly
+    scanned items; the true value lies in [log_qz_lower, log_qz_upper].
+    """
+    log_qz_lower: _builtins.float
+    log_qz_upper: _builtins.float
+    typicality: _builtins.float
+    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items)
+    that are <= log_qz; absent when unavailable (the version has no reference sample, or a label
+    filter is set: the reference is unfiltered).
+    """
     @_builtins.property
     def neighbors(self) -> _containers.RepeatedCompositeFieldContainer[Global___Neighbor]: ...
     def __init__(
@@ -136,12 +179,31 @@ class NearestResponse(_message.Message):
         index_version: _builtins.str = ...,
         mode: Global___SearchMode.ValueType = ...,
         certified: _builtins.bool = ...,
+        log_qz: _builtins.float | None = ...,
+        log_qz_lower: _builtins.float | None = ...,
+        log_qz_upper: _builtins.float | None = ...,
+        typicality: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz", "_log_qz_lower", b"_log_qz_lower", "_log_qz_upper", b"_log_qz_upper", "_typicality", b"_typicality", "log_qz", b"log_qz", "log_qz_lower", b"log_qz_lower", "log_qz_upper", b"log_qz_upper", "typicality", b"typicality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certified", b"certified", "index_version", b"index_version", "mode", b"mode", "neighbors", b"neighbors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz", "_log_qz_lower", b"_log_qz_lower", "_log_qz_upper", b"_log_qz_upper", "_typicality", b"_typicality", "certified", b"certified", "index_version", b"index_version", "log_qz", b"log_qz", "log_qz_lower", b"log_qz_lower", "log_qz_upper", b"log_qz_upper", "mode", b"mode", "neighbors", b"neighbors", "typicality", b"typicality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__log_qz: _TypeAlias = _typing.Literal["log_qz"]  # noqa: Y015
+    _WhichOneofArgType__log_qz: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz"]  # noqa: Y015
+    _WhichOneofReturnType__log_qz_lower: _TypeAlias = _typing.Literal["log_qz_lower"]  # noqa: Y015
+    _WhichOneofArgType__log_qz_lower: _TypeAlias = _typing.Literal["_log_qz_lower", b"_log_qz_lower"]  # noqa: Y015
+    _WhichOneofReturnType__log_qz_upper: _TypeAlias = _typing.Literal["log_qz_upper"]  # noqa: Y015
+    _WhichOneofArgType__log_qz_upper: _TypeAlias = _typing.Literal["_log_qz_upper", b"_log_qz_upper"]  # noqa: Y015
+    _WhichOneofReturnType__typicality: _TypeAlias = _typing.Literal["typicality"]  # noqa: Y015
+    _WhichOneofArgType__typicality: _TypeAlias = _typing.Literal["_typicality", b"_typicality"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz) -> _WhichOneofReturnType__log_qz | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz_lower) -> _WhichOneofReturnType__log_qz_lower | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz_upper) -> _WhichOneofReturnType__log_qz_upper | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__typicality) -> _WhichOneofReturnType__typicality | None: ...
 
 Global___NearestResponse: _TypeAlias = NearestResponse  # noqa: Y015
 
@@ -199,8 +261,21 @@ class NearestToDistributionRequest(_message.Message):
     K_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
+    WITH_PROBABILITY_FIELD_NUMBER: _builtins.int
+    REL_TOL_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     mode: Global___SearchMode.ValueType
+    with_probability: _builtins.bool
+    """As in NearestRequest; probabilities and log q(z) use each item's expected log-likelihood
+    E log q(z|x) in place of log q(z|x) (the same score the ranking uses).
+    Also return each neighbour's match probability p(i | z) (uniform prior over the items passing
+    the label filter), the query's aggregate-posterior log density log q(z) with certified bounds,
+    and its typicality. Costs a pass over every item's bound (see the README).
+    """
+    rel_tol: _builtins.float
+    """Certified relative width of the normaliser interval (upper / lower - 1 <= rel_tol), in [0, 1);
+    unset: 1e-6; 0: every item scored in float64. Only read with with_probability.
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -217,12 +292,16 @@ class NearestToDistributionRequest(_message.Message):
         k: _builtins.int = ...,
         labels: _abc.Iterable[_builtins.int] | None = ...,
         mode: Global___SearchMode.ValueType = ...,
+        with_probability: _builtins.bool = ...,
+        rel_tol: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "rel_tol", b"rel_tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["k", b"k", "labels", b"labels", "mean", b"mean", "mode", b"mode", "sigma", b"sigma"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mean", b"mean", "mode", b"mode", "rel_tol", b"rel_tol", "sigma", b"sigma", "with_probability", b"with_probability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__rel_tol: _TypeAlias = _typing.Literal["rel_tol"]  # noqa: Y015
+    _WhichOneofArgType__rel_tol: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__rel_tol) -> _WhichOneofReturnType__rel_tol | None: ...
 
 Global___NearestToDistributionRequest: _TypeAlias = NearestToDistributionRequest  # noqa: Y015
 
@@ -235,6 +314,7 @@ class DistributionNeighbor(_message.Message):
     KL_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
+    PROBABILITY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     expected_log_likelihood: _builtins.float
     """E_{z ~ N(mean, sigma^2)} log q(z|x)."""
@@ -242,6 +322,11 @@ class DistributionNeighbor(_message.Message):
     """KL(N(mean, sigma^2) || q(z|x))."""
     label: _builtins.int
     rank: _builtins.int
+    probability: _builtins.float
+    """p(i | z) = q(z|x_i) / sum_j q(z|x_j), set only with with_probability; normalised by the
+    scanned part of the sum, so the true value lies within
+    probability * exp(log_qz - log_qz_upper) .. probability * exp(log_qz - log_qz_lower).
+    """
     def __init__(
         self,
         *,
@@ -250,14 +335,20 @@ class DistributionNeighbor(_message.Message):
         kl: _builtins.float = ...,
         label: _builtins.int | None = ...,
         rank: _builtins.int = ...,
+        probability: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "label", b"label"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "label", b"label", "probability", b"probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "expected_log_likelihood", b"expected_log_likelihood", "id", b"id", "kl", b"kl", "label", b"label", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "expected_log_likelihood", b"expected_log_likelihood", "id", b"id", "kl", b"kl", "label", b"label", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
+    _WhichOneofReturnType__probability: _TypeAlias = _typing.Literal["probability"]  # noqa: Y015
+    _WhichOneofArgType__probability: _TypeAlias = _typing.Literal["_probability", b"_probability"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__probability) -> _WhichOneofReturnType__probability | None: ...
 
 Global___DistributionNeighbor: _TypeAlias = DistributionNeighbor  # noqa: Y015
 
@@ -269,9 +360,25 @@ class NearestToDistributionResponse(_message.Message):
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
     MODE_FIELD_NUMBER: _builtins.int
     CERTIFIED_FIELD_NUMBER: _builtins.int
+    LOG_QZ_FIELD_NUMBER: _builtins.int
+    LOG_QZ_LOWER_FIELD_NUMBER: _builtins.int
+    LOG_QZ_UPPER_FIELD_NUMBER: _builtins.int
+    TYPICALITY_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     mode: Global___SearchMode.ValueType
     certified: _builtins.bool
+    log_qz: _builtins.float
+    """The fields below are set only when the request asked with_probability (absent otherwise).
+    log q(z) = log (1/N) sum_j q(z|x_j) over the N items passing the label filter, from the exactly
+    scanned items; the true value lies in [log_qz_lower, log_qz_upper].
+    """
+    log_qz_lower: _builtins.float
+    log_qz_upper: _builtins.float
+    typicality: _builtins.float
+    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items)
+    that are <= log_qz; absent when unavailable (the version has no reference sample, or a label
+    filter is set: the reference is unfiltered).
+    """
     @_builtins.property
     def neighbors(self) -> _containers.RepeatedCompositeFieldContainer[Global___DistributionNeighbor]: ...
     def __init__(
@@ -281,12 +388,31 @@ class NearestToDistributionResponse(_message.Message):
         index_version: _builtins.str = ...,
         mode: Global___SearchMode.ValueType = ...,
         certified: _builtins.bool = ...,
+        log_qz: _builtins.float | None = ...,
+        log_qz_lower: _builtins.float | None = ...,
+        log_qz_upper: _builtins.float | None = ...,
+        typicality: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz", "_log_qz_lower", b"_log_qz_lower", "_log_qz_upper", b"_log_qz_upper", "_typicality", b"_typicality", "log_qz", b"log_qz", "log_qz_lower", b"log_qz_lower", "log_qz_upper", b"log_qz_upper", "typicality", b"typicality"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certified", b"certified", "index_version", b"index_version", "mode", b"mode", "neighbors", b"neighbors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz", "_log_qz_lower", b"_log_qz_lower", "_log_qz_upper", b"_log_qz_upper", "_typicality", b"_typicality", "certified", b"certified", "index_version", b"index_version", "log_qz", b"log_qz", "log_qz_lower", b"log_qz_lower", "log_qz_upper", b"log_qz_upper", "mode", b"mode", "neighbors", b"neighbors", "typicality", b"typicality"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__log_qz: _TypeAlias = _typing.Literal["log_qz"]  # noqa: Y015
+    _WhichOneofArgType__log_qz: _TypeAlias = _typing.Literal["_log_qz", b"_log_qz"]  # noqa: Y015
+    _WhichOneofReturnType__log_qz_lower: _TypeAlias = _typing.Literal["log_qz_lower"]  # noqa: Y015
+    _WhichOneofArgType__log_qz_lower: _TypeAlias = _typing.Literal["_log_qz_lower", b"_log_qz_lower"]  # noqa: Y015
+    _WhichOneofReturnType__log_qz_upper: _TypeAlias = _typing.Literal["log_qz_upper"]  # noqa: Y015
+    _WhichOneofArgType__log_qz_upper: _TypeAlias = _typing.Literal["_log_qz_upper", b"_log_qz_upper"]  # noqa: Y015
+    _WhichOneofReturnType__typicality: _TypeAlias = _typing.Literal["typicality"]  # noqa: Y015
+    _WhichOneofArgType__typicality: _TypeAlias = _typing.Literal["_typicality", b"_typicality"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz) -> _WhichOneofReturnType__log_qz | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz_lower) -> _WhichOneofReturnType__log_qz_lower | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__log_qz_upper) -> _WhichOneofReturnType__log_qz_upper | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__typicality) -> _WhichOneofReturnType__typicality | None: ...
 
 Global___NearestToDistributionResponse: _TypeAlias = NearestToDistributionResponse  # noqa: Y015
 
