@@ -18,6 +18,7 @@ from latentsearch.data.readers import ArrayDataset
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from latentsearch.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from latentsearch.model.config import TrainConfig, VAEConfig
+from latentsearch.model.objective import kl_penalty
 from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train, training_done
 
 TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)
@@ -118,6 +119,7 @@ def test_cli_train_defaults_are_the_configs() -> None:
         "lr": "lr",
         "beta": "beta",
         "kl_warmup": "kl_warmup_epochs",
+        "free_bits": "free_bits",
         "patience": "patience",
         "val_fraction": "val_fraction",
         "device": "device",
@@ -132,6 +134,60 @@ def test_cli_train_defaults_are_the_configs() -> None:
     assert f"maximum epochs (default {defaults.epochs})" in help_text
     assert f"held-out fraction (default {defaults.val_fraction})" in help_text
     assert "stop after this many seconds (default" not in help_text  # a None default goes unmentioned
+
+
+def test_free_bits_by_hand() -> None:
+    # (N=2, d=3): batch means per dimension 0.05, 0.5 and 2.0; threshold 0.1.
+    kl_dims = torch.tensor([[0.02, 0.4, 1.0], [0.08, 0.6, 3.0]], dtype=torch.float64, requires_grad=True)
+    plain = kl_penalty(kl_dims)
+    assert float(plain.detach()) == pytest.approx(0.05 + 0.5 + 2.0, abs=1e-12)
+    fb = kl_penalty(kl_dims, free_bits=0.1)
+    # The first dimension counts as 0.1.
+    assert float(fb.detach()) == pytest.approx(0.1 + 0.5 + 2.0, abs=1e-12)
+    (grad,) = torch.autograd.grad(fb, kl_dims)
+    # Below its threshold a dimension's KL term has no gradient; above it, d mean / d item = 1/N.
+    torch.testing.assert_close(grad, torch.tensor([[0.0, 0.5, 0.5], [0.0, 0.5, 0.5]], dtype=torch.float64))
+    # A threshold above every dimension: a constant, zero gradient everywhere.
+    (grad,) = torch.autograd.grad(kl_penalty(kl_dims, free_bits=5.0), kl_dims)
+    assert float(grad.abs().sum()) == 0.0
+
+
+def test_free_bits_in_training_loss_not_in_validation(data, tmp_path) -> None:
+    # d = 2 and 100 free nats per dimension: every dimension is far below its allowance, so the
+    # training loss is recon + beta * 2 * 100 exactly, while the logged and validated KL stay the true one.
+    cfg = _cfg(epochs=2, beta=1.0, kl_warmup_epochs=0, free_bits=100.0)
+    res = train(data, tmp_path / "m", config=cfg, vae_config=TINY)
+    for h in res.history:
+        assert h["loss"] - h["recon"] == pytest.approx(200.0, abs=1e-3)
+        assert 0.0 < h["kl"] < 200.0 and 0.0 < h["val_kl"] < 200.0
+    assert load_checkpoint(tmp_path / "m").config["training"]["free_bits"] == 100.0
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("free_bits", -0.1),
+        ("free_bits", float("nan")),
+        ("free_bits", float("inf")),
+        ("beta", -1.0),
+        ("beta", float("nan")),
+        ("lr", 0.0),
+        ("kl_warmup_epochs", -1),
+    ],
+)
+def test_train_config_rejects_bad_values(field: str, value: float) -> None:
+    with pytest.raises(InvalidArgumentError, match=field) as err:
+        TrainConfig().replace(**{field: value})
+    assert err.value.field == field
+
+
+def test_cli_free_bits_reaches_the_config(tmp_path) -> None:
+    parser = argparse.ArgumentParser()
+    model_cli.register_cli(parser.add_subparsers(dest="command", required=True))
+    argv = ["train", "--out", str(tmp_path / "m"), "--epochs", "1", "--max-items", "60", "--no-progress"]
+    args = parser.parse_args([*argv, "--free-bits", "0.3"])
+    assert args.func(args) == 0
+    assert load_checkpoint(tmp_path / "m").config["training"]["free_bits"] == 0.3
 
 
 def test_default_of_reads_the_dataclass() -> None:

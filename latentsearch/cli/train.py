@@ -32,6 +32,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     add_config_argument(
         p, "--kl-warmup", TrainConfig, "kl_warmup_epochs", "epochs of linear KL warm-up", type=int
     )
+    add_config_argument(
+        p,
+        "--free-bits",
+        TrainConfig,
+        "free_bits",
+        "KL allowance per latent dimension in nats (free bits; 0: off)",
+        type=float,
+    )
     add_config_argument(p, "--patience", TrainConfig, "patience", "early-stop patience in epochs", type=int)
     add_config_argument(p, "--val-fraction", TrainConfig, "val_fraction", "held-out fraction", type=float)
     add_config_argument(p, "--device", TrainConfig, "device", "device", choices=["auto", "cpu", "cuda"])
@@ -73,6 +81,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         beta=args.beta,
         kl_warmup_epochs=args.kl_warmup,
+        free_bits=args.free_bits,
         patience=args.patience,
         val_fraction=args.val_fraction,
         device=args.device,

@@ -6,6 +6,7 @@ Both configs are frozen keyword-only dataclasses that round-trip through plain J
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
@@ -129,8 +130,9 @@ class TrainConfig:
 
     # Passes over the training split (early stopping may end sooner).
     epochs: int = 40
-    # Items per optimisation step.
-    batch_size: int = 64
+    # Items per optimisation step. 32 rather than 64 on the Fashion-MNIST sample (4 seeds): top-1
+    # label agreement of log q neighbours +0.01, validation -ELBO -2 nats, for ~1.45x the CPU time.
+    batch_size: int = 32
     # Adam learning rate at the peak of the schedule.
     lr: float = 2e-3
     # Decoupled weight decay (AdamW).
@@ -140,10 +142,20 @@ class TrainConfig:
     lr_min_ratio: float = 0.05
     # Fraction of items held out for validation (chosen by seed; at least one item).
     val_fraction: float = 0.15
-    # Weight of the KL term (beta-VAE); 1.0 is the standard ELBO.
-    beta: float = 1.0
+    # Weight of the KL term in the training loss (beta-VAE; 1.0 is the standard ELBO). 0.5 sharpens
+    # the posteriors for search: on the Fashion-MNIST sample (4 seeds, batches of 64) top-1
+    # label agreement of log q neighbours 0.755 vs 0.730 at beta 1, validation -ELBO (always reported
+    # at beta 1) 249.4 vs 248.7 nats; 0.35 and 0.7 were no better. Validation uses beta 1.
+    beta: float = 0.5
     # Epochs over which the KL weight ramps linearly from 0 to beta (0: no warm-up).
     kl_warmup_epochs: int = 0
+    # Free bits (KL threshold) per latent dimension, in nats: the training loss counts each
+    # dimension's batch-mean KL as at least this much, so no dimension is pushed onto the prior
+    # (see model.objective; 0: the plain KL). Validation and the reported -ELBO use the true KL.
+    # Without it 1-3 of 10 dimensions collapse (mean KL ~0.01 nats); 0.12 keeps every one above
+    # 0.1 nats on held-out images; larger allowances (0.25-1.0) cost top-1 label agreement
+    # (a barely used dimension adds noise to the log q ranking).
+    free_bits: float = 0.12
     # Stop when validation -ELBO has not improved by `min_delta` nats for `patience` epochs.
     patience: int = 8
     min_delta: float = 0.05
@@ -167,8 +179,18 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"val_fraction must be in (0, 1), got {self.val_fraction}", field="val_fraction"
             )
-        if self.lr <= 0 or self.beta < 0:
-            raise InvalidArgumentError("lr must be > 0 and beta >= 0", field="lr")
+        if not self.lr > 0:
+            raise InvalidArgumentError(f"lr must be > 0, got {self.lr}", field="lr")
+        if not self.beta >= 0:
+            raise InvalidArgumentError(f"beta must be >= 0, got {self.beta}", field="beta")
+        if self.kl_warmup_epochs < 0:
+            raise InvalidArgumentError(
+                f"kl_warmup_epochs must be >= 0, got {self.kl_warmup_epochs}", field="kl_warmup_epochs"
+            )
+        if not 0.0 <= self.free_bits < math.inf:
+            raise InvalidArgumentError(
+                f"free_bits must be a finite number of nats >= 0, got {self.free_bits}", field="free_bits"
+            )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return replace(self, **changes)

@@ -1,4 +1,4 @@
-"""Training: ELBO with optional beta and KL warm-up, held-out validation, early stopping, resume.
+"""Training: ELBO with beta, KL warm-up and free bits, held-out validation, early stopping, resume.
 
 CPU runs are bit-reproducible for a given seed and thread count: the split, the initialisation,
 every epoch's shuffle and every posterior sample come from generators seeded by ``(seed, epoch)``,
@@ -25,6 +25,7 @@ from latentsearch.errors import FailedPreconditionError, InvalidArgumentError
 from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads, resolve_device
+from latentsearch.model.objective import kl_penalty
 from latentsearch.model.vae import VAE
 from latentsearch.progress import Progress
 
@@ -352,7 +353,8 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
         with _autocast(dev, cfg.amp):
             terms = model.elbo_terms(xb, eps_gen)
         recon, kl = terms.recon.mean(), terms.kl.mean()
-        loss = recon + _kl_weight(cfg, epoch, s, steps) * kl
+        # The KL term the optimiser sees (free bits per dimension); `kl` is the true mean KL.
+        loss = recon + _kl_weight(cfg, epoch, s, steps) * kl_penalty(terms.kl_dims, cfg.free_bits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

@@ -23,13 +23,20 @@ __all__ = ["VAE", "ElboTerms", "build_vae"]
 
 @dataclass(frozen=True)
 class ElboTerms:
-    """Per-item terms of the negative ELBO, each ``(N,)`` float32, in nats.
+    """Per-item terms of the negative ELBO, float32, in nats.
 
-    ``recon`` is ``-log p(x|z)`` for one posterior sample, ``kl`` is ``KL(q(z|x) || N(0, I))``.
+    ``recon`` ``(N,)`` is ``-log p(x|z)`` for one posterior sample; ``kl_dims`` ``(N, d)`` is each
+    latent dimension's ``KL(q(z_j|x) || N(0, 1))``, and :attr:`kl` ``(N,)`` their sum,
+    ``KL(q(z|x) || N(0, I))``.
     """
 
     recon: torch.Tensor
-    kl: torch.Tensor
+    kl_dims: torch.Tensor
+
+    @property
+    def kl(self) -> torch.Tensor:
+        """``(N,)`` ``KL(q(z|x) || N(0, I))``: the sum of :attr:`kl_dims` over the latent axis."""
+        return self.kl_dims.sum(-1)
 
     def neg_elbo(self, beta: float = 1.0) -> torch.Tensor:
         return self.recon + beta * self.kl
@@ -178,8 +185,9 @@ class VAE(nn.Module):
     def elbo_terms(
         self, x: torch.Tensor, generator: torch.Generator | None = None, *, sample: bool = True
     ) -> ElboTerms:
-        """Per-item ``-log p(x|z)`` (one reparameterised sample, or the mean if ``sample=False``)
-        and ``KL(q || p)`` for a raw batch ``x (N, *input_shape)``; each ``(N,)`` float32."""
+        """Per-item ``-log p(x|z)`` ``(N,)`` (one reparameterised sample, or the mean if
+        ``sample=False``) and per-dimension ``KL(q || p)`` ``(N, d)`` for a raw batch
+        ``x (N, *input_shape)``; float32."""
         target = self.normalize(x)
         mu, logvar = self.encode_params(x)
         q = DiagonalGaussian.from_logvar(mu.float(), logvar.float())
@@ -193,7 +201,9 @@ class VAE(nn.Module):
             # p(x|z) = N(out, diag(sigma_obs^2)) over the item's flattened scalars (N, D).
             obs_ls = self.obs_log_sigma.float().expand_as(out)
             recon = -DiagonalGaussian(out.flatten(1), log_sigma=obs_ls.flatten(1)).log_prob(target.flatten(1))
-        return ElboTerms(recon=recon, kl=q.kl())
+        # KL(q || N(0, I)) of a diagonal Gaussian separates over dimensions: (N, d).
+        kl_dims = 0.5 * (q.mean * q.mean + q.var - 1.0 - q.logvar)
+        return ElboTerms(recon=recon, kl_dims=kl_dims)
 
 
 def build_vae(config: VAEConfig | None = None, **overrides: object) -> VAE:
