@@ -1,4 +1,4 @@
-"""``latentsearch quickstart``: train, index, serve and query end to end, offline, in about half a minute.
+"""``latentsearch quickstart``: train, index, serve and query end to end, offline, in under a minute.
 
 1. data: the Fashion-MNIST IDX files given with ``--data``, else a generated garment-shapes set;
    a few items are held out and the rest written to ``OUT/data/items.npz`` (the indexed items);

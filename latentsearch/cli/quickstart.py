@@ -14,7 +14,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "quickstart",
         aliases=["demo"],
         help="train, index, serve and query end to end on a built-in default (offline, ~30 s on 2 cores)",
-        description="Train, index, serve and query end to end, offline, in about half a minute on 2 cores.",
+        description="Train, index, serve and query end to end, offline, in under a minute on 2 idle cores.",
     )
     p.add_argument("--data", help="Fashion-MNIST IDX file or folder (default: generated garment shapes)")
     p.add_argument("--out", default="quickstart-out", help="output directory (default ./quickstart-out)")
