@@ -537,8 +537,9 @@ class SearchEngine:
 
         ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
         """
-        bank, config, exact, approx = self.bank, self.config, self.exact, self.approx
-        parts = EngineParts(bank=bank, config=config, exact=exact, approx=approx, typicality=self.typicality)
+        parts = EngineParts(
+            self.bank, self.config, self.exact, self.approx, typicality=self.typicality
+        )
         return save_engine(parts, Path(path), overwrite=overwrite, extra=extra)
 
     @classmethod
