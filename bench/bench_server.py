@@ -1,32 +1,32 @@
-"""Server benchmark: Nearest throughput and latency over gRPC against a no-search echo ceiling.
+"""Server benchmark: Nearest throughput, latency and server CPU per call against a no-search echo.
 
-Scenarios, each measured with :mod:`latentsearch.loadgen` from a separate (spawned) process so client
-and server do not share a GIL; the servers run in this process, one at a time, with the default
-:class:`~server.app.ServerConfig`:
+Servers run as their own processes (``latentsearch serve --workers W``; the echo with the same W
+processes sharing one port), and the load comes from **goload**, the compiled grpc-go client of
+``../shared/tools/goload`` (build it with ``bash ../shared/tools/goload/build.sh``; found at
+``$LATENTSEARCH_GOLOAD`` or ``~/.cache/latentsearch-goload/goload``), over 16 connections so that
+the kernel spreads them over the workers. Without goload the run falls back to the Python generator
+(:mod:`latentsearch.loadgen`, one connection, so with W > 1 it reaches one worker only) and the
+report says so in its first line: a Python client takes CPU from both servers alike and overstates
+the ratio to echo.
+
+Scenarios (names carry the item counts run, :func:`scenario_name`):
 
 * ``echo``: a grpc.aio LatentSearch service whose Nearest returns a fixed 10-neighbour response
   without searching (same request/response messages, same server options): the ceiling;
-* ``exact_2k``: Nearest over 2,000 items (exact): the serving path with almost no search cost;
-* ``exact_70k``: Nearest over a 70,000-item d=10 index in its default mode (exact below 100,000);
-* ``approx_70k``: the same items with an approximate index, Nearest in approximate mode;
-* ``approx_1m_batched`` / ``approx_1m_unbatched``: Nearest over 1,000,000 items in approximate
-  mode, micro-batching on and off.
+* ``exact_2k``, ``exact_70k``, ``approx_70k``, ``approx_1m_batched`` / ``approx_1m_unbatched``
+  (micro-batching on and off); ``--only`` picks some of them, ``--n-large 0`` leaves 1M out;
+* ``mixed_<n>`` (``--mixed``): ``exact_<n_small>`` while 4 clients of this process send maximal
+  NearestBatch calls (1024 queries, k = 1000): Nearest's p50 against its unloaded p50 tells whether
+  big calls starve small ones (issue 14's target: within 5x).
 
-Those are the names at the default sizes; each name carries the item count actually run
-(:func:`scenario_name`), so a quick run's (``--n-small 5000 --n-large 50000``) are ``exact_5k``,
-``approx_5k``, ``approx_50k_batched``, ...
-
-Two cores are shared by the server and the load generator, and a shared machine drifts by 10-20%
-between runs, so the whole set is measured ``--rounds`` times (echo first in each round) and every
-ratio to echo is taken within its round; the report gives each round and the medians. Queries mix the
-``box`` (z uniform in [-5, 5]^d) and ``prior`` (z ~ N(0, I)) families, k = 10. Each scenario gets a
-short warm-up run first. Recorded beside throughput and latency: CPU seconds of the server process and
-of the load process, the mean batch, and the wall time of each batched search round (search plus
-replies, on the search thread), and the search cost alone (``search_batch`` in-process).
+Each is run for every worker count of ``--workers`` (default 1,2), in ``--rounds`` rounds, echo first
+in each round and alternating with the servers, every ratio taken against the echo with the same
+worker count in the same round. Server CPU per call comes from the OS's accounting of the server's
+processes (``/proc``, all workers and their threads), fair even when the client shares the machine.
 
 Usage::
 
-    python -m bench.bench_server [--duration 8] [--concurrency 64] [--rounds 3]
+    python -m bench.bench_server [--duration 8] [--concurrency 64] [--rounds 3] [--workers 1,2]
 
 Writes ``bench/results/server-<date>.json`` and ``.md``.
 """
@@ -35,23 +35,34 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import json
 import logging
 import multiprocessing
 import os
 import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Coroutine
+import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any, NoReturn
 
 import grpc
 import numpy as np
+import psutil
 from grpc import aio
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.results_io import write_results
 from latentsearch.data.banks import query_families, vae_like_posteriors
@@ -60,32 +71,26 @@ from latentsearch.indexer.root import IndexRoot
 from latentsearch.loadgen import LoadConfig, run_load_sync
 from latentsearch.progress import format_count
 from latentsearch.server.app import LatentSearchServer, ServerConfig, grpc_options
+from latentsearch.server.supervisor import hold_port
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
 K = 10
+REPO = Path(__file__).resolve().parents[1]
+GOLOAD_BUILD = "bash ../shared/tools/goload/build.sh"
+CONNECTIONS = 16  # goload connections: the kernel spreads connections, not calls, over workers
+MIXED_CLIENTS, MIXED_QUERIES, MIXED_K = 4, 1024, 1000  # the maximal NearestBatch of the mixed load
 
 
-# -- servers on a background event loop ---------------------------------------------------------
-class LoopThread:
-    """An asyncio loop in a daemon thread; :meth:`run` runs a coroutine there and waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="bench-server-loop", daemon=True)
-        self.thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout: float = 300.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
+def goload_path() -> Path | None:
+    """The goload binary, or ``None`` when it is not built."""
+    path = Path(os.environ.get("LATENTSEARCH_GOLOAD", "~/.cache/latentsearch-goload/goload")).expanduser()
+    return path if path.is_file() and os.access(path, os.X_OK) else None
 
 
+# -- the echo server ------------------------------------------------------------------------------
 class EchoServicer(pb_grpc.LatentSearchServicer):
     """Nearest answers a fixed 10-neighbour response without searching; Info tells the dim.
 
@@ -141,108 +146,274 @@ async def start_echo(dim: int) -> tuple[aio.Server, int]:
     return server, port
 
 
-# -- one scenario -------------------------------------------------------------------------------
+def _echo_worker(port: int, dim: int, workers: int, ready: ProcessEvent) -> None:
+    """One echo process on ``port`` (shared with SO_REUSEPORT when ``workers`` > 1) until SIGTERM."""
+
+    async def main() -> None:
+        config = ServerConfig(index="unused", reuse_port=workers > 1)
+        server = aio.server(options=grpc_options(config))
+        pb_grpc.add_LatentSearchServicer_to_server(EchoServicer(dim), server)
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        ready.set()
+        await stop.wait()
+        await server.stop(1.0)
+
+    asyncio.run(main())
+
+
+def echo_main(dim: int, workers: int) -> None:
+    """``--echo-server``: ``workers`` echo processes on one port; prints it; SIGTERM stops them."""
+    ctx = multiprocessing.get_context("spawn")
+    held = hold_port("127.0.0.1", 0)  # picks the port (and, with one worker, is closed before binding)
+    port = int(held.getsockname()[1])
+    if workers == 1:
+        held.close()
+    procs, events = [], []
+    for _ in range(workers):
+        ready = ctx.Event()
+        proc = ctx.Process(target=_echo_worker, args=(port, dim, workers, ready))
+        proc.start()
+        procs.append(proc)
+        events.append(ready)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    for ready in events:
+        ready.wait(120)
+    print(f"echo on 127.0.0.1:{port} with {workers} processes", file=sys.stderr, flush=True)
+    stop.wait()
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        proc.join(10)
+    held.close()
+
+
+# -- server processes -----------------------------------------------------------------------------
+class ServerProcess:
+    """A server command run as a process tree; ready once its stderr names the port."""
+
+    def __init__(self, cmd: list[str], ready: str, *, timeout: float = 300.0) -> None:
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+        self.lines: list[str] = []
+        found = threading.Event()
+        self.port = 0
+
+        def read() -> None:
+            assert self.proc.stderr is not None
+            for line in self.proc.stderr:
+                self.lines.append(line)
+                m = re.search(ready, line)
+                if m and not found.is_set():
+                    self.port = int(m.group(1))
+                    found.set()
+
+        self._reader = threading.Thread(target=read, daemon=True)
+        self._reader.start()
+        end = time.monotonic() + timeout
+        while not found.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > end:
+                self.stop()
+                raise RuntimeError(f"{cmd[:6]} did not start:\n" + "".join(self.lines[-20:]))
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU seconds of the process and every live descendant (from /proc)."""
+        total = 0.0
+        with contextlib.suppress(psutil.NoSuchProcess):
+            root = psutil.Process(self.proc.pid)
+            for p in [root, *root.children(recursive=True)]:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                for child in psutil.Process(self.proc.pid).children(recursive=True):
+                    child.kill()
+                self.proc.kill()
+                self.proc.wait(10)
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def echo_server(dim: int, workers: int) -> Iterator[ServerProcess]:
+    cmd = [sys.executable, "-m", "bench.bench_server", "--echo-server", "--d", str(dim)]
+    cmd += ["--workers", str(workers)]
+    server = ServerProcess(cmd, r"echo on 127\.0\.0\.1:(\d+) with")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@contextlib.contextmanager
+def latentsearch_server(root: Path, workers: int, *, batching: bool) -> Iterator[tuple[ServerProcess, int]]:
+    """``latentsearch serve`` on ``root`` with ``workers`` processes; (process, its metrics port)."""
+    metrics_port = _free_port()
+    cmd = [sys.executable, "-m", "latentsearch", "serve", "--index", str(root), "--port", "0"]
+    cmd += ["--metrics-port", str(metrics_port), "--workers", str(workers), "--reload-interval", "0"]
+    if not batching:
+        cmd.append("--no-batching")
+    # the supervisor's line once every worker is ready, else the server's own
+    ready = r"serving \S+ on 127\.0\.0\.1:(\d+) \("
+    if workers > 1:
+        ready = r"on 127\.0\.0\.1:(\d+) with \d+ worker"
+    server = ServerProcess(cmd, ready)
+    try:
+        yield server, metrics_port
+    finally:
+        server.stop()
+
+
+def batch_stats(metrics_port: int) -> dict[str, float]:
+    """Batch counters from the server's /metrics (summed over its workers)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    wanted = {
+        "latentsearch_batch_size_count": "batches",
+        "latentsearch_batch_size_sum": "batched",
+        "latentsearch_batch_search_seconds_count": "rounds",
+        "latentsearch_batch_search_seconds_sum": "round_s",
+    }
+    out = dict.fromkeys(wanted.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in wanted:
+                out[wanted[sample.name]] += float(sample.value)
+    return out
+
+
+# -- load -----------------------------------------------------------------------------------------
 def _load_in_child(config: LoadConfig) -> dict[str, Any]:
-    """Runs in the load process: the ghz-shaped report plus that process's CPU seconds."""
-    cpu = time.process_time()
-    report = run_load_sync(config)
-    doc = report.to_ghz_json()
-    doc["client_cpu_s"] = time.process_time() - cpu
-    return doc
+    """Runs in the Python load process: the ghz-shaped report."""
+    return run_load_sync(config).to_ghz_json()
+
+
+class Load:
+    """Runs one load against a port: goload when built, else the Python generator (say which)."""
+
+    def __init__(self, *, concurrency: int, dim: int, force_python: bool = False) -> None:
+        self.concurrency, self.dim = concurrency, dim
+        self.goload = None if force_python else goload_path()
+        self._pool: ProcessPoolExecutor | None = None
+        if self.goload is None:
+            ctx = multiprocessing.get_context("spawn")
+            self._pool = ProcessPoolExecutor(1, mp_context=ctx)
+            self._pool.submit(time.sleep, 0).result()  # start it before timing anything
+            log.warning(
+                "goload not found (build it: %s): FALLING BACK to the Python load generator, which "
+                "shares the CPU with the server and uses one connection (one worker only)",
+                GOLOAD_BUILD,
+            )
+
+    @property
+    def client(self) -> str:
+        if self.goload is not None:
+            return f"goload (grpc-go, {CONNECTIONS} connections): {self.goload}"
+        return "FALLBACK: latentsearch.loadgen (Python grpc.aio, 1 connection)"
+
+    def run(self, port: int, seconds: float, *, mode: str | None, echo: bool, seed: int) -> dict[str, Any]:
+        if self.goload is None:
+            assert self._pool is not None
+            config = LoadConfig(
+                target=f"127.0.0.1:{port}", concurrency=self.concurrency, dim=self.dim, mode=mode, k=K,
+                duration=seconds, seed=seed,
+            )  # fmt: skip
+            return self._pool.submit(_load_in_child, config).result()
+        cmd = [str(self.goload), "-target", f"127.0.0.1:{port}", "-c", str(self.concurrency)]
+        cmd += ["-n", "10000000", "-duration", str(seconds), "-conns", str(CONNECTIONS), "-z", str(self.dim)]
+        cmd += ["-k", str(K), "-method", "echo" if echo else "nearest", "-mode", mode or "auto"]
+        cmd += ["-seed", str(seed + 1)]  # 0 would be time-based
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120, check=False)
+        if done.returncode not in (0, 1):  # 1: some calls failed (counted in the report)
+            raise RuntimeError(f"goload failed ({done.returncode}): {done.stderr[-2000:]}")
+        doc: dict[str, Any] = json.loads(done.stdout)
+        return doc
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+
+
+def _big_batches(port: int, dim: int, stop: threading.Event, counts: list[int]) -> None:
+    """One mixed-load client: maximal NearestBatch calls back to back until ``stop``."""
+    rng = np.random.default_rng(len(counts))
+    request = pb.NearestBatchRequest(
+        queries=[pb.NearestRequest(z=z.tolist(), k=MIXED_K) for z in rng.uniform(-5, 5, (MIXED_QUERIES, dim))]
+    )
+    options = [("grpc.max_receive_message_length", 256 * 1024 * 1024), ("grpc.use_local_subchannel_pool", 1)]
+    with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        while not stop.is_set():
+            try:
+                stub.NearestBatch(request, timeout=120)
+                counts.append(1)
+            except grpc.RpcError as exc:
+                log.warning("mixed-load NearestBatch failed: %s", exc.code())
+                counts.append(0)
 
 
 def measure(
-    pool: ProcessPoolExecutor,
-    port: int,
+    load: Load,
+    server: ServerProcess,
     *,
     name: str,
+    workers: int,
     duration: float,
-    concurrency: int,
     warmup: float,
-    dim: int,
     mode: str | None = None,
+    echo: bool = False,
     seed: int = 0,
-    server_stats: Callable[[], dict[str, Any]] | None = None,
+    metrics_port: int | None = None,
 ) -> dict[str, Any]:
-    """Warm up, then one measured load run; returns rps, latencies, errors and CPU use.
-
-    ``seed`` picks the load's query pool (each round of the benchmark uses its own).
-    """
-    def load(seconds: float, load_seed: int) -> LoadConfig:
-        return LoadConfig(
-            target=f"127.0.0.1:{port}", concurrency=concurrency, dim=dim, mode=mode, k=K,
-            duration=seconds, seed=load_seed,
-        )
-
+    """Warm up, then one measured load run; rps, latencies, errors and the server's CPU per call."""
     if warmup > 0:
-        pool.submit(_load_in_child, load(warmup, 99)).result()
-    before = server_stats() if server_stats else {}
-    cpu0, wall0 = os.times(), time.perf_counter()
-    doc = pool.submit(_load_in_child, load(duration, seed)).result()
-    cpu1, wall = os.times(), time.perf_counter() - wall0
-    after = server_stats() if server_stats else {}
+        load.run(server.port, warmup, mode=mode, echo=echo, seed=99)
+    before = batch_stats(metrics_port) if metrics_port else {}
+    cpu0, wall0 = server.cpu_seconds(), time.perf_counter()
+    doc = load.run(server.port, duration, mode=mode, echo=echo, seed=seed)
+    cpu, wall = server.cpu_seconds() - cpu0, time.perf_counter() - wall0
+    after = batch_stats(metrics_port) if metrics_port else {}
     lat = {d["percentage"]: d["latency"] / 1e6 for d in doc["latencyDistribution"]}
     ok = doc["statusCodeDistribution"].get("OK", 0)
-    row = {
+    row: dict[str, Any] = {
         "name": name,
+        "workers": workers,
         "count": doc["count"],
         "ok": ok,
         "errors": doc["count"] - ok,
         "error_distribution": doc["errorDistribution"],
         "rps": doc["rps"],
-        "p50_ms": lat[50],
-        "p90_ms": lat[90],
-        "p99_ms": lat[99],
+        "p50_ms": lat.get(50, float("nan")),
+        "p99_ms": lat.get(99, float("nan")),
         "average_ms": doc["average"] / 1e6,
         "slowest_ms": doc["slowest"] / 1e6,
-        "server_cpu_cores": ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / wall,
-        "server_cpu_ms_per_call": 1e3 * ((cpu1.user - cpu0.user) + (cpu1.system - cpu0.system)) / max(1, ok),
-        "client_cpu_cores": doc["client_cpu_s"] / (doc["total"] / 1e9),
-        "ghz": {k: v for k, v in doc.items() if k != "client_cpu_s"},
+        "server_cpu_cores": cpu / wall,
+        "server_cpu_ms_per_call": 1e3 * cpu / max(1, ok),
     }
     if before and after:
         batches = after["batches"] - before["batches"]
         row["mean_batch_size"] = (after["batched"] - before["batched"]) / batches if batches else None
-        rounds = after["rounds"] - before["rounds"]
-        round_s = after["round_s"] - before["round_s"]
-        row["search_round_ms"] = 1e3 * round_s / rounds if rounds else None
-        row["search_busy"] = round_s / wall  # share of the time a batched round was computing
     log.info(
-        "%s: %.0f rps, p50 %.2f ms, p99 %.2f ms, %d errors", name, row["rps"], lat[50], lat[99], row["errors"]
-    )
+        "%s (workers %d): %.0f rps, p50 %.2f ms, p99 %.2f ms, %d errors, server CPU %.3f ms/call",
+        name, workers, row["rps"], row["p50_ms"], row["p99_ms"], row["errors"], row["server_cpu_ms_per_call"],
+    )  # fmt: skip
     return row
-
-
-def _batch_stats(server: LatentSearchServer) -> Callable[[], dict[str, Any]]:
-    def stats() -> dict[str, Any]:
-        reg = server.metrics.registry
-        return {
-            "batches": reg.get_sample_value("latentsearch_batch_size_count") or 0.0,
-            "batched": reg.get_sample_value("latentsearch_batch_size_sum") or 0.0,
-            "rounds": reg.get_sample_value("latentsearch_batch_search_seconds_count") or 0.0,
-            "round_s": reg.get_sample_value("latentsearch_batch_search_seconds_sum") or 0.0,
-        }
-
-    return stats
-
-
-def run_server_scenario(
-    loop: LoopThread,
-    pool: ProcessPoolExecutor,
-    root: Path,
-    *,
-    batching: bool,
-    server_options: dict[str, Any] | None = None,
-    **kwargs: Any,
-) -> dict[str, Any]:
-    """Start a server on ``root`` (default config plus ``server_options``), measure, stop it."""
-    config = ServerConfig(index=root, port=0, reload_interval=0, batching=batching, **(server_options or {}))
-    server = LatentSearchServer(config)
-    port = loop.run(server.start())
-    try:
-        return measure(pool, port, server_stats=_batch_stats(server), **kwargs)
-    finally:
-        loop.run(server.stop(1.0))
 
 
 def search_cost(
@@ -274,6 +445,43 @@ def build_root(root: Path, n: int, d: int, *, approx: bool, seed: int) -> tuple[
     build_s = time.perf_counter() - t
     IndexRoot(root, create=True).publish_engine(engine, {"bench": "server"}, keep=None)
     return engine, build_s
+
+
+def mixed(
+    load: Load, server: ServerProcess, *, workers: int, duration: float, warmup: float, seed: int, dim: int,
+    concurrency: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Nearest at ``concurrency`` alone, then beside MIXED_CLIENTS clients sending maximal NearestBatch
+    calls: p50 and p99 of both, and the loaded p50 over the unloaded one."""
+    small = Load(concurrency=concurrency, dim=dim, force_python=load.goload is None)
+    try:
+        alone = measure(small, server, name="nearest_alone", workers=workers, duration=duration,
+                        warmup=warmup, seed=seed)  # fmt: skip
+        stop, counts = threading.Event(), list[int]()
+        clients = [
+            threading.Thread(target=_big_batches, args=(server.port, dim, stop, counts), daemon=True)
+            for _ in range(MIXED_CLIENTS)
+        ]
+        for c in clients:
+            c.start()
+        time.sleep(2.0)  # the big calls are running
+        loaded = measure(small, server, name="nearest_beside_batches", workers=workers, duration=duration,
+                         warmup=0, seed=seed)  # fmt: skip
+        stop.set()
+        for c in clients:
+            c.join(180)
+    finally:
+        small.close()
+    return {
+        "name": "mixed",
+        "workers": workers,
+        "nearest_concurrency": concurrency,
+        "alone": alone,
+        "loaded": loaded,
+        "batch_calls_ok": sum(counts),
+        "batch_calls_failed": len(counts) - sum(counts),
+        "p50_ratio": loaded["p50_ms"] / alone["p50_ms"],
+    }
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -318,20 +526,26 @@ def _median(values: list[float]) -> float:
     return float(np.median(values))
 
 
-def _recorded(medians: dict[str, float | None], key: str) -> float:
-    """A median the scenario recorded in every round (vs_echo and vs_unbatched where the run sets them)."""
-    value = medians[key]
-    assert value is not None, f"no {key} recorded"
-    return value
+def selected(args: argparse.Namespace) -> dict[str, tuple[str, bool, str | None]]:
+    """The scenarios this run measures: ``--only`` (default all), none over 0 items."""
+    named = scenarios(vars(args))
+    only = set(args.only.split(",")) if args.only else set(named)
+    unknown = only - set(named)
+    if unknown:
+        raise ValueError(f"--only names unknown scenarios {sorted(unknown)}; known: {sorted(named)}")
+    sizes = {"tiny": args.n_tiny, "small": args.n_small, "small_approx": args.n_small, "large": args.n_large}
+    return {k: v for k, v in named.items() if k in only and sizes[v[0]] > 0}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     d = args.d
-    named = scenarios(vars(args))
-    batched, unbatched = _batched_names(vars(args))
-    common = {"duration": args.duration, "concurrency": args.concurrency, "warmup": args.warmup, "dim": d}
+    named = selected(args)
+    workers = [int(w) for w in str(args.workers).split(",")]
+    common = {"duration": args.duration, "warmup": args.warmup}
+    load = Load(concurrency=args.concurrency, dim=d, force_python=args.python_load)
     report: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "client": load.client,
         "machine": {
             "platform": platform.platform(),
             "python": platform.python_version(),
@@ -341,27 +555,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         },
         "settings": {
             **common,
+            "concurrency": args.concurrency,
+            "dim": d,
             "k": K,
             "rounds": args.rounds,
-            "families": ["box", "prior"],
+            "workers": workers,
             "n_tiny": args.n_tiny,
             "n_small": args.n_small,
             "n_large": args.n_large,
-            # name -> what it runs; the names carry the item counts run
             "scenarios": {
                 name: {"index": index, "batching": batching, "mode": mode or "default"}
                 for name, (index, batching, mode) in named.items()
             },
+            "mixed": args.mixed,
+            "mixed_concurrency": args.mixed_concurrency,
             "server_config": dataclasses.asdict(ServerConfig(index="unused")),
         },
     }
-    loop = LoopThread()
-    ctx = multiprocessing.get_context("spawn")
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-server-") as tmp,
-        ProcessPoolExecutor(1, mp_context=ctx) as pool,
-    ):
-        pool.submit(time.sleep, 0).result()  # start the load process before timing anything
+    tmp = tempfile.mkdtemp(prefix="bench-server-")
+    try:
         queries = np.concatenate(list(query_families(vae_like_posteriors(1000, d), 64, seed=7).values())[:2])
         roots: dict[str, Path] = {}
         indexes: dict[str, Any] = {}
@@ -372,55 +584,95 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ("small_approx", args.n_small, True, 1, "approx"),
             ("large", args.n_large, True, 2, "approx"),
         )
+        needed = {index for index, _, _ in named.values()} | ({"small"} if args.mixed else set())
         for name, n, with_approx, seed, search_mode in builds:
+            if name not in needed:
+                continue
             roots[name] = Path(tmp) / name
             engine, build_s = build_root(roots[name], n, d, approx=with_approx, seed=seed)
             cost = search_cost(engine, queries, search_mode)
             indexes[name] = {"items": n, "build_s": build_s, "mode": search_mode, **cost}
             del engine
         report["indexes"] = indexes
-        rounds: list[dict[str, dict[str, Any]]] = []
+        rounds: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            log.info("round %d of %d", r + 1, args.rounds)
-            rows: dict[str, dict[str, Any]] = {}
-            echo, port = loop.run(start_echo(d))
-            try:
-                rows["echo"] = measure(pool, port, name="echo", seed=r, **common)
-            finally:
-                loop.run(echo.stop(1.0))
-            for name, (index, batching, mode) in named.items():
-                rows[name] = run_server_scenario(
-                    loop, pool, roots[index], batching=batching, name=name, mode=mode, seed=r, **common
-                )
-                rows[name]["vs_echo"] = rows[name]["rps"] / rows["echo"]["rps"]
-            on, off = rows[batched], rows[unbatched]
-            on["vs_unbatched"] = on["rps"] / off["rps"] if off["rps"] else float("inf")
-            rounds.append(rows)
-    loop.close()
+            for w in workers:
+                log.info("round %d of %d, %d worker(s)", r + 1, args.rounds, w)
+                rows: dict[str, Any] = {}
+                with echo_server(d, w) as echo:
+                    rows["echo"] = measure(load, echo, name="echo", workers=w, echo=True, seed=r, **common)
+                for name, (index, batching, mode) in named.items():
+                    with latentsearch_server(roots[index], w, batching=batching) as (server, mport):
+                        rows[name] = measure(
+                            load, server, name=name, workers=w, mode=mode, seed=r, metrics_port=mport,
+                            **common,
+                        )  # fmt: skip
+                    rows[name]["vs_echo"] = rows[name]["rps"] / rows["echo"]["rps"]
+                    rows[name]["cpu_vs_echo"] = (
+                        rows[name]["server_cpu_ms_per_call"] / rows["echo"]["server_cpu_ms_per_call"]
+                    )
+                if args.mixed:
+                    with latentsearch_server(roots["small"], w, batching=True) as (server, _):
+                        rows["mixed"] = mixed(
+                            load, server, workers=w, seed=r, dim=d, concurrency=args.mixed_concurrency,
+                            **common,
+                        )  # fmt: skip
+                rounds.append({"round": r + 1, "workers": w, "rows": rows})
+    finally:
+        load.close()
+        shutil.rmtree(tmp, ignore_errors=True)
     report["rounds"] = rounds
     report["machine"]["load_average_at_end"] = os.getloadavg()
-    median: dict[str, dict[str, float | None]] = {}
-    for name in ("echo", *named):
-        per = [rows[name] for rows in rounds]
-        median[name] = {
-            key: _median([p[key] for p in per])
-            for key in ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "client_cpu_cores")
+    report["median"] = _medians(rounds, workers, [*named, "echo"])
+    if args.mixed:
+        report["mixed_p50_ratio"] = {
+            str(w): _median([x["rows"]["mixed"]["p50_ratio"] for x in rounds if x["workers"] == w])
+            for w in workers
         }
-        for key in ("vs_echo", "vs_unbatched", "mean_batch_size", "search_round_ms", "search_busy"):
-            values = [p[key] for p in per if p.get(key) is not None]
-            median[name][key] = _median(values) if values else None
-    report["median"] = median
-    exact = scenario_name("exact", args.n_small)
-    approx = scenario_name("approx", args.n_large)
-    small, on = median[exact], median[batched]
-    report["targets"] = {
-        f"{exact} >= 80% of echo": bool(_recorded(small, "vs_echo") >= 0.8),
-        f"{exact} p99 < 50 ms": bool(_recorded(small, "p99_ms") < 50),
-        f"{exact} zero errors": all(rows[exact]["errors"] == 0 for rows in rounds),
-        f"{approx} batched >= 50% of echo": bool(_recorded(on, "vs_echo") >= 0.5),
-        f"{approx} batching on >= 3x off": bool(_recorded(on, "vs_unbatched") >= 3.0),
-    }
+    if len(workers) > 1:
+        one, two = workers[0], workers[1]
+        report["workers_ratio"] = {
+            name: report["median"][str(two)][name]["rps"] / report["median"][str(one)][name]["rps"]
+            for name in ["echo", *named]
+        }
+    report["targets"] = _targets(report, args, named)
     return report
+
+
+_MEDIAN_KEYS = ("rps", "p50_ms", "p99_ms", "errors", "server_cpu_ms_per_call", "vs_echo", "cpu_vs_echo")
+
+
+def _medians(rounds: list[dict[str, Any]], workers: list[int], names: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for w in workers:
+        out[str(w)] = {}
+        for name in names:
+            per = [x["rows"][name] for x in rounds if x["workers"] == w]
+            out[str(w)][name] = {
+                key: _median([p[key] for p in per if p.get(key) is not None])
+                for key in _MEDIAN_KEYS
+                if any(p.get(key) is not None for p in per)
+            }
+    return out
+
+
+def _targets(report: dict[str, Any], args: argparse.Namespace, named: dict[str, Any]) -> dict[str, bool]:
+    """Issue 14's targets that this run measured, per worker count."""
+    targets: dict[str, bool] = {}
+    exact = scenario_name("exact", args.n_small)
+    approx = scenario_name("approx", args.n_large, "_batched")
+    for w, med in report["median"].items():
+        if exact in med:
+            targets[f"{exact} >= 0.80 of echo (workers {w})"] = bool(med[exact]["vs_echo"] >= 0.8)
+            targets[f"{exact} p99 < 50 ms (workers {w})"] = bool(med[exact]["p99_ms"] < 50)
+            targets[f"{exact} zero errors (workers {w})"] = bool(med[exact]["errors"] == 0)
+            cpu = med[exact]["cpu_vs_echo"]
+            targets[f"{exact} server CPU/call <= 1.25x echo (workers {w})"] = bool(cpu <= 1.25)
+        if approx in med:
+            targets[f"{approx} >= 0.60 of echo (workers {w})"] = bool(med[approx]["vs_echo"] >= 0.6)
+    for w, ratio in report.get("mixed_p50_ratio", {}).items():
+        targets[f"mixed: Nearest p50 within 5x of unloaded (workers {w})"] = bool(ratio <= 5)
+    return targets
 
 
 def _fmt(value: float | None, spec: str) -> str:
@@ -431,45 +683,63 @@ def markdown(report: dict[str, Any]) -> str:
     m, s = report["machine"], report["settings"]
     la0 = ", ".join(f"{v:.2f}" for v in m["load_average_at_start"])
     la1 = ", ".join(f"{v:.2f}" for v in m["load_average_at_end"])
-    cfg = s["server_config"]
     lines = [
         f"# Server benchmark, {report['date'][:10]}",
         "",
-        f"{report['date']} on {m['platform']}, {m['cpus']} CPUs shared by server and load generator "
-        f"(load average {la0} at start, {la1} at end), grpcio {m['grpcio']}. Load: "
-        f"`latentsearch.loadgen` in a separate process, concurrency {s['concurrency']}, {s['duration']} s "
-        f"per scenario after a {s['warmup']} s warm-up, Nearest k = {s['k']}, queries from the box and "
-        f"prior families, d = {s['dim']}; {s['rounds']} rounds, each starting with echo. Servers: default "
-        f"config ({cfg['search_threads']} search threads, {cfg['batch_concurrency']} batched round at a "
-        f"time, max_batch {cfg['max_batch']}, max_wait {cfg['max_wait_ms']} ms, FAISS threads 1).",
+        f"Client: **{report['client']}**.",
         "",
-        "Medians over the rounds (each ratio taken against the echo of its own round):",
+        f"{report['date']} on {m['platform']}, {m['cpus']} CPUs shared by server and client (load average "
+        f"{la0} at start, {la1} at end), grpcio {m['grpcio']}. Concurrency {s['concurrency']}, "
+        f"{s['duration']} s "
+        f"per scenario after a {s['warmup']} s warm-up, Nearest k = {s['k']}, d = {s['dim']}; {s['rounds']} "
+        f"rounds, worker counts {s['workers']} alternated within each round, echo first with the same "
+        "worker count. Server CPU: user + system seconds of every server process (/proc) per OK call.",
         "",
-        "| scenario | rps | vs echo | p50 ms | p99 ms | errors | mean batch | round ms | search busy "
-        "| server CPU ms/call | load cores |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "Medians over the rounds (ratios against the echo with the same worker count, same round):",
+        "",
+        "| workers | scenario | rps | vs echo | p50 ms | p99 ms | errors | server CPU ms/call "
+        "| CPU vs echo |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name, row in report["median"].items():
-        lines.append(
-            f"| {name} | {row['rps']:.0f} | {_fmt(row['vs_echo'], '.2f') or '1.00'} | {row['p50_ms']:.2f} | "
-            f"{row['p99_ms']:.2f} | {row['errors']:.0f} | {_fmt(row['mean_batch_size'], '.1f')} | "
-            f"{_fmt(row['search_round_ms'], '.2f')} | {_fmt(row['search_busy'], '.2f')} | "
-            f"{row['server_cpu_ms_per_call']:.3f} | {row['client_cpu_cores']:.2f} |"
-        )
-    lines += ["", "Each round (rps, ratio to that round's echo):", ""]
-    names = list(report["median"])
-    lines.append("| round | " + " | ".join(names) + " |")
-    lines.append("| --- |" + " ---: |" * len(names))
-    for r, rows in enumerate(report["rounds"], 1):
-        cells = [
-            f"{rows[n]['rps']:.0f}" + ("" if n == "echo" else f" ({rows[n]['vs_echo']:.2f})") for n in names
+    for w, rows in report["median"].items():
+        for name, row in rows.items():
+            lines.append(
+                f"| {w} | {name} | {row['rps']:.0f} | {_fmt(row.get('vs_echo'), '.2f') or '1.00'} | "
+                f"{row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['errors']:.0f} | "
+                f"{row['server_cpu_ms_per_call']:.3f} | {_fmt(row.get('cpu_vs_echo'), '.2f') or '1.00'} |"
+            )
+    if "workers_ratio" in report:
+        w = s["workers"]
+        lines += ["", f"Requests/s with {w[1]} workers over {w[0]}: " + ", ".join(
+            f"{name} {ratio:.2f}x" for name, ratio in report["workers_ratio"].items()
+        )]  # fmt: skip
+    if "mixed_p50_ratio" in report:
+        lines += [
+            "",
+            f"Mixed load (Nearest at concurrency {s['mixed_concurrency']} beside {MIXED_CLIENTS} clients "
+            f"sending NearestBatch of {MIXED_QUERIES} queries at k = {MIXED_K}):",
+            "",
+            "| round | workers | p50 alone ms | p50 loaded ms | ratio | p99 loaded ms | batch calls ok |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
-        lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    on = report["median"][_batched_names(s)[0]]
+        for x in report["rounds"]:
+            mx = x["rows"]["mixed"]
+            lines.append(
+                f"| {x['round']} | {x['workers']} | {mx['alone']['p50_ms']:.2f} | "
+                f"{mx['loaded']['p50_ms']:.2f} | {mx['p50_ratio']:.2f} | {mx['loaded']['p99_ms']:.2f} | "
+                f"{mx['batch_calls_ok']} |"
+            )
+    columns = list(report["median"][str(s["workers"][0])])
+    lines += ["", "Each round:", "", "| round | workers | " + " | ".join(columns) + " |"]
+    lines.append("| ---: | ---: |" + " ---: |" * len(columns))
+    for x in report["rounds"]:
+        names = list(report["median"][str(x["workers"])])
+        cells = [
+            f"{x['rows'][n]['rps']:.0f}" + ("" if n == "echo" else f" ({x['rows'][n]['vs_echo']:.2f})")
+            for n in names
+        ]
+        lines.append(f"| {x['round']} | {x['workers']} | " + " | ".join(cells) + " |")
     lines += [
-        "",
-        f"Micro-batching on / off at {format_count(s['n_large'])} items (median of per-round ratios): "
-        f"{on['vs_unbatched']:.2f}x.",
         "",
         "Search cost alone (in-process `search_batch`, per query, FAISS threads as the server sets them):",
         "",
@@ -483,12 +753,8 @@ def markdown(report: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "Round ms: wall time of one batched Nearest round on the search thread (search and replies); "
-        "search busy: the share of the scenario's time such a round was running. Server / load cores: "
-        "CPU seconds per wall second of the server process (all its threads) and of the load process. "
-        "By Little's law the mean latency at concurrency C is C / rps.",
-        "",
-        "Targets: " + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items()),
+        "Targets (issue 14): "
+        + "; ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in report["targets"].items()),
         "",
     ]
     return "\n".join(lines)
@@ -506,8 +772,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--n-small", type=int, default=70_000, help="exact index size (default 70,000)")
     parser.add_argument(
-        "--n-large", type=int, default=1_000_000, help="approx index size (default 1,000,000)"
+        "--n-large", type=int, default=1_000_000, help="approx index size (default 1,000,000; 0: none)"
     )
+    parser.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2 (default 1,2)")
+    parser.add_argument("--only", default="", help="comma-separated scenario names (default: all)")
+    parser.add_argument(
+        "--mixed", action="store_true", help="also measure Nearest beside 4 clients of maximal NearestBatch"
+    )
+    parser.add_argument(
+        "--mixed-concurrency", type=int, default=4, help="Nearest concurrency of the mixed load (default 4)"
+    )
+    parser.add_argument(
+        "--python-load", action="store_true", help="use the Python generator even where goload is built"
+    )
+    parser.add_argument("--echo-server", action="store_true", help=argparse.SUPPRESS)  # the echo's process
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     return parser
 
@@ -515,8 +793,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.echo_server:
+        echo_main(args.d, int(args.workers))
+        return 0
     try:
-        scenarios(vars(args))
+        selected(args)
     except ValueError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -53,7 +53,10 @@ BENCHMARKS: tuple[Benchmark, ...] = (
     Benchmark(
         name="engine",
         module="bench.bench_engine",
-        quick_args=("--n", "20000", "--d", "10", "--queries", "20", "--single", "5", "--repeats", "1"),
+        quick_args=(
+            *("--n", "20000", "--d", "10", "--queries", "64", "--single", "5", "--rounds", "1"),
+            *("--ivf-nprobe", "16,64,256"),
+        ),
     ),
     Benchmark(name="model", module="bench.bench_model", quick_args=("--time-limit", "20", "--repeats", "1")),
     Benchmark(
@@ -68,6 +71,11 @@ BENCHMARKS: tuple[Benchmark, ...] = (
             *("--duration", "2", "--warmup", "0.5", "--rounds", "1"),
             *("--n-small", "5000", "--n-large", "50000"),
         ),
+    ),
+    Benchmark(
+        name="probability",
+        module="bench.bench_probability",
+        quick_args=("--sizes", "20000", "--queries", "4", "--rounds", "2", "--samples", "256"),
     ),
 )
 

@@ -1,21 +1,26 @@
 """``latentsearch quickstart``: train, index, serve and query end to end, offline, in under a minute.
 
-1. data: the Fashion-MNIST IDX files given with ``--data``, else a generated garment-shapes set;
-   a few items are held out and the rest written to ``OUT/data/items.npz`` (the indexed items);
+1. data: the Fashion-MNIST sample shipped with the package (3,443 real garment images) unless
+   ``--data`` names another dataset (``shapes``: generated garment shapes; or a path); a few items
+   are held out and the rest written to ``OUT/data/items.npz`` (the indexed items);
 2. model: train a small VAE into ``OUT/model`` for a fixed number of epochs (no time limit unless
    ``--time-limit`` is given; when it cuts training short, a WARNING and the summary say so), or
    reuse the one there when it was trained with the same settings on the same items (a run a time
    limit cut short is resumed);
 3. index: run the indexer (:func:`indexer.run_index_job`), which publishes a new version into
    the versioned index root ``OUT/index``;
-4. serve: start the gRPC server in-process on 127.0.0.1 (``--port 0``: any free port);
+4. serve: start the gRPC server in-process on 127.0.0.1 (``--port 0``: any free port), with the
+   explorer page and HTTP/JSON API beside it (``--http-port``; its URL is printed);
 5. query through the Python client (:class:`latentsearch.client.LatentSearchClient`): Info, Nearest
    for a slider point z (checked against the float64 brute force over the indexed posteriors
    and contrasted with nearest-mu search), Encode + Nearest + NearestToDistribution for the
-   held-out items, and Decode of the slider point; print the neighbours as tables;
+   held-out items, and Decode of the slider point; print the neighbours as tables (label names, and
+   each neighbour's match probability p(i|z) with the query's log q(z) and typicality);
 6. write ``OUT/neighbours.png`` (row 1: decoded z, then its nearest items; one row per held-out
    item: the item, then its nearest items by posterior) and ``OUT/decoded.png`` (the server's PNG);
-7. stop the server (the port is closed afterwards) and say where the outputs are.
+7. while the server still runs: save a screenshot of the page as ``OUT/explorer.png`` (when a Chromium is
+   found, :mod:`latentsearch.browser`) and, with ``--keep-serving``, serve until Ctrl-C or SIGTERM;
+8. stop the server (the port is closed afterwards) and say where the outputs are.
 
 ``latentsearch demo`` is an alias of this command.
 """
@@ -27,6 +32,7 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -38,8 +44,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from latentsearch.browser import screenshot
 from latentsearch.client import DecodedImage, Hit, LatentSearchClient, SearchAnswer
-from latentsearch.data.garments import GARMENT_CLASSES, NOTICE, garment_dataset
+from latentsearch.data.builtin import NOTICE, load_data
+from latentsearch.data.fashion_mnist import FASHION_MNIST_CLASSES
 from latentsearch.data.readers import open_dataset
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.errors import InvalidArgumentError, LatentSearchError
@@ -59,32 +67,39 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES = [
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-]  # fmt: skip
+# Items of --data shapes when --items is not given.
 DEFAULT_GENERATED_ITEMS = 3000
 ITEMS_FILE = "items.npz"
+EXPLORER_PNG = "explorer.png"  # the explorer page's screenshot, in OUT
 
 
 @dataclass(frozen=True, kw_only=True)
 class QuickstartConfig:
     """Every knob of :func:`run_quickstart`, with its default."""
 
-    # Output directory: data/, model/, index/ (versioned root), neighbours.png, decoded.png.
+    # Output directory: data/, model/, index/ (versioned root), neighbours.png, decoded.png, explorer.png.
     out: Path = Path("quickstart-out")
-    # Fashion-MNIST IDX file or folder (or any dataset open_dataset reads); None: generated garments.
+    # A built-in dataset name (data.builtin: "fashion-mnist-sample", "shapes") or a path open_dataset
+    # reads; None: the packaged Fashion-MNIST sample (3,443 real images).
     data: str | None = None
-    # Items used (None: 3000 generated, or every item of --data).
+    # Items used (None: every item of the data; 3000 for the generated "shapes").
     items: int | None = None
     # Items held out of training and of the index, queried by their posterior.
     held_out: int = 3
-    # Training: epochs (early stopping may end sooner); about 30 s on 2 idle cores for the default items.
+    # Training: epochs (early stopping may end sooner); about 35 s on 2 idle cores for the default items.
     epochs: int = 30
     # Wall-clock cap on training, checked between epochs (None: none). A run it cuts short is reported.
     time_limit_s: float | None = None
     latent_dim: int = 10
     # gRPC port on 127.0.0.1 (0: any free port).
     port: int = 0
+    # The explorer page and HTTP/JSON API on 127.0.0.1 (0: any free port; None: not served).
+    http_port: int | None = 0
+    # After the queries, keep serving (gRPC and the page) until Ctrl-C or SIGTERM.
+    keep_serving: bool = False
+    # Save a screenshot of the page as OUT/explorer.png when a headless Chromium is found
+    # (latentsearch.browser); without one the run says why and goes on.
+    screenshot: bool = True
     # Neighbours per query.
     k: int = 5
     seed: int = 0
@@ -99,6 +114,10 @@ class QuickstartConfig:
             raise InvalidArgumentError("held_out, k, epochs and latent_dim must be >= 1", field="k")
         if not 0 <= self.port < 65536:
             raise InvalidArgumentError(f"port must be in [0, 65535], got {self.port}", field="port")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise InvalidArgumentError(
+                f"http_port must be in [0, 65535], got {self.http_port}", field="http_port"
+            )
         if self.time_limit_s is not None and not self.time_limit_s >= 0:
             raise InvalidArgumentError(
                 f"time_limit_s must be >= 0 seconds, got {self.time_limit_s}", field="time_limit"
@@ -125,6 +144,8 @@ class QuickstartResult:
     timings: dict[str, float] = field(default_factory=dict)
     # The training run (None when the model was reused as it was).
     training: TrainResult | None = None
+    # The explorer page's screenshot (None: none taken, see QuickstartConfig.screenshot).
+    explorer_png: Path | None = None
 
     @property
     def training_cut(self) -> str | None:
@@ -175,6 +196,7 @@ def run_quickstart(config: QuickstartConfig) -> QuickstartResult:
         seconds=seconds,
         timings=timings,
         training=training,
+        explorer_png=answers.explorer_png,
     )
     _print_report(result, size, config.k)
     return result
@@ -201,17 +223,14 @@ class _Data:
 
 def _prepare_data(config: QuickstartConfig) -> _Data:
     """Pick the items, hold a few out, write the rest to ``OUT/data/items.npz`` (when changed)."""
-    if config.data:
-        dataset = open_dataset(config.data)
-        n = len(dataset) if config.items is None else min(config.items, len(dataset))
-        names = dataset.label_names or FASHION_MNIST_CLASSES
-        print(f"data: {n} of {len(dataset)} items of shape {dataset.item_shape} from {config.data}")
-    else:
+    if config.data is None:
         print(NOTICE)
-        n = config.items or DEFAULT_GENERATED_ITEMS
-        dataset = garment_dataset(n=n, seed=config.seed)
-        names = GARMENT_CLASSES
-        print(f"data: {n} generated items of shape {dataset.item_shape}")
+    items = config.items or (DEFAULT_GENERATED_ITEMS if config.data == "shapes" else None)
+    dataset = load_data(config.data, items=items, seed=config.seed)
+    n = len(dataset)
+    # Class names: the dataset's; IDX files given by path are taken to be Fashion-MNIST's.
+    names = dataset.label_names or FASHION_MNIST_CLASSES
+    print(f"data: {n} items of shape {dataset.item_shape} from {dataset.path}")
     if n < config.held_out + 20:
         raise InvalidArgumentError(f"{n} items are too few for the quickstart", field="items")
     x = dataset.read(0, n)
@@ -223,6 +242,8 @@ def _prepare_data(config: QuickstartConfig) -> _Data:
     arrays: dict[str, np.ndarray] = {"x": x[keep], "ids": ids[keep]}
     if labels is not None:
         arrays["y"] = labels[keep]
+        if dataset.label_names:  # the index version keeps the class names (open_dataset reads them back)
+            arrays["label_names"] = np.array(dataset.label_names)
     items_file = config.out / "data" / ITEMS_FILE
     _write_npz_if_changed(items_file, arrays)
     return _Data(
@@ -346,6 +367,7 @@ class _Answers:
     matches_brute_force: bool  # slider == the engine's float64 brute force
     held_out: list[SearchAnswer]  # NearestToDistribution per held-out item
     decoded: DecodedImage  # Decode of z
+    explorer_png: Path | None = None  # the page's screenshot, when taken
 
 
 def _serve_and_query(
@@ -353,11 +375,17 @@ def _serve_and_query(
 ) -> _Answers:
     """Start the server in-process, make every query through the client, print them, stop it."""
     server_config = ServerConfig(
-        index=index_root, model=model_dir, host="127.0.0.1", port=config.port, reload_interval=0.0
+        index=index_root,
+        model=model_dir,
+        host="127.0.0.1",
+        port=config.port,
+        reload_interval=0.0,
+        http_port=config.http_port,
     )
     rng = np.random.default_rng(config.seed)
     z = rng.uniform(-2.0, 2.0, size=engine.dim)
-    with _InProcessServer(server_config) as port:
+    server = _InProcessServer(server_config)
+    with server as port:
         print(f"\nserver: listening on 127.0.0.1:{port} (in-process)")
         with LatentSearchClient(f"127.0.0.1:{port}") as client:
             info = client.info()
@@ -365,10 +393,12 @@ def _serve_and_query(
                 f"Info: version {info['index_version']}, {info['item_count']} items, "
                 f"d = {info['latent_dim']}, model {info['model_hash'][:12]}"
             )
+            print(_PROBABILITY_LEGEND)
             slider, same = _query_slider(client, engine, z, config.k, data.names)
             held_out = _query_held_out(client, data, config.k)
             decoded = client.decode(z)
-    return _Answers(port, z, slider, same, held_out, decoded)
+        explorer_png = _explorer(config, server, port)
+    return _Answers(port, z, slider, same, held_out, decoded, explorer_png)
 
 
 def _query_slider(
@@ -378,7 +408,7 @@ def _query_slider(
 
     Returns the answer and whether it is identical to the engine's float64 brute force.
     """
-    found = client.nearest(z, k, mode="exact")
+    found = client.nearest(z, k, mode="exact", with_probability=True)
     reference = engine.brute_force(z[None, :], k)[0]
     same = found.ids == list(reference.ids) and np.allclose(
         found.scores, reference.scores, rtol=1e-12, atol=0.0
@@ -409,8 +439,8 @@ def _query_held_out(client: LatentSearchClient, data: _Data, k: int) -> list[Sea
     answers: list[SearchAnswer] = []
     for i, item in enumerate(data.held_items):
         post = client.encode(item).posterior  # (d,) q(z|x) of the item
-        by_point = client.nearest(post.mean, k)
-        by_dist = client.nearest_to_distribution(post.mean, post.std, k)
+        by_point = client.nearest(post.mean, k, with_probability=True)
+        by_dist = client.nearest_to_distribution(post.mean, post.std, k, with_probability=True)
         answers.append(by_dist)
         label = _label_name(data.held_labels[i], data.names)
         print()
@@ -493,6 +523,43 @@ class _InProcessServer:
                 self.loop.close()
 
 
+def _explorer(config: QuickstartConfig, server: _InProcessServer, port: int) -> Path | None:
+    """Print the explorer page's URL, save its screenshot (OUT/explorer.png) and, with
+    ``keep_serving``, serve until Ctrl-C or SIGTERM. Returns the screenshot's path, if taken."""
+    http_port = None if server.server is None else server.server.http_port
+    if http_port is None:
+        return None
+    url = f"http://127.0.0.1:{http_port}/"
+    print(f"\nexplorer: {url} (sliders for z; HTTP/JSON API under {url}api/v1, schema {url}openapi.json)")
+    shot = None
+    if config.screenshot:
+        path = config.out / EXPLORER_PNG
+        why = screenshot(url, path)
+        shot = None if why else path
+        print(f"explorer: screenshot {path}" if shot else f"explorer: no screenshot ({why})")
+    if config.keep_serving:
+        print(f"explorer: serving {url} (gRPC on 127.0.0.1:{port}) until Ctrl-C", flush=True)
+        _wait_for_interrupt()
+    else:
+        print("explorer: the page stops with the server below; --keep-serving keeps it up")
+    return shot
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C (KeyboardInterrupt) or SIGTERM."""
+    stop = threading.Event()
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if main else None
+    try:
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        print()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _port_closed(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(1.0)
@@ -509,12 +576,15 @@ def _label_name(label: int | None, names: list[str] | None) -> str:
 def _table(
     title: str, answer: SearchAnswer, names: list[str] | None, extra: dict[str, Any] | None = None
 ) -> str:
-    """A neighbour table: rank, id, score (and KL for distribution queries), label."""
+    """A neighbour table: rank, id, score (and KL for distribution queries), match probability
+    p(i|z) when the answer has one, label name; then log q(z) and its typicality when given."""
     has_kl = any(h.kl is not None for h in answer.hits)
+    has_p = any(h.probability is not None for h in answer.hits)
     lines = [title]
     lines.append(
         f"  {'rank':>4}  {'id':>10}  {'log q(z|x)':>14}"
         + (f"  {'KL':>10}" if has_kl else "")
+        + (f"  {'p(i|z)':>8}" if has_p else "")
         + "  label"
         + f"    [version {answer.index_version}, {answer.mode}, certified {answer.certified}]"
     )
@@ -522,10 +592,39 @@ def _table(
         row = f"  {h.rank:>4}  {h.id:>10}  {h.score:>14.6f}"
         if has_kl:
             row += f"  {h.kl:>10.4f}"
+        if has_p:
+            row += f"  {_probability(h.probability):>8}"
         lines.append(row + f"  {_label_name(h.label, names)}")
+    if answer.log_qz is not None:
+        lines.append(f"  {_density_line(answer)}")
     for key, value in (extra or {}).items():
         lines.append(f"  {key}: {value}")
     return "\n".join(lines)
+
+
+_PROBABILITY_LEGEND = (
+    "p(i|z): each neighbour's match probability among the indexed items; log q(z): the index's\n"
+    "aggregate posterior density at the query; typicality: the share of the index's reference points\n"
+    "whose log q(z) is at most the query's (low: an unusual query)."
+)
+
+
+def _probability(p: float | None) -> str:
+    """``p(i|z)`` as printed: 4 decimals, or ``<1e-4`` when it rounds to zero but is not."""
+    if p is None:
+        return "-"
+    return "<1e-4" if 0.0 < p < 5e-5 else f"{p:.4f}"
+
+
+def _density_line(answer: SearchAnswer) -> str:
+    """``log q(z)`` of a query (its certified interval) and its typicality among the index's own items."""
+    text = f"log q(z) = {answer.log_qz:.3f}"
+    if answer.log_qz_interval is not None:
+        lo, hi = answer.log_qz_interval
+        text += f" (certified in [{lo:.3f}, {hi:.3f}])"
+    if answer.typicality is not None:
+        text += f", typicality {answer.typicality:.2f}"
+    return text
 
 
 def _to_uint8(img: Any) -> np.ndarray:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import os
+import shutil
 import struct
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -19,10 +21,14 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from latentsearch.engine.engine import SearchEngine
-from latentsearch.indexer import IndexRoot
+from latentsearch.indexer import IndexJobConfig, IndexRoot, run_index_job
+from latentsearch.model.checkpoint import save_checkpoint
+from latentsearch.model.loader import LoadedModel, load_model
+from latentsearch.model.vae import build_vae
 from latentsearch.server import LatentSearchServer, ServerConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -207,3 +213,62 @@ def fashion_mnist_dir() -> Path:
         if (c / "sample-images-idx3-ubyte.gz").is_file():
             return c
     pytest.skip("Fashion-MNIST sample not present (set LATENTSEARCH_FASHION_MNIST)")
+
+
+# -- a tiny model and TLS files -------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small untrained VAE checkpoint for (8, 8, 1) items and latent dimension 4 (seeded)."""
+    torch.manual_seed(0)
+    vae = build_vae(input_shape=(8, 8, 1), latent_dim=4, channels=(4,), hidden=16)
+    path = tmp_path_factory.mktemp("tiny-model") / "model"
+    save_checkpoint(vae, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_model_dir: Path) -> LoadedModel:
+    """:func:`tiny_model_dir` loaded (a LoadedModel)."""
+    return load_model(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate and key for localhost and 127.0.0.1 (the openssl command line)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command line is not installed")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            *(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
+@pytest.fixture(scope="session")
+def catalogue_index(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """An index root whose version was indexed from :func:`tiny_model_dir` and 120 (8, 8, 1) blob
+    images labelled 0, 1, 2 (named "disc", "ring", "bar"): model, label names, thumbnails, latent
+    diagnostics and the typicality reference are stored with it."""
+    d = tmp_path_factory.mktemp("catalogue")
+    x = _tiny_images(n=120, shape=(8, 8, 1), seed=3)
+    ids = np.array([f"img{i:03d}" for i in range(120)])
+    np.savez(d / "items.npz", x=x, y=np.arange(120) % 3, ids=ids)
+    config = IndexJobConfig(
+        out=d / "idx",
+        model=str(tiny_model_dir),
+        data=str(d / "items.npz"),
+        label_names=("disc", "ring", "bar"),
+        device="cpu",
+        progress=False,
+    )
+    run_index_job(config)
+    return d / "idx"

@@ -85,8 +85,12 @@ def test_commands_agree_on_paths_and_ports(compose: dict[str, Any]) -> None:
     assert server_args.model == f"{VOLUME_MOUNT}/model"
     assert server_args.host == "0.0.0.0"  # inside the container; the host publishes loopback only
     ports = {p.split(":")[-1]: p.split(":")[1] for p in services["server"]["ports"]}
-    assert ports == {str(server_args.port): "50051", str(server_args.metrics_port): "20051"}
-    assert (server_args.port, server_args.metrics_port) == (50051, 20051)
+    assert ports == {
+        str(server_args.port): "50051",
+        str(server_args.metrics_port): "20051",
+        str(server_args.http_port): "20080",
+    }
+    assert (server_args.port, server_args.metrics_port, server_args.http_port) == (50051, 20051, 20080)
 
 
 def _published(port: Any) -> tuple[str, str, str]:
@@ -106,7 +110,7 @@ def test_published_ports_are_loopback_only(compose: dict[str, Any]) -> None:
                 host_ip, published, target = _published(port)
                 assert host_ip == "127.0.0.1", f"{name} publishes {port!r} beyond loopback"
                 assert published == target, port
-    assert len(compose["services"]["server"]["ports"]) == 2  # gRPC and metrics
+    assert len(compose["services"]["server"]["ports"]) == 3  # gRPC, metrics, HTTP API and page
 
 
 class _ComposeLoader(yaml.SafeLoader):
@@ -137,7 +141,8 @@ def test_readme_exposure_example_adds_tls_and_a_token_file(compose: dict[str, An
     names = {path.removeprefix("/run/secrets/") for path in secrets}
     assert names == set(server["secrets"]) == set(example["secrets"])
     published = {_published(p)[2]: _published(p)[0] for p in server["ports"]}
-    assert published == {str(args.port): "", str(args.metrics_port): "127.0.0.1"}  # metrics stay private
+    # metrics stay private; the HTTP API and page have the same TLS and token as gRPC
+    assert published == {str(args.port): "", str(args.metrics_port): "127.0.0.1", str(args.http_port): ""}
 
 
 def test_healthcheck_uses_grpc_health_without_extra_binary(compose: dict[str, Any]) -> None:

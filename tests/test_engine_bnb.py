@@ -29,7 +29,11 @@ def bank():
 def engine(bank) -> SearchEngine:
     mu, log_sigma, labels = bank
     return SearchEngine.build(
-        mu, log_sigma=log_sigma, labels=labels, config=EngineConfig(approx_nlist=400), build_approx=True
+        mu,
+        log_sigma=log_sigma,
+        labels=labels,
+        config=EngineConfig(approx_nlist=400, exact_strategy="partitions"),  # not the cost model's pick
+        build_approx=True,
     )
 
 

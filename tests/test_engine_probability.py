@@ -18,7 +18,18 @@ import numpy as np
 import pytest
 from reference import SIGMA_REGIMES, expected_log_q, log_q, log_qz, logsumexp, make_bank
 
-from latentsearch.engine import BatchResult, EngineConfig, SearchEngine
+from latentsearch.data.banks import vae_like_posteriors
+from latentsearch.engine import (
+    BatchResult,
+    EngineConfig,
+    SearchEngine,
+    lift_distributions,
+    lift_points,
+    probability,
+)
+from latentsearch.engine import exact as exact_mod
+from latentsearch.engine.approx import ApproxQuery
+from latentsearch.engine.probability import Normaliser, SearchWork, normalise
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError
 
 N, D, K = 2500, 6, 7
@@ -196,3 +207,183 @@ def test_approx_mode_interval_still_holds() -> None:
     assert batch.log_qz_lower is not None and batch.log_qz_upper is not None
     want = log_qz(log_q(z, mu, log_sigma))
     assert np.all((batch.log_qz_lower <= want) & (want <= batch.log_qz_upper))
+    for b in range(z.shape[0]):  # single queries: the normaliser bounds whole partitions
+        one = engine.search_batch_arrays(z[b : b + 1], K, mode="approx", with_probability=True)
+        assert one.log_qz_lower is not None and one.log_qz_upper is not None
+        assert one.log_qz_lower[0] <= want[b] <= one.log_qz_upper[0]
+
+
+# -- partition bounds (an engine with an approximate index, calls of at most 4 queries) ---------
+
+
+def _partitioned(regime: str, seed: int = 0) -> tuple[SearchEngine, np.ndarray, np.ndarray]:
+    """N items in about 48 partitions of ~50 (exact mode: branch and bound over them)."""
+    engine, mu, log_sigma = _engine(regime, seed, approx_nlist=48, approx_min_items=1000)
+    assert engine.approx is not None
+    return engine, mu, log_sigma
+
+
+def _normaliser(
+    engine: SearchEngine,
+    z: np.ndarray,
+    std: np.ndarray | None = None,
+    labels: list[int] | None = None,
+    rel_tol: float = 1e-6,
+) -> tuple[Normaliser, BatchResult]:
+    """The normaliser of one exact search, computed with the partitions, and that search."""
+    assert engine.approx is not None
+    if std is None:
+        batch = engine.search_batch_arrays(z, K, mode="exact", labels=labels)
+        lifted = lift_points(z)
+        rescore = lambda qi, rows: engine.bank.log_prob_rows(z[qi], rows)  # noqa: E731
+    else:
+        batch = engine.search_distribution_batch(z, std, K, mode="exact", labels=labels)  # type: ignore[assignment]
+        lifted = lift_distributions(z, std)
+        rescore = lambda qi, rows: engine.bank.expected_log_prob_rows(z[qi], std[qi], rows)  # noqa: E731
+    selection = None if labels is None else engine._selection(labels)
+    query = ApproxQuery(points=z, std=std, lifted=lifted, rescore=rescore, selection=selection)
+    bounds = engine.approx.partition_bounds(query)
+    rows = batch.rows if isinstance(batch, BatchResult) else np.stack([r.rows for r in batch])
+    scores = batch.scores if isinstance(batch, BatchResult) else np.stack([r.scores for r in batch])
+    work = SearchWork(partitions=bounds)
+    norm = normalise(engine.exact, lifted, rows, scores, rescore, selection, rel_tol=rel_tol, work=work)
+    return norm, batch
+
+
+def _contains(norm: Normaliser, scores: np.ndarray, allowed: np.ndarray | None, rel_tol: float) -> None:
+    want = logsumexp(scores if allowed is None else scores[:, allowed])
+    assert np.all(norm.log_lower <= want), (norm.log_lower - want).max()
+    assert np.all(want <= norm.log_upper), (want - norm.log_upper).max()
+    # rel_tol, plus the widening for the float64 rounding of scores of magnitude |want|
+    assert np.all(norm.rel_error <= rel_tol + 1e-9 * (1.0 + np.abs(want))), norm.rel_error.max()
+    assert np.all(norm.log_lower <= norm.log_scanned) and np.all(norm.log_scanned <= norm.log_upper)
+
+
+@pytest.mark.parametrize("max_queries", [4, 0])  # partition bounds for calls of <= 4 queries / never
+@pytest.mark.parametrize("regime", ["moderate", "mixed", "tiny"])
+def test_partition_bounds_match_brute_force(
+    regime: str, max_queries: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(probability, "PARTITION_MAX_QUERIES", max_queries)
+    engine, mu, log_sigma = _partitioned(regime)
+    z_all = _queries(mu, log_sigma, np.random.default_rng(5))
+    scores_all = log_q(z_all, mu, log_sigma)
+    for start in range(0, z_all.shape[0], 4):  # calls of at most PARTITION_MAX_QUERIES queries
+        z, scores = z_all[start : start + 4], scores_all[start : start + 4]
+        for rel_tol in (1e-6, 1e-2):
+            norm, _ = _normaliser(engine, z, rel_tol=rel_tol)
+            _contains(norm, scores, None, rel_tol)
+            assert (norm.partitions_read > 0).any() == (max_queries > 0)
+        # the engine's own call takes the same path
+        batch = engine.search_batch_arrays(z, K, mode="exact", with_probability=True)
+        _check(batch, scores, None, 1e-6)
+
+
+def test_box_corner_accepts_whole_partitions_by_their_bound() -> None:
+    # VAE-like posteriors (small sigmas, clustered means): far from a box corner the partitions'
+    # bounds fall tens of nats below the best item's score.
+    bank = vae_like_posteriors(N, D, seed=2)
+    mu, log_sigma = bank.mu, bank.log_sigma
+    cfg = EngineConfig(approx_nlist=48, approx_min_items=1000, typicality_samples=64)
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=cfg)
+    assert engine.approx is not None
+    nonempty = int((engine.approx.list_sizes > 0).sum())
+    corners = np.stack([np.full(D, 5.0), np.full(D, -5.0)])
+    scores = log_q(corners, mu, log_sigma)
+    norm, _ = _normaliser(engine, corners)
+    _contains(norm, scores, None, 1e-6)
+    # most partitions were accepted without touching their items, and few items were rescored
+    assert np.all(norm.partitions_read < nonempty / 4), (norm.partitions_read, nonempty)
+    assert np.all(norm.rescored < N / 20), norm.rescored
+    # the reported p(i | z) of the top item is the brute force's
+    res = engine.search(corners[0], 3, mode="exact", with_probability=True)
+    assert res.probability is not None
+    assert res.probability[0] == pytest.approx(math.exp(scores[0].max() - logsumexp(scores[0])[0]), rel=1e-6)
+
+
+def test_partition_bounds_with_label_filter_and_distribution_queries() -> None:
+    engine, mu, log_sigma = _partitioned("mixed", seed=1)
+    labels = engine.bank.labels
+    assert labels is not None
+    rng = np.random.default_rng(6)
+    z = _queries(mu, log_sigma, rng)[[0, 4, 7, 8]]
+    allowed = np.isin(labels, [0, 2])
+    norm, _ = _normaliser(engine, z, labels=[0, 2])
+    assert norm.count == int(allowed.sum())
+    _contains(norm, log_q(z, mu, log_sigma), allowed, 1e-6)
+    std = rng.uniform(0.0, 0.5, z.shape)
+    escores = expected_log_q(z, std, mu, log_sigma)
+    norm, _ = _normaliser(engine, z, std=std)
+    _contains(norm, escores, None, 1e-6)
+    results = engine.search_distribution_batch(z, std, K, mode="exact", labels=[0, 2], with_probability=True)
+    for b, res in enumerate(results):
+        assert res.log_qz_lower is not None and res.log_qz_upper is not None
+        assert res.log_qz_lower <= log_qz(escores[b], allowed)[0] <= res.log_qz_upper
+
+
+class _FakeIndex:
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts
+
+    def selected_counts(self, selection: object) -> np.ndarray:
+        return self.counts
+
+
+class _FakeBounds:
+    """Hand-set partition bounds: ``cheap`` for every pair, ``refined`` where refinement is asked."""
+
+    def __init__(self, cheap: np.ndarray, refined: np.ndarray, counts: np.ndarray) -> None:
+        self.cheap, self._refined, self.index = cheap, refined, _FakeIndex(counts)
+        self.asked: list[tuple[int, int]] = []
+
+    def refine(self, q: np.ndarray, part: np.ndarray) -> np.ndarray:
+        self.asked += list(zip(q.tolist(), part.tolist(), strict=True))
+        return self._refined[q, part]
+
+
+def test_partition_acceptance_at_its_cut_is_tight() -> None:
+    # Three partitions of 10, 20 and 30 items (N_P = 60) and a budget W with c_P = log(W/2) - log 60.
+    counts = np.array([10, 20, 30, 0])
+    budget = np.array([math.log(1e-3)])
+    c_part = math.log(0.5e-3) - math.log(60)
+    cheap = np.array([[c_part + 5.0, c_part, c_part - 1e-9, 7.0]])
+    refined = np.array([[c_part - 2.0, c_part, c_part - 1e-9, 7.0]])
+    fake = _FakeBounds(cheap, refined, counts)
+    keep, spent, kept = probability._accept_partitions(fake, np.array([0]), budget, None)  # type: ignore[arg-type]
+    # Partition 1's bound equals the cut: scanned. 0 is refined below it and 2 is below: accepted whole.
+    # The empty partition 3 is neither scanned nor counted, whatever its bound.
+    assert keep.tolist() == [[False, True, False, False]]
+    assert kept.tolist() == [20.0]
+    assert sorted(fake.asked) == [(0, 0), (0, 1)]  # refined only where the cheap bound reaches the cut
+    want = math.log(10 * math.exp(c_part - 2.0) + 30 * math.exp(c_part - 1e-9))
+    assert spent[0] == pytest.approx(want, rel=1e-12)
+    assert spent[0] <= budget[0] - math.log(2.0)  # the accepted partitions use at most half the width
+
+
+@pytest.mark.parametrize("regime", ["moderate", "mixed", "tiny"])
+def test_single_query_reuses_the_dense_screen_scores(regime: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A single unfiltered exact query scores every item of a group in the top-k search's dense
+    screen; the normaliser screens with those same float32 scores instead of computing them again."""
+    monkeypatch.setattr(exact_mod, "DENSE_BLOCK", 4)  # engage the dense screen on a small bank
+    reused: list[bool] = []
+    original = probability._screen_group
+
+    def spy(*args: object) -> None:
+        reused.append(args[-1] is not None)
+        original(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(probability, "_screen_group", spy)
+    engine, mu, log_sigma = _engine(regime)
+    z = _queries(mu, log_sigma, np.random.default_rng(8))
+    scores = log_q(z, mu, log_sigma)
+    labels = engine.bank.labels
+    assert labels is not None
+    for b in range(z.shape[0]):
+        reused.clear()
+        batch = engine.search_batch_arrays(z[b : b + 1], K, mode="exact", with_probability=True)
+        _check(batch, scores[b : b + 1], None, 1e-6)
+        assert any(reused), reused  # the groups screened densely (the small ones go through FAISS)
+        reused.clear()
+        filtered = engine.search_batch_arrays(z[b : b + 1], K, labels=[1, 4], with_probability=True)
+        _check(filtered, scores[b : b + 1], np.isin(labels, [1, 4]), 1e-6)
+        assert not any(reused)  # filtered searches go through FAISS: nothing to reuse

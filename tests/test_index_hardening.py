@@ -492,7 +492,7 @@ def serve_process(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Pop
 
     def start(root: Path) -> tuple[subprocess.Popen[str], int, list[str]]:
         cmd = [sys.executable, "-m", "latentsearch.cli", "serve", "--index", str(root), "--port", "0"]
-        cmd += ["--metrics-port", "0", "--reload-interval", "0"]
+        cmd += ["--metrics-port", "0", "--reload-interval", "0", "--workers", "1"]  # the server itself
         proc = subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
         lines: list[str] = []
         port: list[int] = []

@@ -24,6 +24,7 @@ RANKS: dict[str, int] = {
     "_lazy": 0,
     "errors": 0,
     "posterior": 0,
+    "diagnostics": 0,
     "bank": 0,
     "wire": 0,
     "progress": 0,
@@ -38,6 +39,7 @@ RANKS: dict[str, int] = {
     "cli": 6,
     "quickstart": 6,
     "loadgen": 6,
+    "browser": 6,
     "__main__": 6,
 }
 # Equal-rank parts that may not import each other in either direction.

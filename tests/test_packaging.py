@@ -39,8 +39,17 @@ def test_the_wheel_installs_one_top_level_package(tmp_path: Path) -> None:
     assert top == {"latentsearch"}
     for needed in ("latentsearch/py.typed", "latentsearch/v1/latentsearch_pb2.pyi",
                    "latentsearch/v1/latentsearch_pb2_grpc.pyi", "latentsearch/model/vae.py",
-                   "latentsearch/server/app.py", "latentsearch/indexer/root.py", "latentsearch/client.py"):
+                   "latentsearch/server/app.py", "latentsearch/indexer/root.py", "latentsearch/client.py",
+                   # the explorer page, served from the package (server/httpapi.py)
+                   "latentsearch/server/static/index.html", "latentsearch/server/static/explorer.js",
+                   "latentsearch/server/static/explorer.css"):
         assert needed in names, needed
+    # The packaged Fashion-MNIST sample (the default data) with its licence notice, byte for byte.
+    sample = "latentsearch/data/fashion_mnist_sample/"
+    with zipfile.ZipFile(wheel) as zf:
+        for name in ("sample-images-idx3-ubyte.gz", "sample-labels-idx1-ubyte.gz", "LICENSE", "README.md"):
+            assert zf.read(sample + name) == (ROOT / sample / name).read_bytes(), name
+        assert "MIT License" in zf.read(sample + "LICENSE").decode()
 
 
 def _shadowed_folder(tmp_path: Path) -> Path:

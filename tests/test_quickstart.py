@@ -18,6 +18,7 @@ from PIL import Image
 from reference import log_q, top_k
 
 from latentsearch import cli
+from latentsearch.data.fashion_mnist import FASHION_MNIST_CLASSES
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.indexer import IndexRoot
 from latentsearch.quickstart import QuickstartConfig, run_quickstart, write_grid
@@ -75,6 +76,36 @@ def test_outputs_and_brute_force(quickstart_run: tuple) -> None:
     # The other calls were made and printed.
     assert text.count("NearestToDistribution:") == HELD
     assert text.count("z = its posterior mean (Encode)") == HELD
+
+
+def test_tables_show_class_names_and_match_probabilities(quickstart_run: tuple) -> None:
+    """The default data is the packaged Fashion-MNIST sample: neighbours carry its class names, and
+    each slider neighbour's printed p(i|z) and the printed log q(z) equal the float64 reference
+    (softmax and logsumexp of log q(z|x_i) over every indexed item)."""
+    _, result, text = quickstart_run
+    assert "no --data given: using the built-in fashion-mnist-sample" in text
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Nearest: slider point z ="))
+    assert "p(i|z)" in lines[start + 1]
+    bank = IndexRoot(result.index_root).load(result.index_version).bank
+    scores = log_q(result.slider_z, bank.mu, bank.log_sigma)[0]  # (N,) float64
+    log_norm = np.logaddexp.reduce(scores)
+    assert bank.labels is not None  # the sample is labelled
+    rows = [line.split() for line in lines[start + 2 : start + 2 + K]]
+    order = top_k(scores, K)
+    for row, i in zip(rows, order, strict=True):
+        expected = np.exp(scores[i] - log_norm)
+        assert (expected < 5e-5) if row[3] == "<1e-4" else float(row[3]) == pytest.approx(expected, abs=6e-5)
+        assert " ".join(row[4:]) == FASHION_MNIST_CLASSES[int(bank.labels[i])]
+    density = lines[start + 2 + K]
+    match = re.match(r"\s+log q\(z\) = (-?\d+\.\d+) .*typicality (\d\.\d\d)$", density)
+    assert match, density
+    assert float(match.group(1)) == pytest.approx(log_norm - np.log(len(scores)), abs=1.5e-3)
+    assert 0.0 <= float(match.group(2)) <= 1.0
+    # Held-out items are named too, and every held-out table shows probabilities.
+    titles = [line for line in lines if line.startswith("Nearest: held-out item")]
+    assert len(titles) == HELD and all(any(n in t for n in FASHION_MNIST_CLASSES) for t in titles)
+    assert text.count("typicality") >= 1 + 2 * HELD
 
 
 def test_picture(quickstart_run: tuple) -> None:

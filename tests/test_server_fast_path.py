@@ -153,7 +153,7 @@ def test_parse_nearest_keeps_the_point_and_the_defaults(service: EngineService) 
     query = service.parse_nearest(pb.NearestRequest(z=z, labels=[2, 1, 2]))
     assert query.z == z and all(isinstance(v, float) for v in query.z)
     assert query.key.k == 10 and query.key.labels == (1, 2)
-    assert query.key == ("v1", 10, None, (1, 2), None)  # rel_tol None: no probabilities
+    assert query.key == ("v1", 10, None, (1, 2), None, False)  # no probabilities, no label names
 
 
 def test_batch_concurrency_is_bounded_by_search_threads() -> None:

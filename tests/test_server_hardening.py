@@ -31,10 +31,10 @@ from latentsearch.errors import (
     NotFoundError,
     UnavailableError,
 )
-from latentsearch.model.loader import LoadedModel
+from latentsearch.model.loader import InputRule, LoadedModel
 from latentsearch.model.vae import build_vae
 from latentsearch.server import LatentSearchServer, ServerConfig
-from latentsearch.server.engine_service import MAX_ID_LENGTH, MAX_NETWORK_INPUT, EngineService
+from latentsearch.server.engine_service import MAX_ID_LENGTH, MAX_NETWORK_INPUT, EngineService, Snapshot
 from latentsearch.server.malformed import LOG_INTERVAL, LogThrottle
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
@@ -296,7 +296,7 @@ def tiny_vae():
     return build_vae(input_shape=SHAPE, latent_dim=DIM, channels=(4,), hidden=16)
 
 
-def _loaded(vae) -> LoadedModel:
+def _loaded(vae, input_rule: InputRule = "pixels") -> LoadedModel:
     return LoadedModel(
         vae,
         input_shape=SHAPE,
@@ -305,6 +305,7 @@ def _loaded(vae) -> LoadedModel:
         config={},
         device=torch.device("cpu"),
         source="checkpoint",
+        input_rule=input_rule,
     )
 
 
@@ -312,31 +313,49 @@ def test_encode_refuses_out_of_range_values_and_nearest_takes_what_it_returns(
     tmp_path: Path, start_server, make_engine, publish, tiny_vae
 ) -> None:
     publish(tmp_path / "idx", make_engine(30, seed=1))
-    srv = start_server(index=tmp_path / "idx", model=_loaded(tiny_vae))
     scale = tiny_vae.config.normalization.scale  # raw pixels / 255: the network sees [0, 1]
     assert scale == pytest.approx(1 / 255)
     size = int(np.prod(SHAPE))
-    with grpc.insecure_channel(srv.target) as ch:
-        stub = pb_grpc.LatentSearchStub(ch)
-        # values is a repeated float (float32) field: 3e38 is the largest magnitude it carries.
-        for value in [3e38, -3e38, 10 * MAX_NETWORK_INPUT / scale]:
-            error = _rpc_error(stub.Encode, pb.EncodeRequest(shape=list(SHAPE), values=[value] * size))
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and _field(error) == "values", value
-            assert "out of range" in error.details()
-        rng = np.random.default_rng(0)
-        pixels = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
-        inputs = [pb.EncodeRequest(shape=list(SHAPE), raw=pixels)]
-        inputs += [
-            pb.EncodeRequest(shape=list(SHAPE), values=rng.uniform(lo, hi, size).tolist())
-            for lo, hi in [(0, 255), (-255, 510), (0, 0.1 * MAX_NETWORK_INPUT / scale)]
-        ]
-        for request in inputs:
-            posterior = stub.Encode(request, timeout=10)
-            assert np.isfinite(posterior.mean).all() and (np.asarray(posterior.sigma) > 0).all()
-            assert len(stub.Nearest(pb.NearestRequest(z=posterior.mean, k=3), timeout=10).neighbors) == 3
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    # values is a repeated float (float32) field: 3e38 is the largest magnitude it carries.
+    # "pixels": floats are byte / 255 in [0, 1]; "float": as they are, within +-MAX_NETWORK_INPUT
+    # once the model normalises them.
+    cases: dict[InputRule, tuple[list[float], list[tuple[float, float]], bool]] = {
+        "pixels": ([3e38, -3e38, 1.001, -0.001], [(0, 1), (0, 0.01)], True),
+        "float": (
+            [3e38, -3e38, 10 * MAX_NETWORK_INPUT / scale],
+            [(0, 255), (-255, 510), (0, 0.1 * MAX_NETWORK_INPUT / scale)],
+            False,
+        ),
+    }
+    for rule, (bad, good, takes_raw) in cases.items():
+        srv = start_server(index=tmp_path / "idx", model=_loaded(tiny_vae, rule))
+        with grpc.insecure_channel(srv.target) as ch:
+            stub = pb_grpc.LatentSearchStub(ch)
+            for value in bad:
+                error = _rpc_error(stub.Encode, pb.EncodeRequest(shape=list(SHAPE), values=[value] * size))
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and _field(error) == "values", value
+                assert "out of range" in error.details()
+            inputs = [
+                pb.EncodeRequest(shape=list(SHAPE), values=rng.uniform(lo, hi, size).tolist())
+                for lo, hi in good
+            ]
+            raw = pb.EncodeRequest(shape=list(SHAPE), raw=pixels)
+            if takes_raw:
+                inputs.append(raw)
+            else:
+                error = _rpc_error(stub.Encode, raw)
+                assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and _field(error) == "raw"
+            for request in inputs:
+                posterior = stub.Encode(request, timeout=10)
+                assert np.isfinite(posterior.mean).all() and (np.asarray(posterior.sigma) > 0).all()
+                neighbors = stub.Nearest(pb.NearestRequest(z=posterior.mean, k=3), timeout=10).neighbors
+                assert len(neighbors) == 3
+        srv.close()
 
 
-def test_encode_refuses_a_posterior_the_engine_cannot_search(tiny_vae) -> None:
+def test_encode_refuses_a_posterior_the_engine_cannot_search(tiny_vae, make_engine) -> None:
     raw = pb.EncodeRequest(shape=list(SHAPE), raw=bytes(range(64)))
     for factor, expected in [(1e12, "|mean| up to"), (float("nan"), "NaN or inf")]:
         vae = build_vae(input_shape=SHAPE, latent_dim=DIM, channels=(4,), hidden=16)
@@ -344,7 +363,8 @@ def test_encode_refuses_a_posterior_the_engine_cannot_search(tiny_vae) -> None:
         with torch.no_grad():
             for p in vae.enc_head.parameters():
                 p.mul_(factor)
-        service = EngineService(model=_loaded(vae))
+        service = EngineService()
+        service.set_snapshot(Snapshot(version="v", engine=make_engine(30, dim=DIM), model=_loaded(vae)))
         mean = _loaded(vae).encode(np.frombuffer(raw.raw, np.uint8).reshape(1, *SHAPE))[0].numpy().mean
         assert not (np.abs(mean) <= MAX_ABS_COORDINATE).all()  # what Nearest would refuse
         with pytest.raises(InvalidArgumentError) as err:

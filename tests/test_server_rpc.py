@@ -9,15 +9,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from latentsearch.client import LatentSearchClient
 from latentsearch.errors import UnauthenticatedError
 from latentsearch.indexer import IndexRoot
-from latentsearch.model.checkpoint import save_checkpoint
-from latentsearch.model.loader import load_model
-from latentsearch.model.vae import build_vae
 from latentsearch.posterior import DiagonalGaussian
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
@@ -25,15 +21,6 @@ from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 DIM = 4  # latent dimension of the banks conftest's make_engine fixture builds (its default)
 
 pytestmark = pytest.mark.timeout(120)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory):
-    torch.manual_seed(0)
-    vae = build_vae(input_shape=(8, 8, 1), latent_dim=DIM, channels=(4,), hidden=16)
-    path = tmp_path_factory.mktemp("model") / "model"
-    save_checkpoint(vae, path)
-    return load_model(path)
 
 
 @pytest.fixture
@@ -100,16 +87,17 @@ def test_get_item_info_encode_decode(served, tiny_model) -> None:
 
     image = np.random.default_rng(0).integers(0, 256, size=(8, 8, 1), dtype=np.uint8)
     mu, logvar = tiny_model.encode_params(image[None])
-    for sent in (image, image.astype(np.float32)):
+    for sent in (image, image.astype(np.float32) / 255):  # the input rule: floats are byte / 255
         enc = client.encode(sent)
         post = enc.posterior
         assert isinstance(post, DiagonalGaussian) and post.batch_shape == () and post.dim == DIM
         np.testing.assert_allclose(post.mean, mu[0].double().numpy(), rtol=1e-6, atol=1e-6)
         np.testing.assert_allclose(post.std, np.exp(0.5 * logvar[0].double().numpy()), rtol=1e-6)
-        assert enc.model_hash == tiny_model.model_hash
+        assert enc.model_hash == tiny_model.model_hash and enc.index_version == version
 
     z = np.array([0.5, -0.2, 0.1, 1.0])
     decoded = client.decode(z)
+    assert decoded.index_version == version
     expected = tiny_model.decode(z[None])[0].numpy()
     assert decoded.values.shape == (8, 8, 1)
     np.testing.assert_allclose(decoded.values, expected, rtol=1e-6, atol=1e-7)
@@ -201,24 +189,31 @@ def test_invalid_inputs(tmp_path: Path, start_server, tiny_model, make_engine, p
         assert len(stub.Nearest(pb.NearestRequest(z=[0.0] * 4, k=3), timeout=10).neighbors) == 3
 
 
-def test_no_model_and_no_index(tmp_path: Path, start_server) -> None:
+def test_no_model_and_no_index(tmp_path: Path, start_server, make_engine, publish) -> None:
     IndexRoot(tmp_path / "empty", create=True)
     srv = start_server(index=tmp_path / "empty")
+    requests = [
+        ("Nearest", pb.NearestRequest(z=[0.0] * 4)),
+        ("Info", pb.InfoRequest()),
+        ("GetItem", pb.GetItemRequest(id="0")),
+        # the model is the served version's: none before a version loads
+        ("Encode", pb.EncodeRequest(shape=[8, 8, 1], raw=bytes(64))),
+        ("Decode", pb.DecodeRequest(z=[0.0] * 4)),
+    ]
     with grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.LatentSearchStub(ch)
-        for method, request in [
-            ("Nearest", pb.NearestRequest(z=[0.0] * 4)),
-            ("Info", pb.InfoRequest()),
-            ("GetItem", pb.GetItemRequest(id="0")),
-        ]:
+        for method, request in requests:
             code, details = _code_and_details(getattr(stub, method), request)
             assert code == grpc.StatusCode.UNAVAILABLE and details.startswith("index:"), details
-        for method, request in [
-            ("Encode", pb.EncodeRequest(shape=[8, 8, 1], raw=bytes(64))),
-            ("Decode", pb.DecodeRequest(z=[0.0] * 4)),
-        ]:
+    # A version published from posteriors stores no model: without --model, Encode/Decode fail.
+    version = publish(tmp_path / "empty", make_engine(20, seed=1))
+    assert srv.run(srv.server.reload_now())
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        for method, request in requests[3:]:
             code, details = _code_and_details(getattr(stub, method), request)
             assert code == grpc.StatusCode.FAILED_PRECONDITION and details.startswith("model:"), details
+            assert f"index version {version} stores no model" in details and "--model" in details
 
 
 def test_bearer_token(tmp_path: Path, start_server, make_engine, publish, health_rpc) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -159,6 +160,7 @@ def test_exact_groups_are_restored_without_building_flat_indexes(engine: SearchE
         np.testing.assert_array_equal(a.absmax, b.absmax)
         assert a.direct == b.direct
     # Exact search over the partitions only touches the flat index of the outlier group.
+    loaded.config = dataclasses.replace(loaded.config, exact_strategy="partitions")  # not the cost model's
     loaded.search_batch(_queries(engine), 5, mode="exact")
     big = max(range(len(loaded.exact.groups)), key=lambda g: len(loaded.exact.groups[g]))
     assert not loaded.exact.groups[big].built

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from latentsearch.indexer.root import IndexRoot
 
 __all__ = ["register_cli"]
 
@@ -36,6 +40,36 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "--index-spec",
         default=None,
         help="engine options as key=value pairs, e.g. approx_nlist=4096,approx_nprobe=120,mode=auto",
+    )
+    p.add_argument(
+        "--label-names",
+        default=None,
+        help="names of the integer labels 0, 1, ...: a comma list (T-shirt,Trouser,...) or a file with one "
+        "name per line (default: the data's own, e.g. image-folder class names)",
+    )
+    p.add_argument(
+        "--no-thumbnails",
+        action="store_true",
+        help="store no thumbnails of image items (default: each item's pixels, at most 4096 bytes each)",
+    )
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="encode on Ray Data (needs the ray extra): the cluster at ADDRESS (auto, ray://head:10001), "
+        "else RAY_ADDRESS (set by `ray job submit`), else a new local Ray instance",
+    )
+    p.add_argument("--ray-actors", type=int, default=1, help="encoder actors on Ray (default 1)")
+    p.add_argument(
+        "--ray-gpus-per-actor", type=float, default=0.0, help="GPUs per Ray actor (default 0: CPU actors)"
+    )
+    p.add_argument(
+        "--ray-cpus-per-actor",
+        type=float,
+        default=1.0,
+        help="CPUs per Ray actor (default 1; a CPU actor runs that many torch threads)",
     )
     p.add_argument("--keep", type=int, default=3, help="versions to keep (default 3; never the current)")
     p.add_argument("--verify", action="store_true", help="re-hash every file of the new version")
@@ -74,8 +108,11 @@ def _cmd_index(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(
                 f"bad --input-shape {args.input_shape!r}", field="input_shape"
             ) from exc
+    label_names = None if args.label_names is None else _label_names(args.label_names)
     config = IndexJobConfig(
         out=args.out,
+        label_names=label_names,
+        thumbnails=not args.no_thumbnails,
         model=args.model,
         data=args.data,
         posteriors=args.posteriors,
@@ -84,20 +121,62 @@ def _cmd_index(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         bf16=args.bf16,
         num_threads=args.threads,
+        ray=args.ray is not None,
+        ray_address=args.ray or None,
+        ray_actors=args.ray_actors,
+        ray_gpus_per_actor=args.ray_gpus_per_actor,
+        ray_cpus_per_actor=args.ray_cpus_per_actor,
         engine=parse_index_spec(args.index_spec),
         keep=args.keep,
         verify=args.verify,
         progress=not args.no_progress,
     )
-    result = run_index_job(config)
+    encode = None
+    if config.ray:
+        from latentsearch.indexer.ray_encode import ray_encode  # imports ray: only for --ray
+
+        encode = ray_encode
+    try:
+        result = run_index_job(config, encode=encode)
+    except InvalidArgumentError as exc:
+        if label_names is None or exc.field != "label_names":
+            raise
+        raise InvalidArgumentError(
+            f"--label-names {args.label_names!r}: {exc.message}", field="label_names"
+        ) from exc
     print(result.summary(), flush=True)
+    from latentsearch.indexer.root import IndexRoot
+
+    text = _catalogue_text(IndexRoot(args.out), result.version)
+    if text:
+        print(f"catalogue: {text.strip()}", flush=True)
     return 0
+
+
+def _label_names(value: str) -> tuple[str, ...]:
+    """``--label-names``: a file with one name per line (blank lines ignored) when ``value`` names a
+    file, else a comma list. The catalogue checks the names (InvalidArgumentError naming the value)."""
+    from pathlib import Path
+
+    from latentsearch.errors import InvalidArgumentError
+
+    path = Path(value)
+    if "," not in value and path.is_file():
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidArgumentError(
+                f"--label-names {value!r}: unreadable ({exc})", field="label_names"
+            ) from exc
+        return tuple(line.strip() for line in lines if line.strip())
+    return tuple(name.strip() for name in value.split(","))
 
 
 def _cmd_ls(args: argparse.Namespace) -> int:
     from latentsearch.indexer.root import IndexRoot
 
-    rows = IndexRoot(args.root).version_infos()
+    root = IndexRoot(args.root)
+    rows = root.version_infos()
     if not rows:
         print(f"{args.root}: no versions")
         return 0
@@ -106,9 +185,29 @@ def _cmd_ls(args: argparse.Namespace) -> int:
         items = "?" if r.items is None else str(r.items)
         print(
             f"{mark} {r.version}  created {r.created or '?'}  items {items}  d {r.latent_dim or '?'}  "
-            f"{r.bytes / 2**20:.1f} MiB  model {(r.model_hash or '-')[:12]}"
+            f"{r.bytes / 2**20:.1f} MiB  model {(r.model_hash or '-')[:12]}{_catalogue_text(root, r.version)}"
         )
     return 0
+
+
+def _catalogue_text(root: IndexRoot, version: str) -> str:
+    """``version``'s catalogue in brief, "  dims 8/10 active; collapsed: 2, 3 (KL < 0.1 nats)  names
+    10  thumbnails 28x28x1" ("" for a version published before catalogues existed)."""
+    from latentsearch.errors import LatentSearchError
+    from latentsearch.indexer.catalogue import read_catalogue_info
+
+    try:
+        info = read_catalogue_info(root.version_dir(version))
+    except LatentSearchError as exc:
+        return f"  catalogue unreadable ({exc})"
+    if info is None:
+        return ""
+    text = f"  dims {info.diagnostics.summary()}"
+    if info.label_names is not None:
+        text += f"  names {len(info.label_names)}"
+    if info.thumbnail_shape is not None:
+        text += f"  thumbnails {'x'.join(map(str, info.thumbnail_shape))}"
+    return text
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from latentsearch.cli.credentials import add_token_arguments, resolve_token
-from latentsearch.cli.values import float_list, label_list
+from latentsearch.cli.values import float_list, label_list, shape_tuple
 from latentsearch.errors import LatentSearchError, status_details
 
 if TYPE_CHECKING:
@@ -32,10 +32,25 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "serve",
         help="serve an index root over gRPC (hot reload, micro-batching, health, metrics)",
-        description="Serve INDEX_ROOT's current version over gRPC until SIGTERM/SIGINT.",
+        description="Serve INDEX_ROOT's current version over gRPC until SIGTERM/SIGINT. Encode and Decode "
+        "use the model stored with the served version (a hot reload or rollback switches index and "
+        "model together); --model is for versions published from posteriors.",
     )
     p.add_argument("--index", required=True, help="index root (polled for new versions)")
-    p.add_argument("--model", default=None, help="model directory for Encode/Decode (optional)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model for Encode/Decode of index versions published without one (from posteriors): a "
+        "model directory, TorchScript file or package.module:function. Versions indexed from a model "
+        "store it and are served with it, no --model needed; a --model whose hash differs from a "
+        "version's model is refused. TorchScript files and factories run their code: trusted models only",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=shape_tuple,
+        default=None,
+        help="item shape of a TorchScript/factory --model, e.g. 28,28,1 (stored models know theirs)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (default 50051; 0: any free port)")
     p.add_argument(
@@ -46,6 +61,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--metrics-host", default="127.0.0.1", help="address the metrics port binds (default 127.0.0.1)"
+    )
+    p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the HTTP/JSON API (/api/v1, schema at /openapi.json) and the explorer page (/) "
+        "on this port of --host, with the same TLS and token (default: off; 0: any free port)",
     )
     p.add_argument("--max-batch", type=int, default=64, help="most Nearest calls per search (default 64)")
     p.add_argument("--max-wait-ms", type=float, default=2.0, help="batch collection wait (default 2 ms)")
@@ -73,6 +95,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key (with --tls-cert)")
     add_token_arguments(p, serving=True)
     p.add_argument("--grace", type=float, default=5.0, help="seconds in-flight calls get at shutdown")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="server processes sharing the port (SO_REUSEPORT), each with its own event loop, batcher "
+        "and search threads, restarted when one dies (default: the CPUs this process may use; 1: "
+        "this process alone, the port bound exclusively)",
+    )
     p.set_defaults(func=_cmd_serve)
 
     q = subparsers.add_parser("query", help="send one Nearest query to a running server")
@@ -104,10 +134,12 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
     return ServerConfig(
         index=args.index,
         model=args.model,
+        input_shape=args.input_shape,
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port or None,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
         batching=not args.no_batching,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -125,9 +157,13 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from latentsearch.server.app import serve
+    from latentsearch.server.app import check_model_fits
+    from latentsearch.server.supervisor import default_workers, serve_workers
 
-    asyncio.run(serve(serve_config(args)))
+    config = serve_config(args)
+    check_model_fits(config)  # a wrong --model: one error line naming both hashes, nothing started
+    workers = default_workers() if args.workers is None else args.workers
+    asyncio.run(serve_workers(config, workers, log_level=logging.getLogger().level))
     return 0
 
 
@@ -138,17 +174,24 @@ def _cmd_query(args: argparse.Namespace) -> int:
     with LatentSearchClient(args.target, token=token, tls_ca=args.tls_ca) as client:
         try:
             answer = client.nearest(
-                args.z, args.k, labels=args.labels, mode=args.mode, with_probability=args.probability
+                args.z,
+                args.k,
+                labels=args.labels,
+                mode=args.mode,
+                with_probability=args.probability,
+                with_label_names=True,  # printed when the version names its labels
             )
         except LatentSearchError as exc:  # the failed call's error, with its status code
             print(f"error: {exc.grpc_code}: {status_details(exc)}", file=sys.stderr)
             return 2
     print(f"index version {answer.index_version}  mode {answer.mode}  certified {answer.certified}")
-    extra = f"  {'p(i|z)':>12}" if args.probability else ""
+    named = any(h.label_name is not None for h in answer.hits)
+    extra = (f"  {'name':<16}" if named else "") + (f"  {'p(i|z)':>12}" if args.probability else "")
     print(f"{'rank':>4}  {'id':<24} {'log q(z|x)':>14}  {'label':>6}{extra}")
     for h in answer.hits:
         label = "" if h.label is None else str(h.label)
-        extra = f"  {h.probability:>12.6g}" if h.probability is not None else ""
+        extra = f"  {h.label_name or '':<16}" if named else ""
+        extra += f"  {h.probability:>12.6g}" if h.probability is not None else ""
         print(f"{h.rank:>4}  {h.id:<24} {h.score:>14.6f}  {label:>6}{extra}")
     if answer.log_qz is not None and answer.log_qz_interval is not None:
         lo, hi = answer.log_qz_interval

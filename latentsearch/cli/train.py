@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from latentsearch.cli.defaults import add_config_argument
 from latentsearch.model.config import TrainConfig, VAEConfig
+
+if TYPE_CHECKING:
+    from latentsearch.data.readers import Dataset
+    from latentsearch.diagnostics import LatentDiagnostics
 
 __all__ = ["register_cli"]
 
@@ -17,12 +23,20 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``train`` sub-command to the ``latentsearch`` parser (defaults: :class:`TrainConfig`)."""
     p = subparsers.add_parser(
         "train",
-        help="train a VAE on a dataset (or the built-in generated garments) into a model directory",
-        description="Train a VAE. Without --data, trains on the built-in generated garment-shapes dataset.",
+        help="train a VAE on a dataset (default: the built-in Fashion-MNIST sample) into a model directory",
+        description="Train a VAE. Without --data, trains on the Fashion-MNIST sample shipped with the "
+        "package (3,443 real garment images).",
     )
-    p.add_argument("--data", help="IDX file/folder, .npy, .npz or a folder of images (default: generated)")
+    p.add_argument(
+        "--data",
+        help="a built-in dataset (fashion-mnist-sample: 3,443 real garment images, the default; shapes: "
+        "generated garment shapes, --max-items of them) or an IDX file/folder, .npy, .npz or a folder "
+        "of images",
+    )
     p.add_argument("--labels", help="labels file for --data (default: found next to the data)")
-    p.add_argument("--max-items", type=int, default=None, help="use only the first N items (quick runs)")
+    p.add_argument(
+        "--max-items", type=int, default=None, help="use only the first N items (shapes: generate N)"
+    )
     p.add_argument("--out", required=True, help="model directory to write")
     add_config_argument(p, "--latent-dim", VAEConfig, "latent_dim", "latent dimension d", type=int)
     add_config_argument(p, "--epochs", TrainConfig, "epochs", "maximum epochs", type=int)
@@ -40,6 +54,14 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "KL allowance per latent dimension in nats (free bits; 0: off)",
         type=float,
     )
+    add_config_argument(
+        p,
+        "--augment-shift",
+        TrainConfig,
+        "augment_shift",
+        "shift training images by up to this many pixels at random (0: off)",
+        type=int,
+    )
     add_config_argument(p, "--patience", TrainConfig, "patience", "early-stop patience in epochs", type=int)
     add_config_argument(p, "--val-fraction", TrainConfig, "val_fraction", "held-out fraction", type=float)
     add_config_argument(p, "--device", TrainConfig, "device", "device", choices=["auto", "cpu", "cuda"])
@@ -55,26 +77,13 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from latentsearch.data.garments import NOTICE, garment_dataset
-    from latentsearch.data.readers import ArrayDataset, Dataset, open_dataset
+    from latentsearch.data.builtin import NOTICE, load_data
     from latentsearch.model.train import train
 
     if args.data is None:
         print(NOTICE, flush=True)
-        data: Dataset = (
-            garment_dataset(seed=args.seed)
-            if args.max_items is None
-            else garment_dataset(n=args.max_items, seed=args.seed)
-        )
-    else:
-        data = open_dataset(args.data, labels=args.labels)
-        if args.max_items is not None:
-            data = ArrayDataset(
-                data.read(0, args.max_items),
-                labels=None if data.labels is None else data.labels[: args.max_items],
-                path=data.path,
-            )
-        log.info("training data: %s", data)
+    data = load_data(args.data, labels=args.labels, items=args.max_items, seed=args.seed)
+    log.info("training data: %s", data)
     cfg = TrainConfig(
         epochs=args.epochs,
         batch_size=args.batch_size,
@@ -82,6 +91,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         beta=args.beta,
         kl_warmup_epochs=args.kl_warmup,
         free_bits=args.free_bits,
+        augment_shift=args.augment_shift,
         patience=args.patience,
         val_fraction=args.val_fraction,
         device=args.device,
@@ -102,4 +112,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
             f"of {result.epochs_planned} epochs: the model may be undertrained; run again with --resume "
             "to continue it, or give a larger --time-limit"
         )
+    diagnostics = _validation_diagnostics(result.out_dir, data, cfg)
+    if diagnostics.collapsed:
+        kl = ", ".join(f"{j}: {diagnostics.kl[j]:.3f}" for j in diagnostics.collapsed)
+        print(
+            f"WARNING: latent dimensions {', '.join(map(str, diagnostics.collapsed))} of {diagnostics.dim} "
+            f"collapsed to the prior (mean KL < {diagnostics.threshold:g} nats on the validation split; "
+            f"{kl}): moving along them changes nothing. Try --free-bits or a smaller --beta or --latent-dim"
+        )
     return 0
+
+
+def _validation_diagnostics(out_dir: Path, data: Dataset, cfg: TrainConfig) -> LatentDiagnostics:
+    """Latent diagnostics (latentsearch.diagnostics) of the trained model on its validation split."""
+    import numpy as np
+
+    from latentsearch.diagnostics import latent_diagnostics
+    from latentsearch.model.loader import encode_batch, load_model
+    from latentsearch.model.train import split_indices
+
+    _, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    model = load_model(out_dir, device="cpu")
+    mus, log_sigmas = [], []
+    for i in range(0, len(val_rows), 1024):
+        rows = val_rows[i : i + 1024]
+        x = np.stack([data.read(int(r), int(r) + 1)[0] for r in rows])
+        mu, logvar = encode_batch(model, x)
+        mus.append(mu)
+        log_sigmas.append(0.5 * logvar.astype(np.float64))
+    return latent_diagnostics(np.concatenate(mus), np.concatenate(log_sigmas))

@@ -17,7 +17,7 @@ import math
 import re
 from collections.abc import Sequence
 
-__all__ = ["float_list", "join_negative_values", "label_list"]
+__all__ = ["float_list", "join_negative_values", "label_list", "shape_tuple"]
 
 _SEPARATORS = re.compile(r"[,\s]+")
 # A value that starts like a negative number: "-1", "-1.5,0", "-.5 2", "-1e3".
@@ -48,8 +48,8 @@ def float_list(text: str) -> list[float]:
 def label_list(text: str) -> list[int]:
     """``"3,4 7"`` -> ``[3, 4, 7]``: integer labels separated by commas and/or whitespace.
 
-    A served index knows its labels as integers only (neither Info nor the engine's JSON carries
-    class names), so a name such as ``Bag`` is refused with a message saying so.
+    Label filters take the labels' numbers; a name such as ``Bag`` is refused with a message saying
+    so (a version with label names lists them in Info, and ``query`` prints them beside the numbers).
     """
     values = []
     for item in _items(text):
@@ -57,8 +57,8 @@ def label_list(text: str) -> list[int]:
             values.append(int(item))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{item!r} is not an integer label (label names need a catalogue with names; "
-                "a served index knows its labels as integers only: give the label's number)"
+                f"{item!r} is not an integer label (filters take the label's number; versions with names "
+                "print them beside the numbers in query's output)"
             ) from None
     return values
 
@@ -80,3 +80,14 @@ def join_negative_values(argv: Sequence[str]) -> list[str]:
             out.append(arg)
             i += 1
     return out
+
+
+def shape_tuple(text: str) -> tuple[int, ...]:
+    """``"28,28,1"`` or ``"28x28x1"`` -> ``(28, 28, 1)``: one item's shape, positive integers."""
+    try:
+        shape = tuple(int(v) for v in re.split(r"[,x\s]+", text.strip()) if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 28,28,1") from None
+    if not shape or min(shape) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape such as 28,28,1") from None
+    return shape

@@ -1,6 +1,7 @@
-"""A built-in, generated stand-in for Fashion-MNIST: simple garment-like 28x28 shapes.
+"""A generated stand-in for Fashion-MNIST: simple garment-like 28x28 shapes, any number of them.
 
-Used when no data is given, so the pipeline runs end to end offline without a download. Ten
+The built-in dataset ``shapes`` (``--data shapes``; the default is the packaged Fashion-MNIST
+sample, :mod:`latentsearch.data.fashion_mnist`), and the data of tests that need a chosen size. Ten
 classes mirror Fashion-MNIST's (T-shirt, trouser, pullover, dress, coat, sandal, shirt, sneaker,
 bag, ankle boot); each item is a procedurally drawn silhouette with random scale, shift, rotation,
 brightness and texture, rendered at 4x and downsampled (anti-aliased). Fully deterministic per seed.
@@ -13,24 +14,13 @@ from collections.abc import Callable
 
 import numpy as np
 
+from latentsearch.data.fashion_mnist import FASHION_MNIST_CLASSES
 from latentsearch.data.readers import ArrayDataset
 
-__all__ = ["GARMENT_CLASSES", "NOTICE", "garment_dataset", "garment_images"]
+__all__ = ["GARMENT_CLASSES", "garment_dataset", "garment_images"]
 
-NOTICE = "no --data given: using the built-in generated garment-shapes dataset"
-
-GARMENT_CLASSES = [
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-]
+# Class names by label: Fashion-MNIST's, which the ten drawers below mirror.
+GARMENT_CLASSES = FASHION_MNIST_CLASSES
 
 _Poly = list[tuple[float, float]]
 _Shape = list[tuple[str, _Poly, float]]  # (kind "poly"/"line", points in [0,1]^2, relative intensity)

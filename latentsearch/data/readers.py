@@ -128,6 +128,11 @@ class Dataset:
         """``(N,)`` stable str ids (row numbers ``"0"..."N-1"`` unless the data names its items)."""
         return self.batch_ids(0, len(self))
 
+    def item_metadata(self, start: int, stop: int) -> list[dict[str, Any]] | None:
+        """One small JSON-ready record per row of ``[start, stop)`` (e.g. the item's source file),
+        or ``None`` when the data keeps none (the default). The indexer stores them per item."""
+        return None
+
     # -- data -----------------------------------------------------------------------------
     def read(self, start: int, stop: int) -> np.ndarray:
         """Rows ``[start, stop)`` as a ``(stop - start, *item_shape)`` array of ``self.dtype``."""
@@ -242,6 +247,7 @@ class ImageFolderDataset(Dataset):
             ids=np.array(files),
         )
         self._root = root_path
+        self._source = root_path.resolve()
         self._files = files
         self._mode = mode
         self._resize = size is not None
@@ -256,6 +262,10 @@ class ImageFolderDataset(Dataset):
         except (OSError, UnidentifiedImageError, SyntaxError) as exc:
             raise InvalidArgumentError(f"{path}: cannot decode image ({exc})", field="data") from exc
         return img
+
+    def item_metadata(self, start: int, stop: int) -> list[dict[str, Any]] | None:
+        """``{"source": absolute path of the image file}`` per row."""
+        return [{"source": str(self._source / rel)} for rel in self._files[start:stop]]
 
     def read(self, start: int, stop: int) -> np.ndarray:
         h, w, c = self.item_shape
@@ -418,9 +428,16 @@ def _open_npz(path: Path, labels: Any) -> ArrayDataset:
             if labels is None and label_key is not None:
                 labels = z[label_key]
             ids = z["ids"] if "ids" in keys else None
+            names = z["label_names"] if "label_names" in keys else None
     except (ValueError, OSError, EOFError, zlib.error) as exc:
         raise InvalidArgumentError(f"{path}: not a readable .npz archive ({exc})", field="data") from exc
-    return ArrayDataset(array, labels=_load_labels(labels), ids=ids, path=path)
+    if names is not None and (names.ndim != 1 or names.dtype.kind != "U"):
+        raise InvalidArgumentError(
+            f"{path}: 'label_names' must be a 1-D array of strings, got {names.dtype} {names.shape}",
+            field="label_names",
+        )
+    label_names = None if names is None else [str(v) for v in names.tolist()]
+    return ArrayDataset(array, labels=_load_labels(labels), ids=ids, label_names=label_names, path=path)
 
 
 # -- dispatcher ---------------------------------------------------------------------------------
@@ -431,7 +448,7 @@ def open_dataset(
 
     * ``*.npy``: memory-mapped; labels from ``labels=`` or a ``<stem>.labels.npy`` sidecar;
     * ``*.npz``: items under ``x``/``images``/``data``/``features`` (or the only array), labels
-      under ``y``/``labels``, optional ``ids``;
+      under ``y``/``labels``, optional ``ids`` and ``label_names`` (strings, one per label);
     * IDX (``*-ubyte``, ``*.idx``, plain or ``.gz``): labels from the matching ``*-labels-idx1-*``
       file next to it; plain files are memory-mapped;
     * a folder holding IDX image files: the ``train-*`` one if several, else the only one;

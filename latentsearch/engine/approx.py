@@ -75,7 +75,14 @@ from latentsearch.engine.exact import (
 from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
 from latentsearch.posterior import LOG_2PI
 
-__all__ = ["ApproxIndex", "ApproxQuery", "PartitionScan", "default_nlist", "default_nprobe"]
+__all__ = [
+    "ApproxIndex",
+    "ApproxQuery",
+    "PartitionBounds",
+    "PartitionScan",
+    "default_nlist",
+    "default_nprobe",
+]
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +159,62 @@ class _Needed:
     bound: np.ndarray  # float64 rigorous upper bound of log q(z|x) over the partition
 
 
+class PartitionBounds:
+    """Rigorous upper bounds of log q(z|x) (or its expectation) over every partition, for one batch.
+
+    ``cheap`` holds, for every (query, partition) pair, the smaller of two bounds that cost matrix
+    products: the lifted box ``<q, mid> + <|q|, rad>`` and the partition-centred bound
+    ``sum_j [a_hi u_j^2 + bmid_j u_j + |u_j| brad_j] + c_hi`` (u = z - m; tight for queries near the
+    data). :meth:`refine` adds the per-dimension (mu, sigma) box bound (:func:`_box_bound`) for the
+    pairs asked, computing each pair once: the branch and bound of a search and the normaliser of
+    its match probabilities (:mod:`latentsearch.engine.probability`) share one object.
+
+    Attributes:
+        index, query: the partitions and the batch bounded.
+        cheap: ``(B, L)`` float64 bound per (query, partition), rounding margin included.
+    """
+
+    def __init__(self, index: ApproxIndex, query: ApproxQuery) -> None:
+        self.index = index
+        self.query = query
+        points, std, queries = query.points, query.std, query.lifted
+        absq = np.abs(queries)
+        bound = queries @ index.lifted_mid.T + absq @ index.lifted_rad.T  # (B, L)
+        bound += 1e-12 * (absq @ index.lifted_margin.T)
+        centred = queries @ index.centred_w.T  # (B, L)
+        m = index.centred[0]
+        step = max(1, 4_000_000 // max(1, index.nlist * points.shape[1]))
+        for s in range(0, points.shape[0], step):
+            u = np.abs(points[s : s + step, None, :] - m[None, :, :])  # (b, L, d)
+            centred[s : s + step] += np.einsum("bld,ld->bl", u, index.centred_rad)
+        if std is not None:  # E|z - m| <= |mean - m| + std: add the std part of the |u| term
+            centred += std @ index.centred_rad.T
+        np.minimum(bound, centred, out=bound)
+        bound += 1e-9 * (1.0 + np.abs(bound))
+        self.cheap = bound
+        self._refined = np.full(bound.shape, np.nan)  # (B, L) min(cheap, box) once computed
+
+    def refine(self, q: np.ndarray, part: np.ndarray) -> np.ndarray:
+        """``(M,)`` float64 bound for the pairs ``(q[i], part[i])``: the cheap one and the
+        per-dimension box one (the lifted box is part of the cheap bound already)."""
+        todo = np.flatnonzero(np.isnan(self._refined[q, part]))
+        index, query = self.index, self.query
+        points, std = query.points, query.std
+        for s in range(0, todo.size, 1 << 18):
+            t = todo[s : s + (1 << 18)]
+            qs, ps = q[t], part[t]
+            box = _dimension_bound(
+                points[qs],
+                None if std is None else std[qs],
+                index.lo[ps],
+                index.hi[ps],
+                index.slo[ps],
+                index.shi[ps],
+            )
+            self._refined[qs, ps] = np.minimum(self.cheap[qs, ps], box + 1e-9 * (1.0 + np.abs(box)))
+        return self._refined[q, part]
+
+
 @dataclass(frozen=True, eq=False)
 class _PartitionFilter:
     """What a :class:`Selection` keeps of each partition.
@@ -212,6 +275,9 @@ class ApproxIndex:
         self.lifted_box = lifted_box
         self.lifted_mid = 0.5 * (lifted_box[0] + lifted_box[1])
         self.lifted_rad = 0.5 * (lifted_box[1] - lifted_box[0])
+        # (L, 2d + 1) weights of the lifted bound's rounding margin: a constant of the index, once
+        # here rather than per call (at 1M items, 12,000 x 21 elements allocated per query).
+        self.lifted_margin = np.abs(self.lifted_mid) + self.lifted_rad
         self.centred, self.centred_c = centred, centred_c
         # Partition-centred bound in lifted form: with u = z - m,
         #   sum_j [u_j^2 ahi_j + u_j bmid_j + |u_j| brad_j] + c_hi,  ahi = -1/(2 shi^2),
@@ -410,6 +476,7 @@ class ApproxIndex:
         extra: int,
         exact: bool = False,
         certify: bool = False,
+        bounds: PartitionBounds | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-k by scanning the best partitions, reranked exactly; with ``exact``, certified.
 
@@ -431,6 +498,8 @@ class ApproxIndex:
             exact: return the exact top-k (certified by branch and bound).
             certify: without ``exact``, compute whether each answer is provably exact (costs
                 the partition bounds).
+            bounds: the batch's partition bounds when the caller already has them (computed here
+                otherwise, when needed).
 
         Returns:
             ``rows (B, k)`` int64, ``scores (B, k)`` float64 (padded with -1 / -inf past the
@@ -445,7 +514,7 @@ class ApproxIndex:
         threshold = top[:, k - 1]  # k-th exact score so far: a lower bound on the true one
         err = self._error(exact_index, query.lifted)
         hidden = first.hidden(err)
-        needed = self._needed(query, threshold, first.scanned)
+        needed = self._needed(query, threshold, first.scanned, bounds)
         if not exact:
             certified = hidden < threshold
             certified[needed.query] = False
@@ -551,54 +620,73 @@ class ApproxIndex:
         rows[todo], top[todo] = _topk(merged, _rescore_padded(query.rescore, todo, merged), top.shape[1])
         return fallback
 
-    def _needed(self, query: ApproxQuery, threshold: np.ndarray, scanned: np.ndarray) -> _Needed:
+    def partition_bounds(self, query: ApproxQuery) -> PartitionBounds:
+        """Rigorous upper bounds of log q(z|x) over every partition for ``query`` (see
+        :class:`PartitionBounds`): the cheap bounds now, the per-dimension box on demand."""
+        return PartitionBounds(self, query)
+
+    def _needed(
+        self,
+        query: ApproxQuery,
+        threshold: np.ndarray,
+        scanned: np.ndarray,
+        bounds: PartitionBounds | None = None,
+    ) -> _Needed:
         """Unscanned partitions whose rigorous upper bound reaches the query's threshold.
 
-        Three bounds, cheapest first, each applied only where the previous ones did not prune:
-        the lifted box (two matrix products), the partition-centred bound (one matrix product plus
-        ``sum_j |z_j - m_j| brad_j``; tight for queries near the data) and the per-dimension
-        (mu, sigma) box (:func:`_box_bound`). Partitions holding no selected item are skipped.
+        The cheap bounds of ``bounds`` first, then the per-dimension (mu, sigma) box
+        (:meth:`PartitionBounds.refine`) where they do not prune. Partitions holding no selected
+        item are skipped.
 
         Args:
             threshold: ``(B,)`` float64 score a partition's bound must reach.
             scanned: ``(B, L)`` bool, partitions already scanned per query.
+            bounds: the batch's partition bounds (default: computed here).
         """
-        points, std, queries = query.points, query.std, query.lifted
-        counts = self.list_sizes if query.selection is None else self._partitions_of(query.selection).counts
-        absq = np.abs(queries)
-        bound = queries @ self.lifted_mid.T + absq @ self.lifted_rad.T  # (B, L)
-        bound += 1e-12 * (absq @ (np.abs(self.lifted_mid) + self.lifted_rad).T)
-        centred = queries @ self.centred_w.T  # (B, L)
-        m = self.centred[0]
-        step = max(1, 4_000_000 // max(1, self.nlist * points.shape[1]))
-        for s in range(0, points.shape[0], step):
-            u = np.abs(points[s : s + step, None, :] - m[None, :, :])  # (b, L, d)
-            centred[s : s + step] += np.einsum("bld,ld->bl", u, self.centred_rad)
-        if std is not None:  # E|z - m| <= |mean - m| + std: add the std part of the |u| term
-            centred += std @ self.centred_rad.T
-        np.minimum(bound, centred, out=bound)
-        bound += 1e-9 * (1.0 + np.abs(bound))
+        bounds = self.partition_bounds(query) if bounds is None else bounds
+        counts = self.selected_counts(query.selection)
+        bound = bounds.cheap.copy()
         bound[scanned] = -np.inf
         bound[:, counts == 0] = -np.inf
         q, part = np.nonzero(bound >= threshold[:, None])
         if q.size == 0:
             return _Needed(query=q, partition=part, bound=np.zeros(0))
-        box = np.empty(q.size)
-        for s in range(0, q.size, 1 << 18):
-            qs, ps = q[s : s + (1 << 18)], part[s : s + (1 << 18)]
-            box[s : s + qs.size] = _box_bound(
-                queries[qs],
-                points[qs],
-                None if std is None else std[qs],
-                self.lifted_mid[ps],
-                self.lifted_rad[ps],
-                self.lo[ps],
-                self.hi[ps],
-                self.slo[ps],
-                self.shi[ps],
-            )
+        box = bounds.refine(q, part)
         keep = box >= threshold[q]
         return _Needed(query=q[keep], partition=part[keep], bound=box[keep])
+
+    def selected_counts(self, selection: Selection | None) -> np.ndarray:
+        """``(L,)`` int64 items of each partition that ``selection`` keeps (all without one)."""
+        return self.list_sizes if selection is None else self._partitions_of(selection).counts
+
+    def error(self, exact_index: ExactIndex, queries: np.ndarray) -> np.ndarray:
+        """``(B,)`` float64 bound on the float32 score error of every partitioned item."""
+        return self._error(exact_index, queries)
+
+    def range_scan(
+        self, q32: np.ndarray, lists: np.ndarray, radius: float, selection: Selection | None
+    ) -> np.ndarray:
+        """Bank rows of the (selected) items of partitions ``lists (m,)`` whose float32 score for
+        the one query ``q32 (n,)`` is ``> radius`` (a float32 value); ``(M,)`` int64.
+
+        Every other item of those partitions scores ``<= radius`` in float32.
+        """
+        params = faiss.SearchParametersIVF()
+        params.nprobe = int(lists.size)
+        if selection is not None:
+            params.sel = selection.rows.selector
+        x = np.ascontiguousarray(q32[None, :], dtype=np.float32)
+        keys = np.ascontiguousarray(lists[None, :], dtype=np.int64)
+        coarse = np.zeros(keys.shape, dtype=np.float32)  # unused by flat inverted lists
+        result = faiss.RangeSearchResult(1)
+        sp = faiss.swig_ptr
+        # the stub omits range_search_preassigned_c, the SWIG method FAISS's wrapper calls (the
+        # wrapper itself refuses params, hence the selector and a per-call nprobe)
+        self.ivf.range_search_preassigned_c(  # type: ignore[attr-defined]
+            1, sp(x), float(radius), sp(keys), sp(coarse), result, False, params
+        )
+        found = int(faiss.rev_swig_ptr(result.lims, 2)[1])
+        return faiss.rev_swig_ptr(result.labels, found).astype(np.int64) if found else np.zeros(0, np.int64)
 
     def _probe(self, q32: np.ndarray, nprobe: int, selection: Selection | None) -> np.ndarray:
         """``(B, nprobe)`` partitions with the best centroid posterior (-1 where none is left).
@@ -701,6 +789,20 @@ def _box_bound(
     """
     lifted = (queries * mid).sum(-1) + (np.abs(queries) * rad).sum(-1)
     slack = 1e-12 * (np.abs(queries) * (np.abs(mid) + rad)).sum(-1)
+    bound = np.minimum(lifted, _dimension_bound(points, std, lo, hi, slo, shi))
+    return bound + slack + 1e-9 * (1.0 + np.abs(bound))
+
+
+def _dimension_bound(
+    points: np.ndarray,
+    std: np.ndarray | None,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    slo: np.ndarray,
+    shi: np.ndarray,
+) -> np.ndarray:
+    """The per-dimension (mu, sigma) box bound of the module docstring, ``(...)`` float64, before
+    any rounding margin; arguments as :func:`_box_bound`'s, broadcasting over leading axes."""
     dist = np.maximum(np.maximum(lo - points, points - hi), 0.0)
     d2 = dist * dist
     if std is not None:
@@ -710,6 +812,4 @@ def _box_bound(
     at_hi = -0.5 * d2 / shi2 - np.log(shi)
     inside = -0.5 - 0.5 * np.log(np.maximum(d2, 1e-300))
     term = np.where(d2 <= slo2, at_lo, np.where(d2 >= shi2, at_hi, inside))
-    box = term.sum(-1) - 0.5 * points.shape[-1] * LOG_2PI
-    bound = np.minimum(lifted, box)
-    return bound + slack + 1e-9 * (1.0 + np.abs(bound))
+    return term.sum(-1) - 0.5 * points.shape[-1] * LOG_2PI

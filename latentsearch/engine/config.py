@@ -46,8 +46,10 @@ class EngineConfig:
     approx_rerank: int = 64
     # How exact mode finds the exact top-k when an approximate index exists: "partitions" scans the
     # best partitions, then every partition whose rigorous upper bound reaches the k-th score found
-    # (branch and bound, typically a few % of the bank); "flat" screens every item.
-    exact_strategy: Literal["partitions", "flat"] = "partitions"
+    # (branch and bound, typically a few % of the bank); "flat" screens every item; "auto" picks the
+    # cheaper of the two per call from the batch size and the costs measured when the index was
+    # built (see engine/strategy.py; an engine saved without them uses "partitions").
+    exact_strategy: Literal["auto", "partitions", "flat"] = "auto"
     # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
     approx_certify: bool = False
     # k-means iterations and training sample used to build the partitions. At 1M items these
@@ -82,9 +84,9 @@ class EngineConfig:
             raise InvalidArgumentError(
                 f"device must be auto, cpu or cuda, got {self.device!r}", field="device"
             )
-        if self.exact_strategy not in ("partitions", "flat"):
+        if self.exact_strategy not in ("auto", "partitions", "flat"):
             raise InvalidArgumentError(
-                f"exact_strategy must be partitions or flat, got {self.exact_strategy!r}",
+                f"exact_strategy must be auto, partitions or flat, got {self.exact_strategy!r}",
                 field="exact_strategy",
             )
         if self.metric != "inner_product":

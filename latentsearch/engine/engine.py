@@ -21,9 +21,10 @@ from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import Device, resolve_device
 from latentsearch.engine.lifting import lift_distributions, lift_points
-from latentsearch.engine.probability import DEFAULT_REL_TOL, normalise
+from latentsearch.engine.probability import DEFAULT_REL_TOL, PARTITION_MAX_QUERIES, SearchWork, normalise
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
+from latentsearch.engine.strategy import PROBE_BATCH_SIZES, ExactPath, StrategyCosts, calibrate, probe_queries
 from latentsearch.engine.typicality import TypicalityReference, reference_points
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.posterior import DiagonalGaussian
@@ -66,8 +67,11 @@ def _faiss_threads(n: int) -> Iterator[None]:
 class SearchEngine:
     """Top-k search over a :class:`PosteriorBank` ranked by exact float64 ``log q(z|x)``.
 
-    * ``mode="exact"``: certified float32 screening over scale groups plus float64 rerank; the
-      top-k is identical to the float64 brute force, ties broken by ascending row.
+    * ``mode="exact"``: certified float32 screening plus float64 rerank; the top-k is identical
+      to the float64 brute force, ties broken by ascending row. With an approximate index it
+      takes branch and bound over the partitions or the flat screen of every item, whichever
+      ``costs`` (measured at build, see :mod:`latentsearch.engine.strategy`) predicts cheaper
+      for the call's batch size, unless ``config.exact_strategy`` names one.
     * ``mode="approx"``: partitions scanned in order of a rigorous per-partition upper bound on
       log q(z|x), then an exact float64 rerank (see :mod:`latentsearch.engine.approx`).
     * ``mode="auto"`` (default): approx when the bank has an approximate index, else exact.
@@ -83,6 +87,7 @@ class SearchEngine:
         exact: ExactIndex | None = None,
         approx: ApproxIndex | None = None,
         typicality: TypicalityReference | None = None,
+        costs: StrategyCosts | None = None,
     ) -> None:
         self.bank = bank
         self.config = config or EngineConfig()
@@ -95,6 +100,8 @@ class SearchEngine:
         )
         self.approx = approx
         self.typicality = typicality
+        # Measured cost of each exact path (see strategy.py); None: the fixed rule (partitions).
+        self.costs = costs
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -137,6 +144,7 @@ class SearchEngine:
         engine = cls(bank, config)
         if build_approx:
             engine.approx = ApproxIndex.build(bank.mu, bank.log_sigma, config, groups=engine.exact.groups)
+            engine.costs = engine.calibrate_exact()
         if config.typicality_samples:
             engine.typicality = engine.build_typicality(config.typicality_samples, seed=config.seed)
         return engine
@@ -146,8 +154,29 @@ class SearchEngine:
         (see :mod:`latentsearch.engine.typicality`), certified to the default relative tolerance."""
         rows, z = reference_points(self.bank.mu, self.bank.log_sigma, samples, seed)
         ref = self.bank.log_prob_rows(z, rows[:, None])[:, 0]  # each sample's own item: a valid M
-        norm = normalise(self.exact, lift_points(z), ref, self._rescorer(z, None), None)
+        rescore = self._rescorer(z, None)
+        norm = normalise(self.exact, lift_points(z), rows[:, None], ref[:, None], rescore, None)
         return TypicalityReference(log_qz=np.sort(norm.log_qz))
+
+    def calibrate_exact(self, *, seed: int = 0) -> StrategyCosts | None:
+        """Measure both exact paths on this host (see :mod:`latentsearch.engine.strategy`): the
+        seconds of exact calls of probe queries at each of ``PROBE_BATCH_SIZES``, on the partitions
+        and on the flat screen. ``None`` (nothing to choose) without an approximate index.
+
+        :meth:`from_bank` calls it once the approximate index is built, and the result is saved with
+        the engine; call it again (and assign ``engine.costs``) to re-measure on another host.
+        """
+        if self.approx is None:
+            return None
+        probes = probe_queries(self.bank.mu, self.bank.log_sigma, 2 * max(PROBE_BATCH_SIZES), seed=seed)
+        k = min(10, len(self.bank))
+
+        def run(path: ExactPath, points: np.ndarray) -> object:
+            return self._search_arrays(points, None, k, "exact", None, None, strategy=path)
+
+        costs = calibrate(run, probes)
+        log.info("exact strategy costs (s per call at B = %s): %s", costs.batch_sizes, costs.seconds)
+        return costs
 
     # -- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -165,6 +194,7 @@ class SearchEngine:
             "has_labels": self.bank.labels is not None,
             "scale_groups": [len(g) for g in self.exact.groups],
             "approx": None if self.approx is None else self.approx.info(),
+            "exact_costs": None if self.costs is None else self.costs.to_dict(),
             "config": self.config.to_dict(),
             "faiss_version": faiss.__version__,
             "device": resolve_device(self.config.device),
@@ -192,7 +222,8 @@ class SearchEngine:
             nprobe: approximate mode only: partitions to scan (default: the index's, ~3% of them).
             with_probability: also return each item's match probability p(i | z), the query's
                 aggregate-posterior log density log q(z) with certified bounds, and its typicality
-                (see :mod:`latentsearch.engine.probability`); costs a pass over every item.
+                (see :mod:`latentsearch.engine.probability`): every item is bounded, by its
+                partition's bound or its float32 screen, and those that can matter are rescored.
             rel_tol: the certified relative width of the normaliser interval, in [0, 1)
                 (``upper / lower - 1 <= rel_tol``; 0 scores every item in float64).
         """
@@ -323,7 +354,10 @@ class SearchEngine:
         labels: Iterable[int] | None,
         nprobe: int | None,
         rel_tol: float | None = None,
+        *,
+        strategy: ExactPath | None = None,
     ) -> BatchResult:
+        """The search behind every public method; ``strategy`` forces an exact path (calibration)."""
         k_eff = self._check_k(k)
         if nprobe is not None and (
             isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1
@@ -334,8 +368,9 @@ class SearchEngine:
         queries = lift_points(points) if std is None else lift_distributions(points, std)
         rescore = self._rescorer(points, std)
         with _faiss_threads(self._threads_for(points.shape[0])):
+            work = SearchWork() if rel_tol is not None else None
             rows, scores, certified = self._run(
-                points, std, queries, k_eff, resolved, selection, rescore, nprobe
+                points, std, queries, k_eff, resolved, selection, rescore, nprobe, work, strategy
             )
         kl = None
         if std is not None and np.all(std > 0):
@@ -347,7 +382,10 @@ class SearchEngine:
         )
         if rel_tol is None:
             return batch
-        norm = normalise(self.exact, queries, scores[:, 0], rescore, selection, rel_tol=rel_tol)
+        with _faiss_threads(self._threads_for(points.shape[0])):
+            norm = normalise(
+                self.exact, queries, rows, scores, rescore, selection, rel_tol=rel_tol, work=work
+            )
         typicality = np.full(points.shape[0], np.nan)
         if self.typicality is not None and selection is None:
             typicality = self.typicality.percentile(norm.log_qz)
@@ -381,14 +419,29 @@ class SearchEngine:
         selection: Selection | None,
         rescore: Rescore,
         nprobe: int | None,
+        work: SearchWork | None = None,
+        strategy: ExactPath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The top-k and whether each answer is certified; ``work``, when given, receives what the
+        probability normaliser can reuse (the partition bounds, the dense screens' scores)."""
+        nq = points.shape[0]
+        auto = strategy is None and self.config.exact_strategy == "auto"
+        if auto and work is not None and nq <= PARTITION_MAX_QUERIES:
+            # With probabilities, "auto" keeps the partitions for small calls whatever the search
+            # alone costs: the normaliser reuses their bounds (2-3x cheaper than its flat screen at
+            # 1M items, bench_probability); the cost model measures the search only.
+            strategy = "partitions"
         use_partitions = self.approx is not None and (
-            resolved == "approx" or self.config.exact_strategy == "partitions"
+            resolved == "approx" or (strategy or self.exact_path(nq)) == "partitions"
         )
         if use_partitions:
             assert self.approx is not None
+            query = ApproxQuery(points=points, std=std, lifted=queries, rescore=rescore, selection=selection)
+            bounds = None
+            if work is not None and points.shape[0] <= PARTITION_MAX_QUERIES:  # what the normaliser uses
+                bounds = work.partitions = self.approx.partition_bounds(query)
             rows, scores, certified = self.approx.search(
-                ApproxQuery(points=points, std=std, lifted=queries, rescore=rescore, selection=selection),
+                query,
                 k=k_eff,
                 rerank=max(self.config.approx_rerank, k_eff),
                 nprobe=self.approx.nprobe if nprobe is None else nprobe,
@@ -396,13 +449,28 @@ class SearchEngine:
                 extra=self.config.exact_extra,
                 exact=resolved == "exact",
                 certify=self.config.approx_certify,
+                bounds=bounds,
             )
         else:
             rows, scores = self.exact.search(
-                queries, k_eff, extra=self.config.exact_extra, rescore=rescore, selection=selection
+                queries,
+                k_eff,
+                extra=self.config.exact_extra,
+                rescore=rescore,
+                selection=selection,
+                screens=None if work is None else work.screens,
             )
             certified = np.ones(points.shape[0], dtype=bool)
         return rows, scores, certified
+
+    def exact_path(self, nq: int) -> ExactPath:
+        """The exact path a call of ``nq`` queries takes when the bank has an approximate index:
+        ``config.exact_strategy`` when it names one, else the cheaper by the measured costs, else
+        (an engine saved without costs) the partitions."""
+        strategy = self.config.exact_strategy
+        if strategy != "auto":
+            return strategy
+        return "partitions" if self.costs is None else self.costs.choose(nq)
 
     def _result_of(self, batch: BatchResult, b: int) -> SearchResult:
         """Query ``b`` of ``batch`` as a :class:`SearchResult`."""
@@ -538,7 +606,7 @@ class SearchEngine:
         ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
         """
         parts = EngineParts(
-            self.bank, self.config, self.exact, self.approx, typicality=self.typicality
+            self.bank, self.config, self.exact, self.approx, typicality=self.typicality, costs=self.costs
         )
         return save_engine(parts, Path(path), overwrite=overwrite, extra=extra)
 
@@ -553,7 +621,12 @@ class SearchEngine:
         """
         parts = load_engine(Path(path), mmap=mmap, verify=verify, device=device)
         return cls(
-            parts.bank, parts.config, exact=parts.exact, approx=parts.approx, typicality=parts.typicality
+            parts.bank,
+            parts.config,
+            exact=parts.exact,
+            approx=parts.approx,
+            typicality=parts.typicality,
+            costs=parts.costs,
         )
 
 

@@ -124,12 +124,16 @@ class ScaleGroup:
             and kg * DENSE_BLOCK < n <= DENSE_MAX_ITEMS
         )
 
-    def dense_screen(self, q32: np.ndarray, kg: int) -> tuple[np.ndarray, np.ndarray] | None:
+    def dense_screen(
+        self, q32: np.ndarray, kg: int, scores_out: list[np.ndarray] | None = None
+    ) -> tuple[np.ndarray, np.ndarray] | None:
         """Every item whose float32 score reaches a per-query threshold t (see the module docstring).
 
         Args:
             q32: ``(B, n)`` float32 lifted queries.
             kg: candidates wanted per query; requires ``len(self) > kg * DENSE_BLOCK``.
+            scores_out: when given, the ``(B, n_g)`` float32 score of every item (local id order)
+                is appended to it, for a caller that needs them all (the probability normaliser).
 
         Returns:
             ``local (B, C)`` int64 local ids (-1 padding), at least ``kg`` per query, and
@@ -145,6 +149,8 @@ class ScaleGroup:
         scores = np.empty((nq, nb * bs), dtype=np.float32)
         np.matmul(q32, xb.T, out=scores[:, :m])
         scores[:, m:] = -np.inf  # the last block's padding never reaches a (finite) threshold
+        if scores_out is not None:
+            scores_out.append(scores[:, :m])
         blocks = scores.reshape(nq, nb, bs)
         block_max = blocks.max(axis=2)  # (B, nb)
         t = np.partition(block_max, nb - kg, axis=1)[:, nb - kg]  # kg-th largest block maximum
@@ -267,6 +273,7 @@ class ExactIndex:
         rescore: Rescore,
         selection: Selection | None = None,
         only: Iterable[int] | None = None,
+        screens: dict[int, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-k (over the scale groups ``only``, default all).
 
@@ -276,6 +283,8 @@ class ExactIndex:
             extra: screened candidates per group beyond k (``k + max(k, extra)`` in all).
             rescore: exact float64 scorer, ``rescore(query_idx (B',), rows (B', C)) -> (B', C)``.
             selection: restrict to a subset of rows (label filter), applied inside FAISS.
+            screens: when given, receives ``{group: (B, n_g) float32 scores}`` of the groups
+                screened densely (every item scored), so the caller need not score them again.
 
         Returns:
             ``rows (B, k)`` int64 and ``scores (B, k)`` float64, best first, ties by row; rows are
@@ -314,7 +323,14 @@ class ExactIndex:
             if group.direct:
                 direct.append(gi)
                 continue
-            dense = group.dense_screen(q32, kg) if params is None and group.dense_ok(nq, kg) else None
+            dense = None
+            if params is None and group.dense_ok(nq, kg):
+                if screens is None:
+                    dense = group.dense_screen(q32, kg)
+                else:
+                    got: list[np.ndarray] = []
+                    dense = group.dense_screen(q32, kg, scores_out=got)
+                    screens[gi] = got[0]
             if dense is not None:
                 local, kth = dense  # every unscreened item scores < kth in float32
             else:

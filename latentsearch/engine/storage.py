@@ -2,7 +2,9 @@
 
 Layout (``FORMAT_VERSION`` 1)::
 
-    manifest.json        format, counts, engine config, FAISS parameters, size + sha256 of every file
+    manifest.json        format, counts, engine config, FAISS parameters, size + sha256 of every file,
+                         the measured exact-path costs ("exact_costs", see strategy.py; absent or
+                         null in engines saved before them, which then use the fixed rule)
     mu.npy               (N, d) float64
     log_sigma.npy        (N, d) float64
     exact_groups.npy     (N,) int16 scale group of every row (group bounds are in the manifest)
@@ -52,6 +54,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.gpu import Device, resolve_device
+from latentsearch.engine.strategy import StrategyCosts
 from latentsearch.engine.typicality import TypicalityReference
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
 
@@ -59,6 +62,7 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "EngineParts",
+    "check_listed_files",
     "file_digest",
     "fsync_dir",
     "load_engine",
@@ -142,6 +146,8 @@ class EngineParts:
     exact: ExactIndex
     approx: ApproxIndex | None
     typicality: TypicalityReference | None = None
+    # Measured cost of each exact path (strategy.py); None: not measured (the fixed rule applies).
+    costs: StrategyCosts | None = None
 
 
 def save_engine(
@@ -201,6 +207,7 @@ def save_engine(
                 "group_direct": [g.direct for g in engine.exact.groups],
             },
             "approx": None if approx is None else {**approx.info(), "exact_groups": approx.exact_groups},
+            "exact_costs": None if engine.costs is None else engine.costs.to_dict(),
             "versions": {"faiss": faiss.__version__, "numpy": np.__version__},
             "files": files,
             "extra": extra or {},
@@ -254,6 +261,32 @@ def read_json_manifest(mpath: Path, fmt: str, version: int, *, missing: str = ""
             f"{mpath} has format_version {manifest.get('format_version')!r}; this build reads {version}"
         )
     return manifest
+
+
+def check_listed_files(
+    directory: Path, files: dict[str, dict[str, Any]], *, own: tuple[str, ...], listed_in: str
+) -> list[str]:
+    """Every problem of the files a manifest lists under ``directory`` (``files``: relative name ->
+    ``{"bytes", "sha256"}``): missing, another size, a failed sha256; and every file there it does
+    not list (``own``: the manifest's own files). One line per bad file, naming it; ``listed_in``
+    names the manifest in the lines ("the manifest", "model.json")."""
+    problems = []
+    for name, meta in sorted(files.items()):
+        fpath = directory / name
+        try:
+            size = fpath.stat().st_size
+        except FileNotFoundError:
+            problems.append(f"{fpath}: missing")
+            continue
+        if size != meta.get("bytes"):
+            problems.append(f"{fpath}: {size} bytes, {listed_in} says {meta.get('bytes')} (truncated?)")
+        elif file_digest(fpath) != meta.get("sha256"):
+            problems.append(f"{fpath}: fails its sha256 checksum")
+    listed = set(files) | set(own)
+    for p in sorted(directory.rglob("*")):
+        if p.is_file() and p.relative_to(directory).as_posix() not in listed:
+            problems.append(f"{p}: not listed in {listed_in}")
+    return problems
 
 
 def _check_files(path: Path, manifest: dict[str, Any], verify: bool) -> None:
@@ -360,8 +393,16 @@ def load_engine(
             typicality = TypicalityReference(log_qz=reference)
         except CorruptIndexError as exc:
             raise CorruptIndexError(f"{path / TYPICALITY}: {exc}") from exc
+    costs = None
+    if manifest.get("exact_costs") is not None:  # engines saved before the cost model have none
+        try:
+            costs = StrategyCosts.from_dict(manifest["exact_costs"])
+        except CorruptIndexError as exc:
+            raise CorruptIndexError(f"{path / MANIFEST}: {exc}") from exc
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
-    return EngineParts(bank=bank, config=config, exact=exact, approx=approx, typicality=typicality)
+    return EngineParts(
+        bank=bank, config=config, exact=exact, approx=approx, typicality=typicality, costs=costs
+    )
 
 
 def _load_approx(

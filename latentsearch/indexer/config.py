@@ -29,6 +29,13 @@ class IndexJobConfig:
     data: str | None = None
     # Precomputed posteriors: npz with mu and one of logvar / log_sigma / sigma (see indexer.posteriors).
     posteriors: str | None = None
+    # Names of the integer labels, label_names[label] (``--label-names``); None: the data's own
+    # (image-folder class names, a dataset's label_names, a posteriors npz's label_names key), if any.
+    # Must name every label present (indexer.catalogue.check_label_names).
+    label_names: tuple[str, ...] | None = None
+    # Store each image item's pixels as its thumbnail (uint8 images; ``--no-thumbnails``: none,
+    # N * H * W * C bytes saved, at most 4096 per item; see indexer.catalogue).
+    thumbnails: bool = True
     # Input shape of a user model (TorchScript / factory); checkpoints know their own.
     input_shape: tuple[int, ...] | None = None
     # "auto" (cuda when available), "cpu" or "cuda".
@@ -39,6 +46,19 @@ class IndexJobConfig:
     bf16: bool = False
     # CPU threads for torch (None: all cores).
     num_threads: int | None = None
+    # Encode on Ray Data (``--ray``): an actor pool loads the model once per actor and writes posterior
+    # shards into the staging area (latentsearch.indexer.ray_encode; needs the ``ray`` extra, and the
+    # caller passes its ``ray_encode`` to run_index_job). False: encode in this process.
+    ray: bool = False
+    # The Ray cluster (``--ray ADDRESS``: ``auto``, ``ray://head:10001``, ``head:6379``); None: the
+    # cluster in RAY_ADDRESS (``ray job submit`` sets it), else a new local instance for this job.
+    ray_address: str | None = None
+    # Encoder actors on Ray (each loads the model once and encodes batch_size items per call).
+    ray_actors: int = 1
+    # GPUs per encoder actor (0: CPU actors; a fraction such as 0.5 puts two actors on one GPU).
+    ray_gpus_per_actor: float = 0.0
+    # CPUs per encoder actor (Ray's scheduling unit; a CPU actor runs max(1, int(this)) torch threads).
+    ray_cpus_per_actor: float = 1.0
     # Search engine options (the ``--index-spec`` string parsed by :func:`parse_index_spec`).
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Versions kept after publishing (the current one is never deleted).
@@ -50,6 +70,8 @@ class IndexJobConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        if self.label_names is not None:
+            object.__setattr__(self, "label_names", tuple(self.label_names))
         if self.posteriors is not None:
             if self.model is not None or self.data is not None:
                 raise InvalidArgumentError(
@@ -71,6 +93,26 @@ class IndexJobConfig:
             )
         if self.num_threads is not None and self.num_threads < 1:
             raise InvalidArgumentError("num_threads must be >= 1", field="num_threads")
+        if isinstance(self.ray_actors, bool) or not isinstance(self.ray_actors, int) or self.ray_actors < 1:
+            raise InvalidArgumentError(
+                f"ray_actors must be an integer >= 1, got {self.ray_actors!r}", field="ray_actors"
+            )
+        if not 0 <= self.ray_gpus_per_actor <= 64:
+            raise InvalidArgumentError(
+                f"ray_gpus_per_actor must be in [0, 64], got {self.ray_gpus_per_actor!r}",
+                field="ray_gpus_per_actor",
+            )
+        if not 0 < self.ray_cpus_per_actor <= 1024:
+            raise InvalidArgumentError(
+                f"ray_cpus_per_actor must be in (0, 1024], got {self.ray_cpus_per_actor!r}",
+                field="ray_cpus_per_actor",
+            )
+        if self.ray_address is not None and not self.ray:
+            raise InvalidArgumentError("ray_address is given but ray is off", field="ray_address")
+        if self.ray and self.posteriors is not None:
+            raise InvalidArgumentError(
+                "--ray encodes a dataset: give --model and --data, not --posteriors", field="ray"
+            )
 
     @property
     def source_kind(self) -> str:
@@ -82,6 +124,7 @@ class IndexJobConfig:
         d["out"] = os.fspath(self.out)
         d["engine"] = self.engine.to_dict()
         d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
+        d["label_names"] = None if self.label_names is None else list(self.label_names)
         return d
 
 

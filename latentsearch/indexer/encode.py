@@ -31,7 +31,7 @@ from latentsearch.model.device import configure_cpu_threads
 from latentsearch.model.loader import LoadedModel, encode_batch
 from latentsearch.progress import Progress
 
-__all__ = ["EncodedPosteriors", "encode_dataset", "encode_posteriors"]
+__all__ = ["EncodedPosteriors", "check_encodable", "encode_dataset", "encode_posteriors"]
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,19 @@ def _prefetch(batches: Iterator[tuple[int, np.ndarray]], depth: int = 2) -> Iter
         thread.join(timeout=5)
 
 
+def check_encodable(model: LoadedModel, dataset: Dataset) -> None:
+    """Raise InvalidArgumentError (``field="data"``) unless ``model`` can encode ``dataset``'s items:
+    a non-empty dataset whose items hold as many values as the model's input (possibly permuted or
+    flattened; see :meth:`model.loader.LoadedModel.prepare`)."""
+    if len(dataset) == 0:
+        raise InvalidArgumentError("the dataset is empty", field="data")
+    if int(np.prod(dataset.item_shape)) != int(np.prod(model.input_shape)):
+        raise InvalidArgumentError(
+            f"dataset items have shape {dataset.item_shape}, the model takes {model.input_shape}",
+            field="data",
+        )
+
+
 def encode_dataset(
     model: LoadedModel,
     dataset: Dataset,
@@ -145,14 +158,8 @@ def encode_dataset(
     Returns:
         The files memory-mapped read-only.
     """
+    check_encodable(model, dataset)
     n, d = len(dataset), model.latent_dim
-    if n == 0:
-        raise InvalidArgumentError("the dataset is empty", field="data")
-    if int(np.prod(dataset.item_shape)) != int(np.prod(model.input_shape)):
-        raise InvalidArgumentError(
-            f"dataset items have shape {dataset.item_shape}, the model takes {model.input_shape}",
-            field="data",
-        )
     if model.device.type == "cpu":
         configure_cpu_threads(num_threads)
     out = Path(directory)

@@ -1,34 +1,60 @@
 """Orchestration of an indexing job: source -> posteriors -> engine -> published version.
 
 Two sources: a model + dataset (encoded in batches into memory-mapped float32 files, see
-:mod:`indexer.encode`) or a precomputed posteriors npz (:mod:`indexer.posteriors`). Both end in
-the same publish step (:meth:`indexer.root.IndexRoot.publish_staged`).
+:mod:`indexer.encode`; the model is stored with the version, :mod:`indexer.models`) or a
+precomputed posteriors npz (:mod:`indexer.posteriors`). Both end in the same publish step
+(:meth:`indexer.root.IndexRoot.publish_staged`).
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from latentsearch.data.readers import open_dataset
+from latentsearch.data.builtin import load_data
+from latentsearch.data.readers import Dataset, open_dataset
 from latentsearch.engine.approx import default_nlist
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest, saved_bytes
+from latentsearch.errors import FailedPreconditionError
+from latentsearch.indexer.catalogue import catalogue_bytes, check_label_names, write_catalogue
 from latentsearch.indexer.config import IndexJobConfig
-from latentsearch.indexer.encode import encode_dataset
-from latentsearch.indexer.posteriors import read_posteriors_npz
+from latentsearch.indexer.encode import EncodedPosteriors, encode_dataset
+from latentsearch.indexer.models import ModelRef, stage_entry
+from latentsearch.indexer.posteriors import read_label_names, read_posteriors_npz
 from latentsearch.indexer.root import IndexRoot, Staging, engine_bytes
-from latentsearch.model.loader import load_model
+from latentsearch.model.loader import LoadedModel, default_input_rule, load_model
 from latentsearch.progress import Progress
 
-__all__ = ["JobResult", "run_index_job"]
+__all__ = ["EncodeStep", "JobResult", "local_encode", "run_index_job"]
 
 log = logging.getLogger(__name__)
+
+# The encode step of a model job: (loaded model, dataset, directory, config) -> the dataset's
+# posteriors as (N, d) float32 memmaps mu.npy / logvar.npy in that directory (inside the version's
+# staging area). :func:`local_encode` runs in this process; indexer.ray_encode.ray_encode on Ray Data.
+EncodeStep = Callable[[LoadedModel, Dataset, Path, IndexJobConfig], EncodedPosteriors]
+
+
+def local_encode(
+    model: LoadedModel, dataset: Dataset, directory: Path, config: IndexJobConfig
+) -> EncodedPosteriors:
+    """The in-process encode step (:func:`indexer.encode.encode_dataset` with the job's options)."""
+    return encode_dataset(
+        model,
+        dataset,
+        directory,
+        batch_size=config.batch_size,
+        bf16=config.bf16,
+        num_threads=config.num_threads,
+        progress=config.progress,
+    )
 
 
 @dataclass(frozen=True)
@@ -84,10 +110,12 @@ class _Stages:
         self._bar.close()
 
 
-def run_index_job(config: IndexJobConfig) -> JobResult:
+def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -> JobResult:
     """Run one indexing job end to end and publish a new current version under ``config.out``.
 
     Nothing is published when any step fails (the previous current version stays current).
+    ``encode``: the encode step of a model job (default :func:`local_encode`; ``config.ray`` needs
+    ``indexer.ray_encode.ray_encode``, which the CLI passes for ``--ray``).
 
     Raises:
         LatentSearchError subclasses: bad input (naming the file / npz key and row), missing model or
@@ -95,20 +123,29 @@ def run_index_job(config: IndexJobConfig) -> JobResult:
         X MiB, ...)" when the free space is short before encoding or saving (checked against an
         estimate) or the disk fills up on the way (nothing is left behind).
     """
+    if config.ray and encode is None:
+        raise FailedPreconditionError(
+            "config.ray is set: pass encode=latentsearch.indexer.ray_encode.ray_encode to run_index_job"
+        )
     t_start = time.perf_counter()
     root = IndexRoot(config.out, create=True)
+    payloads = _catalogue_source(config)  # label names checked here, before any encoding
     with root.staging() as staging:
         if config.source_kind == "posteriors":
             stages = _Stages(["read", "build", "save", "publish"], config.progress)
             try:
                 engine, metadata = _from_posteriors(config, stages)
-                version = _save_and_publish(root, staging, engine, metadata, config, stages)
+                version = _save_and_publish(
+                    root, staging, engine, metadata, config, stages, None, catalogue=payloads
+                )
             finally:
                 stages.close()
         else:
-            engine, metadata, stages = _from_model(config, root, staging)
+            engine, metadata, stages, model_ref = _from_model(config, root, staging, encode or local_encode)
             try:
-                version = _save_and_publish(root, staging, engine, metadata, config, stages)
+                version = _save_and_publish(
+                    root, staging, engine, metadata, config, stages, model_ref, catalogue=payloads
+                )
             finally:
                 stages.close()
     seconds = time.perf_counter() - t_start
@@ -133,15 +170,58 @@ def _save_and_publish(
     metadata: dict[str, Any],
     config: IndexJobConfig,
     stages: _Stages,
+    model_ref: ModelRef | None,
+    *,
+    catalogue: _CatalogueSource,
 ) -> str:
     stages.start("save")
-    needed = engine_bytes(engine)
+    extra = catalogue_bytes(len(engine), catalogue.dataset, thumbnails=config.thumbnails)
+    needed = engine_bytes(engine) + extra
     root.require_space(needed)
     with root.disk_errors(needed):
         engine.save(staging.engine_dir, extra={k: v for k, v in metadata.items() if k != "timings"})
+        diagnostics = write_catalogue(
+            staging.catalogue_dir,
+            engine.bank,
+            label_names=catalogue.names(),
+            dataset=catalogue.dataset,
+            thumbnails=config.thumbnails,
+        )
+    metadata["active_dims"] = diagnostics.dim - len(diagnostics.collapsed)
     stages.start("publish")
     metadata["timings"] = dict(stages.timings)
-    return root.publish_staged(staging, metadata, keep=config.keep)
+    return root.publish_staged(staging, metadata, keep=config.keep, model=model_ref)
+
+
+@dataclass(frozen=True)
+class _CatalogueSource:
+    """Where a version's catalogue comes from: the label-name table (``None``: none) and the
+    dataset the posteriors are encoded from, row for row (``None``: posteriors read from a file)."""
+
+    label_names: list[str] | None
+    dataset: Dataset | None
+    # the posteriors npz whose ``label_names`` key names the labels when label_names is None
+    posteriors: Path | None = None
+
+    def names(self) -> list[str] | None:
+        if self.label_names is None and self.posteriors is not None:
+            return read_label_names(self.posteriors)  # read after the npz itself was read and checked
+        return self.label_names
+
+
+def _catalogue_source(config: IndexJobConfig) -> _CatalogueSource:
+    """The job's label names (``config.label_names``, else the data's own) and dataset. Names for a
+    dataset are checked against its labels here, before encoding; a posteriors file's at write time."""
+    names = None if config.label_names is None else list(config.label_names)
+    if config.source_kind == "posteriors":
+        assert config.posteriors is not None
+        return _CatalogueSource(names, None, Path(config.posteriors))
+    assert config.data is not None
+    dataset = load_data(config.data)  # a path, or a built-in name (with its class names)
+    if names is None:
+        names = dataset.label_names
+    check_label_names(names, dataset.labels)
+    return _CatalogueSource(names, dataset)
 
 
 def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEngine, dict[str, Any]]:
@@ -163,12 +243,16 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEng
 
 
 def _from_model(
-    config: IndexJobConfig, root: IndexRoot, staging: Staging
-) -> tuple[SearchEngine, dict[str, Any], _Stages]:
+    config: IndexJobConfig, root: IndexRoot, staging: Staging, encode: EncodeStep
+) -> tuple[SearchEngine, dict[str, Any], _Stages, ModelRef]:
+    """Encode the dataset with the model; the engine, the version's metadata, the stages so far and
+    the model's store entry (staged in ``staging.model_dir``, stored by the publish)."""
     assert config.model is not None and config.data is not None
     t0 = time.perf_counter()
-    model = load_model(config.model, input_shape=config.input_shape, device=config.device)
     dataset = open_dataset(config.data)
+    # The input rule (model.loader) follows the data: what Encode takes is what the indexer fed.
+    rule = default_input_rule(dataset.dtype)
+    model = load_model(config.model, input_shape=config.input_shape, device=config.device, input_rule=rule)
     log.info("encoding %s with %s", dataset, model)
     t_load = time.perf_counter() - t0
     # The encoder writes float32 memory maps (a full disk there is a SIGBUS, not an error), then
@@ -178,15 +262,7 @@ def _from_model(
     needed = 2 * n * d * 4 + saved_bytes(n, d, labels=dataset.labels is not None, nlist=nlist)
     root.require_space(needed)
     with root.disk_errors(needed):
-        encoded = encode_dataset(
-            model,
-            dataset,
-            staging.path / "encode",
-            batch_size=config.batch_size,
-            bf16=config.bf16,
-            num_threads=config.num_threads,
-            progress=config.progress,
-        )
+        encoded = encode(model, dataset, staging.path / "encode", config)
     stages = _Stages(["fingerprint", "build", "save", "publish"], config.progress)
     stages.timings.update({"load": round(t_load, 3), "encode": round(encoded.seconds, 3)})
     try:
@@ -199,6 +275,8 @@ def _from_model(
         engine = SearchEngine.build(
             encoded.mu, logvar=encoded.logvar, ids=ids, labels=dataset.labels, config=config.engine
         )
+        with root.disk_errors(needed):
+            model_ref = stage_entry(model, str(config.model), dataset.item_shape, staging.model_dir)
     except BaseException:
         stages.close()
         raise
@@ -207,6 +285,7 @@ def _from_model(
         "model": str(config.model),
         "model_hash": model.model_hash,
         "model_source": model.source,
+        "input_rule": model.input_rule,
         "data_path": dataset.path,
         "dataset_fingerprint": fingerprint,
         "device": str(model.device),
@@ -214,4 +293,4 @@ def _from_model(
         "encode_items_per_s": round(n / max(encoded.seconds, 1e-9), 1),
         "job": config.to_dict(),
     }
-    return engine, metadata, stages
+    return engine, metadata, stages, model_ref

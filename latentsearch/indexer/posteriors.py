@@ -5,7 +5,9 @@ The archive holds
 * ``mu``: ``(N, d)`` real means;
 * exactly one scale key, ``(N, d)`` real: ``logvar`` (log sigma^2), ``log_sigma`` or ``sigma`` (> 0);
 * optional ``ids``: ``(N,)`` unique non-empty strings or integers;
-* optional ``labels``: ``(N,)`` integers.
+* optional ``labels``: ``(N,)`` integers;
+* optional ``label_names``: ``(L,)`` strings, the name of each label (read by
+  :func:`read_label_names`; the catalogue checks them against the labels).
 
 The values are validated by the bank (:meth:`PosteriorBank.from_arrays`), the one place that
 checks posteriors; this module adds the archive's own checks and reports every problem as an
@@ -26,11 +28,12 @@ import numpy as np
 from latentsearch.bank import SCALE_ARGS, PosteriorBank
 from latentsearch.errors import InvalidArgumentError, NotFoundError
 
-__all__ = ["read_posteriors_npz"]
+__all__ = ["LABEL_NAMES_KEY", "read_label_names", "read_posteriors_npz"]
 
 log = logging.getLogger(__name__)
 
 _READ_ERRORS = (ValueError, OSError, EOFError, zlib.error, zipfile.BadZipFile)
+LABEL_NAMES_KEY = "label_names"
 
 
 def read_posteriors_npz(path: str | os.PathLike[str]) -> PosteriorBank:
@@ -92,7 +95,32 @@ def _read_arrays(p: Path) -> dict[str, np.ndarray]:
         raise
     except _READ_ERRORS as exc:
         raise InvalidArgumentError(f"{p}: not a readable .npz archive ({exc})", field="posteriors") from exc
-    unknown = keys - set(arrays)
+    unknown = keys - set(arrays) - {LABEL_NAMES_KEY}
     if unknown:
         log.warning("%s: ignoring npz keys %s", p, ", ".join(sorted(unknown)))
     return arrays
+
+
+def read_label_names(path: str | os.PathLike[str]) -> list[str] | None:
+    """The archive's ``label_names`` as a list of str, or ``None`` when it has none.
+
+    Raises:
+        InvalidArgumentError: ``field="label_names"``: unreadable, or not a 1-D array of strings.
+    """
+    p = Path(path)
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            if LABEL_NAMES_KEY not in z.files:
+                return None
+            names = z[LABEL_NAMES_KEY]
+    except _READ_ERRORS as exc:
+        raise InvalidArgumentError(
+            f"{p}: npz key {LABEL_NAMES_KEY!r} is unreadable ({exc})", field=LABEL_NAMES_KEY
+        ) from exc
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise InvalidArgumentError(
+            f"{p}: npz key {LABEL_NAMES_KEY!r} must be a 1-D array of strings, got "
+            f"{names.dtype} {names.shape}",
+            field=LABEL_NAMES_KEY,
+        )
+    return [v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in names.tolist()]

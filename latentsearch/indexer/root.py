@@ -7,12 +7,20 @@ Layout::
       .lock                        flock held by writers (publish, rollback, prune, cleanup)
       versions/<version>/          one immutable directory per published version
         engine/                    SearchEngine.save() output (its own manifest and checksums)
+        catalogue/                 item payloads and latent diagnostics (indexer.catalogue; absent
+                                   in versions published before it existed)
         manifest.json              version manifest: counts, model hash, dataset fingerprint,
-                                   engine/FAISS parameters, size + sha256 of every file
+                                   engine/FAISS parameters, size + sha256 of every file, and
+                                   ``model``: {"entry", "model_hash"} (the stored model; absent
+                                   for versions published from posteriors or before the store)
         manifest.sha256            sha256 of manifest.json
+      models/<entry>/              the model store: one immutable entry per model a version was
+                                   published from (model.json + files, see indexer.models),
+                                   named by the sha256 of its model.json and shared by versions
       .tmp-<random>/               a job's staging directory (same filesystem), renamed into
-                                   versions/ when complete; ``.owner.lock`` is flocked by its job
-      .trash-<version>-<random>/   a version being deleted by retention
+                                   versions/ when complete; ``.owner.lock`` is flocked by its job;
+                                   its model/ (a staged store entry) is renamed into models/
+      .trash-<version>-<random>/   a version (or model-<entry>) being deleted by retention
       .pending-<version>           exists while a publish moves <version> into versions/ and
                                    swaps CURRENT (under the lock)
 
@@ -20,7 +28,9 @@ Version ids are ``YYYYmmddTHHMMSS.ffffffZ-<6 hex>`` (UTC), assigned at publish t
 lock, so sorting by name is publish order.
 
 Crash safety: a version is complete before it is renamed into ``versions/`` (every file and the
-directories fsynced), and ``CURRENT`` is only replaced after that rename (write temp, fsync,
+directories fsynced), its model's store entry is complete and renamed into ``models/`` before
+that (an entry with the same name that verifies is reused instead), both under the lock, and
+``CURRENT`` is only replaced after those renames (write temp, fsync,
 ``os.replace``, fsync the root). A job killed at any moment leaves the previous ``CURRENT`` and its
 version intact; its staging directory is removed by the next writer (its ``.owner.lock`` is no
 longer held: flock locks die with their process). Readers take no lock. flock needs a local
@@ -32,7 +42,14 @@ EDQUOT) is reported as :class:`ResourceExhaustedError` "no space left on ROOT (n
 Y MiB free)". A job killed between the two steps leaves ``.pending-<version>``: the next writer
 (every ``latentsearch index`` run cleans first) removes that never-current version.
 
-Versions are immutable: once published, their files are mode 0444 and their directories 0555, so
+Retention (``prune``, ``keep``) and cleanup delete every model entry no remaining version
+references, and keep every one a kept version does (all of them while any version's manifest is
+unreadable); rollback deletes nothing. ``check``/``verify`` verify the referenced entry's files too.
+A crash between storing a model and publishing its version leaves an unreferenced entry: the next
+writer's cleanup deletes it.
+
+Versions and model entries are immutable: once published, their files are mode 0444 and their
+directories 0555, so
 a stray write fails with "permission denied" instead of changing (or, by truncation, crashing) a
 server that memory-maps them. Retention and cleanup make a directory writable again just before
 deleting it. (root ignores permission bits: the modes protect against other users and mistakes,
@@ -59,6 +76,7 @@ from typing import IO, Any
 
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import (
+    check_listed_files,
     file_digest,
     fsync_dir,
     read_json_manifest,
@@ -72,6 +90,9 @@ from latentsearch.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from latentsearch.indexer.catalogue import CATALOGUE_DIR
+from latentsearch.indexer.models import ModelRef, check_entry, load_entry
+from latentsearch.model.loader import LoadedModel
 
 __all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo", "engine_bytes", "remove_tree"]
 
@@ -82,7 +103,11 @@ VERSION_FORMAT_VERSION = 1
 CURRENT_FILE = "CURRENT"
 LOCK_FILE = ".lock"
 VERSIONS_DIR = "versions"
+MODELS_DIR = "models"
 ENGINE_DIR = "engine"
+MODEL_STAGE = "model"  # a staging directory's store entry, renamed into models/ by publish
+# Directories of a staging area that become part of the version (everything else is scratch).
+VERSION_PARTS = (ENGINE_DIR, CATALOGUE_DIR)
 MANIFEST = "manifest.json"
 MANIFEST_SHA = "manifest.sha256"
 OWNER_LOCK = ".owner.lock"
@@ -159,8 +184,9 @@ class VersionInfo:
 class Staging:
     """A job's private staging directory under the root (see :meth:`IndexRoot.staging`).
 
-    Write the engine to :attr:`engine_dir` (``engine.save(staging.engine_dir)``); put scratch files
-    anywhere else under :attr:`path` (they are removed before publishing).
+    Write the engine to :attr:`engine_dir` (``engine.save(staging.engine_dir)``) and the optional
+    catalogue to :attr:`catalogue_dir`; put scratch files anywhere else under :attr:`path` (they
+    are removed before publishing).
     """
 
     def __init__(self, path: Path, lock: IO[bytes]) -> None:
@@ -171,6 +197,15 @@ class Staging:
     @property
     def engine_dir(self) -> Path:
         return self.path / ENGINE_DIR
+
+    @property
+    def model_dir(self) -> Path:
+        """Where a job stages its model's store entry (:func:`indexer.models.stage_entry`)."""
+        return self.path / MODEL_STAGE
+
+    @property
+    def catalogue_dir(self) -> Path:
+        return self.path / CATALOGUE_DIR
 
     def close(self) -> None:
         if self.published is None:
@@ -220,6 +255,28 @@ class IndexRoot:
         except FileNotFoundError:
             return []
         return sorted(names)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / MODELS_DIR
+
+    def model_ref(self, version: str) -> ModelRef | None:
+        """The stored model ``version`` references (``None``: published without one)."""
+        return ModelRef.from_manifest(self.manifest(version))
+
+    def load_model(self, version: str, *, device: str = "cpu") -> LoadedModel | None:
+        """The stored model of ``version`` (``None``: it has none), loaded under its stored input rule.
+
+        Loading a TorchScript or factory entry runs its code: serve trusted roots only.
+
+        Raises:
+            CorruptIndexError: the entry is missing or damaged (naming the file).
+            FailedPreconditionError: a factory now builds another model than the indexed one.
+        """
+        ref = self.model_ref(version)
+        if ref is None:
+            return None
+        return load_entry(self.models_dir / ref.entry, expected_hash=ref.model_hash, device=device)
 
     def older(self, version: str | None) -> list[str]:
         """Published versions older than ``version`` (all of them for ``None``), oldest first."""
@@ -279,22 +336,13 @@ class IndexRoot:
         except CorruptIndexError as exc:
             return [str(exc)]
         files: dict[str, dict[str, Any]] = manifest.get("files", {})
-        for name, meta in sorted(files.items()):
-            fpath = vdir / name
-            try:
-                size = fpath.stat().st_size
-            except FileNotFoundError:
-                problems.append(f"{fpath}: missing")
-                continue
-            if size != meta.get("bytes"):
-                problems.append(f"{fpath}: {size} bytes, manifest says {meta.get('bytes')} (truncated?)")
-            elif file_digest(fpath) != meta.get("sha256"):
-                problems.append(f"{fpath}: fails its sha256 checksum")
-        listed = set(files) | {MANIFEST, MANIFEST_SHA}
-        for p in sorted(vdir.rglob("*")):
-            rel = p.relative_to(vdir).as_posix()
-            if p.is_file() and rel not in listed:
-                problems.append(f"{p}: not listed in the manifest")
+        problems += check_listed_files(vdir, files, own=(MANIFEST, MANIFEST_SHA), listed_in="the manifest")
+        try:
+            ref = ModelRef.from_manifest(manifest)
+        except CorruptIndexError as exc:
+            return [*problems, str(exc)]
+        if ref is not None:
+            problems += check_entry(self.models_dir / ref.entry)
         return problems
 
     def verify(self, version: str | None = None) -> str:
@@ -434,6 +482,7 @@ class IndexRoot:
                     continue
                 remove_tree(p)
                 removed.append(p)
+            removed += [self.models_dir / e for e in self._prune_models_locked()]
         if removed:
             log.info("removed %d stale temporary entries from %s", len(removed), self.path)
         return removed
@@ -492,14 +541,23 @@ class IndexRoot:
             log.warning("%s now names %s, but syncing %s failed: %s", CURRENT_FILE, version, self.path, exc)
 
     def publish_staged(
-        self, staging: Staging, metadata: dict[str, Any] | None = None, *, keep: int | None = 3
+        self,
+        staging: Staging,
+        metadata: dict[str, Any] | None = None,
+        *,
+        keep: int | None = 3,
+        model: ModelRef | None = None,
     ) -> str:
-        """Publish the engine saved in ``staging.engine_dir`` as a new version and make it current.
+        """Publish the engine saved in ``staging.engine_dir`` (and the other :data:`VERSION_PARTS`
+        present, e.g. ``staging.catalogue_dir``) as a new version and make it current.
 
         Scratch files under ``staging.path`` are removed, every file is hashed into the version
         manifest, the directory is fsynced and renamed into ``versions/``, then ``CURRENT`` is
         swapped. ``metadata`` (JSON) is stored in the manifest; its ``model_hash`` and
-        ``dataset_fingerprint`` keys are also promoted to the top level. ``keep``: retention
+        ``dataset_fingerprint`` keys are also promoted to the top level. ``model``: the store entry
+        staged in ``staging.model_dir`` (:func:`indexer.models.stage_entry`), moved into
+        ``models/`` (or an intact one of that name reused) before the version, under the lock,
+        and referenced by the manifest. ``keep``: retention
         (``None``: keep everything; a failed deletion is logged, not raised). The published files
         and directories are made read-only.
 
@@ -514,20 +572,23 @@ class IndexRoot:
             raise InvalidArgumentError(f"keep must be >= 1, got {keep}", field="keep")
         metadata = dict(metadata or {})
         engine_manifest = read_manifest(staging.engine_dir)
+        kept = (*VERSION_PARTS, OWNER_LOCK, *((MODEL_STAGE,) if model is not None else ()))
         for p in list(staging.path.iterdir()):
-            if p.name not in (ENGINE_DIR, OWNER_LOCK):
+            if p.name not in kept:
                 if p.is_dir():
                     remove_tree(p)
                 else:
                     p.unlink()
         files: dict[str, dict[str, Any]] = {}
         needed = 0  # bytes of the version, for a full disk's message
-        for p in sorted(staging.engine_dir.rglob("*")):
+        parts = [staging.path / name for name in VERSION_PARTS if (staging.path / name).is_dir()]
+        for p in sorted(q for part in parts for q in part.rglob("*")):
             if p.is_file():
                 size = p.stat().st_size
                 files[p.relative_to(staging.path).as_posix()] = {"bytes": size, "sha256": file_digest(p)}
                 needed += size
-        fsync_dir(staging.engine_dir)
+        for part in parts:
+            fsync_dir(part)
         with self.disk_errors(needed), self._locked():
             version = _new_version_id(self.versions()[-1] if self.versions() else None)
             now = time.time()
@@ -542,7 +603,8 @@ class IndexRoot:
                 "latent_dim": engine_manifest["latent_dim"],
                 "has_ids": engine_manifest.get("has_ids"),
                 "has_labels": engine_manifest.get("has_labels"),
-                "model_hash": metadata.get("model_hash"),
+                "model_hash": metadata.get("model_hash") if model is None else model.model_hash,
+                "model": None if model is None else model.to_dict(),
                 "dataset_fingerprint": metadata.get("dataset_fingerprint"),
                 "engine": {
                     "config": engine_manifest.get("config"),
@@ -560,6 +622,8 @@ class IndexRoot:
                 "metadata": metadata,
                 "files": files,
             }
+            if model is not None:
+                self._commit_model(staging.model_dir, model)
             data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
             (staging.path / OWNER_LOCK).unlink(missing_ok=True)
             _write_durable(staging.path / MANIFEST, data)
@@ -576,6 +640,62 @@ class IndexRoot:
                 except OSError as exc:
                     log.warning("retention after publishing %s failed (run 'index' again): %s", version, exc)
         return version
+
+    def _commit_model(self, staged: Path, ref: ModelRef) -> None:
+        """Move the staged entry to ``models/<entry>`` (caller holds the lock): reuse an existing
+        entry of that name when it verifies, replace it when it does not."""
+        target = self.models_dir / ref.entry
+        if target.is_dir():
+            problems = check_entry(target)
+            if not problems:
+                remove_tree(staged)
+                log.info("model %s: reusing stored entry %s", ref.model_hash[:12], ref.entry[:12])
+                return
+            log.warning("replacing damaged model store entry %s: %s", target, "; ".join(problems))
+            self._trash(target, f"model-{ref.entry[:12]}")
+        self.models_dir.mkdir(exist_ok=True)
+        _make_read_only(staged)
+        os.replace(staged, target)
+        os.chmod(target, DIR_MODE)
+        fsync_dir(self.models_dir)
+        log.info("stored model %s as entry %s", ref.model_hash[:12], ref.entry[:12])
+
+    def _trash(self, path: Path, name: str) -> None:
+        """Delete the published (read-only) directory ``path``: renamed aside first, so a crash
+        midway leaves a ``.trash-`` directory for cleanup instead of a half-deleted one."""
+        trash = self.path / f".trash-{name}-{secrets.token_hex(4)}"
+        os.chmod(path, 0o755)  # a directory moved to another parent must be writable ('..')
+        try:
+            os.replace(path, trash)
+        except BaseException:
+            os.chmod(path, DIR_MODE)
+            raise
+        fsync_dir(path.parent)
+        remove_tree(trash)
+
+    def _prune_models_locked(self) -> list[str]:
+        """Delete the model entries no version references (caller holds the lock); the deleted
+        entries. None while any version's manifest is unreadable (it may reference any of them)."""
+        if not self.models_dir.is_dir():
+            return []
+        referenced = set()
+        for v in self.versions():
+            try:
+                ref = self.model_ref(v)
+            except (CorruptIndexError, NotFoundError) as exc:
+                log.warning("keeping every stored model: version %s is unreadable (%s)", v, exc)
+                return []
+            if ref is not None:
+                referenced.add(ref.entry)
+        doomed = sorted(p.name for p in self.models_dir.iterdir() if p.name not in referenced)
+        for name in doomed:
+            path = self.models_dir / name
+            if path.is_dir() and not path.is_symlink():
+                self._trash(path, f"model-{name[:12]}")
+            else:
+                path.unlink(missing_ok=True)
+            log.info("retention: deleted model store entry %s (no version references it)", name)
+        return doomed
 
     def _move_in_and_swap(self, staging: Staging, version: str) -> None:
         """Rename the staging directory to ``versions/<version>`` and point ``CURRENT`` at it
@@ -641,7 +761,8 @@ class IndexRoot:
         return version
 
     def prune(self, keep: int = 3) -> list[str]:
-        """Delete all but the ``keep`` newest versions (never the current one); returns the deleted ids."""
+        """Delete all but the ``keep`` newest versions (never the current one), then every model
+        entry no remaining version references; returns the deleted version ids."""
         with self._locked():
             return self._prune_locked(keep)
 
@@ -652,17 +773,9 @@ class IndexRoot:
         cur = self.current()
         doomed = [v for v in versions[:-keep] if v != cur]
         for v in doomed:
-            vdir = self.versions_dir / v
-            trash = self.path / f".trash-{v}-{secrets.token_hex(4)}"
-            os.chmod(vdir, 0o755)  # a directory moved to another parent must be writable ('..')
-            try:
-                os.replace(vdir, trash)
-            except BaseException:
-                os.chmod(vdir, DIR_MODE)
-                raise
-            fsync_dir(self.versions_dir)
-            remove_tree(trash)
+            self._trash(self.versions_dir / v, v)
             log.info("retention: deleted version %s", v)
+        self._prune_models_locked()
         return doomed
 
     def disk_bytes(self, version: str) -> int:

@@ -9,6 +9,10 @@ A user model is any module with
 
 Both are checked on a dummy batch at load time (:func:`validate_module`) and any mismatch is
 reported with what was expected and what came back.
+
+Loading runs the model's code: a TorchScript file's programs, a factory's Python module (imported
+and called). Load trusted models only; an index root that stores such a model (indexer.models)
+is as trusted as the model.
 """
 
 from __future__ import annotations

@@ -40,7 +40,16 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 
 def configure_cpu_threads(n: int | None = None) -> int:
-    """Let torch use all cores (``os.cpu_count()``) unless ``n`` is given; returns the count."""
+    """Let torch use all cores (``os.cpu_count()``) unless ``n`` or the environment variable
+    ``LATENTSEARCH_CPU_THREADS`` (e.g. a container's CPU quota, or 1 on a crowded machine) gives the
+    count; returns it."""
+    env = os.environ.get("LATENTSEARCH_CPU_THREADS", "").strip()
+    if not n and env:
+        if not env.isdigit() or int(env) < 1:
+            raise InvalidArgumentError(
+                f"LATENTSEARCH_CPU_THREADS must be a whole number >= 1, got {env!r}", field="threads"
+            )
+        n = int(env)
     n = n or os.cpu_count() or 1
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -5,6 +5,20 @@
 * a model directory written by ``latentsearch train`` (:mod:`model.checkpoint`);
 * a TorchScript file (``.pt``, ``.pth``, ``.ts``, ``.jit``, ...) exposing ``encode``/``decode``;
 * a Python factory ``package.module:function`` returning an ``nn.Module`` with those methods.
+
+Loading a TorchScript file or calling a factory runs the model author's code: load trusted models only.
+
+**The input rule** (:data:`InputRule`, one per model, stored with an index version's model): what
+units a batch given to :meth:`LoadedModel.prepare` (the indexer's, an Encode request's) is in.
+
+* ``"pixels"`` (models indexed from uint8 image data): uint8 arrays are pixels 0..255; float arrays
+  are the same pixels scaled to [0, 1] (value = byte / 255) and must lie in [0, 1]. Both forms of
+  one image reach the network identically.
+* ``"float"`` (models indexed from float data): float arrays are in the data's own units and are
+  taken as they are; uint8 arrays are refused (field ``raw``).
+
+Non-finite floats are refused under either rule (field ``values``). :meth:`LoadedModel.prepare` is
+the one place the rule is applied.
 """
 
 from __future__ import annotations
@@ -25,9 +39,19 @@ from latentsearch.model.device import resolve_device
 from latentsearch.model.vae import VAE
 from latentsearch.posterior import DiagonalGaussian
 
-__all__ = ["LoadedModel", "encode_batch", "load_model"]
+__all__ = ["INPUT_RULES", "InputRule", "LoadedModel", "default_input_rule", "encode_batch", "load_model"]
 
 log = logging.getLogger(__name__)
+
+InputRule = Literal["pixels", "float"]
+INPUT_RULES: tuple[InputRule, ...] = ("pixels", "float")
+PIXEL_MAX = 255.0  # a uint8 pixel's largest value: float pixel values are byte / PIXEL_MAX
+
+
+def default_input_rule(dtype: Any) -> InputRule:
+    """The input rule of a model indexed from data of numpy ``dtype``: uint8 -> ``"pixels"``,
+    anything else -> ``"float"``."""
+    return "pixels" if np.dtype(dtype) == np.uint8 else "float"
 
 
 class LoadedModel:
@@ -41,6 +65,7 @@ class LoadedModel:
         config: the checkpoint's config dict, or a description of the user model.
         source: ``"checkpoint"``, ``"torchscript"`` or ``"factory"``.
         has_decoder: whether :meth:`decode` is available.
+        input_rule: the units of the batches :meth:`prepare` takes (module docstring).
     """
 
     def __init__(
@@ -55,7 +80,12 @@ class LoadedModel:
         source: Literal["checkpoint", "torchscript", "factory"],
         has_decoder: bool = True,
         name: str = "model",
+        input_rule: InputRule = "pixels",
     ) -> None:
+        if input_rule not in INPUT_RULES:
+            raise InvalidArgumentError(
+                f"input_rule must be one of {', '.join(INPUT_RULES)}, got {input_rule!r}", field="input_rule"
+            )
         self.module: Any = module  # nn.Module; Any: user modules add encode/decode
         self.input_shape = tuple(input_shape)
         self.latent_dim = int(latent_dim)
@@ -65,12 +95,13 @@ class LoadedModel:
         self.source = source
         self.has_decoder = has_decoder
         self.name = name
+        self.input_rule: InputRule = input_rule
         self._raw_input = isinstance(module, VAE)  # our VAE normalises raw units itself
 
     def __repr__(self) -> str:
         return (
             f"LoadedModel(source={self.source}, input_shape={self.input_shape}, "
-            f"latent_dim={self.latent_dim}, "
+            f"latent_dim={self.latent_dim}, input_rule={self.input_rule}, "
             f"model_hash={self.model_hash[:12]}, device={self.device})"
         )
 
@@ -78,8 +109,14 @@ class LoadedModel:
         """A batch ``(N, *shape)`` (numpy or torch) -> the tensor the module takes, on ``device``.
 
         A batch in reader layout ``(N, H, W, C)`` is permuted when the model takes ``(C, H, W)``
-        and reshaped when only the item size matches (e.g. flat vectors). User models get uint8
-        pixels scaled to [0, 1]; our VAEs take raw units and normalise themselves.
+        and reshaped when only the item size matches (e.g. flat vectors). Values follow
+        :attr:`input_rule` (module docstring): under ``"pixels"`` user models get pixels in [0, 1]
+        and our VAEs pixels 0..255 (they normalise raw units themselves), from uint8 and float
+        batches alike; under ``"float"`` every model gets the values as they are.
+
+        Raises:
+            InvalidArgumentError: field ``raw`` for uint8 under ``"float"``; field ``values`` for
+                non-finite floats, or floats outside [0, 1] under ``"pixels"``.
         """
         if isinstance(x, np.ndarray):
             if not x.flags.writeable or not x.flags.c_contiguous:
@@ -106,12 +143,28 @@ class LoadedModel:
                 t = t.permute(0, 3, 1, 2)
             else:
                 t = t.reshape(t.shape[0], *self.input_shape)
-        t = t.to(self.device, non_blocking=True)
-        if self._raw_input:
-            return t
         if t.dtype == torch.uint8:
-            return t.to(torch.float32) / 255.0
-        return t.to(torch.float32)
+            if self.input_rule != "pixels":
+                raise InvalidArgumentError(
+                    "raw (uint8 bytes) is not taken by this model: it takes float data (input rule "
+                    "'float'); send values in the data's own units",
+                    field="raw",
+                )
+            t = t.to(self.device, non_blocking=True)
+            return t if self._raw_input else t.to(torch.float32) / PIXEL_MAX
+        t = t.to(self.device, torch.float32, non_blocking=True)
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidArgumentError("values contains NaN or inf", field="values")
+        if self.input_rule == "float":
+            return t
+        if not bool(((t >= 0) & (t <= 1)).all()):
+            raise InvalidArgumentError(
+                "values is out of range: the model takes uint8 pixels (input rule 'pixels'), so "
+                f"float values are the pixels scaled to [0, 1] (byte / 255); got values in "
+                f"[{float(t.min()):.4g}, {float(t.max()):.4g}]",
+                field="values",
+            )
+        return t * PIXEL_MAX if self._raw_input else t
 
     def network_input(self, x: Any) -> torch.Tensor:
         """A batch ``(N, *shape)`` -> the float32 values the encoder's first layer sees, shaped as
@@ -178,8 +231,11 @@ def load_model(
     input_shape: tuple[int, ...] | None = None,
     latent_dim: int | None = None,
     device: str | torch.device = "cpu",
+    input_rule: InputRule | None = None,
 ) -> LoadedModel:
     """Load a model directory, a TorchScript file or a ``package.module:function`` factory.
+
+    Loading a TorchScript file or a factory runs its code: trusted models only.
 
     Args:
         spec: see the module docstring.
@@ -187,6 +243,10 @@ def load_model(
             against the config for model directories.
         latent_dim: expected d (checked; inferred when ``None``).
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        input_rule: the units of its input (module docstring). ``None``: a model directory's from
+            its training data (uint8: ``"pixels"``, else ``"float"``; by its normalisation when not
+            recorded), ``"pixels"`` for a user model. An index version stores the rule of the data
+            it was built from.
 
     Raises:
         NotFoundError: no such file, directory or factory.
@@ -218,6 +278,7 @@ def load_model(
             device=dev,
             source="checkpoint",
             name=str(path),
+            input_rule=input_rule or _checkpoint_input_rule(ckpt.config),
         )
     if path.is_dir():
         raise NotFoundError(f"{path}: not a model directory (no config.json)")
@@ -249,4 +310,20 @@ def load_model(
         source=source,
         has_decoder=has_decoder,
         name=text,
+        input_rule=input_rule or "pixels",
     )
+
+
+def _checkpoint_input_rule(config: dict[str, Any]) -> InputRule:
+    """A model directory's input rule: its training data's dtype, else its normalisation (pixels
+    when it scales by 1/255 with no shift, the rule `latentsearch train` sets for uint8 data)."""
+    dtype = (config.get("data") or {}).get("dtype")
+    if isinstance(dtype, str):
+        try:
+            return default_input_rule(dtype)
+        except TypeError:
+            pass
+    norm = (config.get("vae") or {}).get("normalization") or {}
+    scale, shift = norm.get("scale", 1.0 / PIXEL_MAX), norm.get("shift", 0.0)
+    pixels = norm.get("kind", "scale") == "scale" and shift == 0 and scale == 1.0 / PIXEL_MAX
+    return "pixels" if pixels else "float"

@@ -1,4 +1,5 @@
-"""Training: ELBO with beta, KL warm-up and free bits, held-out validation, early stopping, resume.
+"""Training: ELBO with beta, KL warm-up, free bits and shift augmentation, held-out validation, early
+stopping, resume.
 
 CPU runs are bit-reproducible for a given seed and thread count: the split, the initialisation,
 every epoch's shuffle and every posterior sample come from generators seeded by ``(seed, epoch)``,
@@ -19,9 +20,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from latentsearch.data.garments import NOTICE, garment_dataset
+from latentsearch.data.builtin import NOTICE, load_data
 from latentsearch.data.readers import Dataset
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError
+from latentsearch.model.augment import random_shift
 from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads, resolve_device
@@ -208,7 +210,7 @@ def train(
     """Train a VAE on ``data`` and write the best (lowest validation -ELBO) model to ``out_dir``.
 
     Args:
-        data: items to train on; ``None`` uses the built-in generated garments (and says so).
+        data: items to train on; ``None`` uses the built-in Fashion-MNIST sample (and says so).
         out_dir: model directory (:mod:`model.checkpoint` layout, plus ``training/last.pt``).
         config: training knobs (:class:`TrainConfig`).
         vae_config: architecture; default fitted to ``data`` (:func:`default_vae_config`).
@@ -220,7 +222,7 @@ def train(
     out = Path(out_dir)
     if data is None:
         log.warning("%s", NOTICE)
-        data = garment_dataset(seed=cfg.seed)
+        data = load_data(None)
     dev = resolve_device(cfg.device)
     if dev.type == "cpu":
         configure_cpu_threads()
@@ -341,13 +343,15 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
     model.train()
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
+    aug_gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + epoch)
+    shift = cfg.augment_shift if x_train.ndim == 4 else 0  # images (N, H, W, C) only
     order = torch.randperm(n_train, generator=gen).to(x_train.device)
     sums = np.zeros(3)
     t_epoch = time.perf_counter()
     bar = _progress(cfg, steps, epoch)
     for s in range(steps):
         idx = order[s * cfg.batch_size : (s + 1) * cfg.batch_size]
-        xb = x_train[idx].to(dev, non_blocking=True)
+        xb = random_shift(x_train[idx].to(dev, non_blocking=True), shift, aug_gen)
         for g in opt.param_groups:
             g["lr"] = _lr_at(cfg, epoch * steps + s, total)
         with _autocast(dev, cfg.amp):

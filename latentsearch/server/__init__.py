@@ -14,13 +14,18 @@ Public API::
 from latentsearch.server.app import LatentSearchServer, ServerConfig, serve
 from latentsearch.server.batcher import MicroBatcher
 from latentsearch.server.engine_service import EngineService, Snapshot, load_snapshot
+from latentsearch.server.scheduler import SearchThreads
+from latentsearch.server.supervisor import Supervisor, serve_workers
 
 __all__ = [
     "EngineService",
     "LatentSearchServer",
     "MicroBatcher",
+    "SearchThreads",
     "ServerConfig",
     "Snapshot",
+    "Supervisor",
     "load_snapshot",
     "serve",
+    "serve_workers",
 ]

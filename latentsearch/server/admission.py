@@ -3,16 +3,20 @@
 A bounded in-flight counter: at most ``limit`` calls are queued for or running on the executor;
 beyond it a call fails RESOURCE_EXHAUSTED at once (the same contract as the batcher's bounded
 queue). A call whose deadline has passed is answered DEADLINE_EXCEEDED without being computed,
-both when it arrives and when a search thread picks it up.
+both when it arrives and when a search thread picks it up. A call made of several steps (a
+NearestBatch split into chunks) is admitted once (:meth:`AdmissionControl.admit`) and runs each step
+with :meth:`AdmissionControl.execute`, as bulk work when the executor is a
+:class:`~latentsearch.server.scheduler.SearchThreads`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -22,6 +26,7 @@ from latentsearch.errors import (
     ResourceExhaustedError,
     UnavailableError,
 )
+from latentsearch.server.scheduler import SearchThreads
 
 __all__ = ["AdmissionControl"]
 
@@ -62,6 +67,13 @@ class AdmissionControl:
 
     async def run(self, fn: Callable[..., T], *args: Any, deadline: float | None = None) -> T:
         """``fn(*args)`` on the executor, admitted or refused at once; its exception is raised here."""
+        with self.admit(deadline):
+            return await self.execute(fn, *args, deadline=deadline)
+
+    @contextlib.contextmanager
+    def admit(self, deadline: float | None = None) -> Iterator[None]:
+        """Count one call in flight for the ``with`` block, or refuse it at once (UNAVAILABLE when
+        closed, DEADLINE_EXCEEDED when ``deadline`` passed, RESOURCE_EXHAUSTED at the limit)."""
         if self._closed:
             raise UnavailableError("the server is shutting down", field="server")
         if deadline is not None and time.monotonic() >= deadline:
@@ -73,11 +85,20 @@ class AdmissionControl:
         self._inflight += 1
         self._on_inflight(self._inflight)
         try:
-            call = functools.partial(_checked, deadline, fn, *args)
-            return await asyncio.get_running_loop().run_in_executor(self._executor, call)
+            yield
         finally:
             self._inflight -= 1
             self._on_inflight(self._inflight)
+
+    async def execute(
+        self, fn: Callable[..., T], *args: Any, deadline: float | None = None, bulk: bool = False
+    ) -> T:
+        """``fn(*args)`` on the executor for a call already admitted; skipped (DEADLINE_EXCEEDED)
+        when ``deadline`` passes first. ``bulk``: queued as bulk work (see SearchThreads)."""
+        call = functools.partial(_checked, deadline, fn, *args)
+        if bulk and isinstance(self._executor, SearchThreads):
+            return await asyncio.wrap_future(self._executor.submit_bulk(call))
+        return await asyncio.get_running_loop().run_in_executor(self._executor, call)
 
 
 def _checked(deadline: float | None, fn: Callable[..., T], *args: Any) -> T:

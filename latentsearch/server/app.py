@@ -11,7 +11,6 @@ import logging
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,23 +18,33 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from latentsearch.errors import InvalidArgumentError, LatentSearchError
+from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, LatentSearchError
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel, load_model
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.auth import BearerTokenInterceptor
 from latentsearch.server.batcher import MicroBatcher
-from latentsearch.server.engine_service import EngineService, Snapshot, load_snapshot
+from latentsearch.server.engine_service import EngineService, Snapshot, check_model_hash, load_snapshot
+from latentsearch.server.httpapi import HttpApi, server_ssl_context
 from latentsearch.server.malformed import GuardedRegistry, MalformedRequests, add_guarded
 from latentsearch.server.metrics import ServerMetrics
 from latentsearch.server.ports import bind_errno, bind_error
 from latentsearch.server.reflection import enable_reflection
+from latentsearch.server.scheduler import SearchThreads
 from latentsearch.server.servicer import LatentSearchServicer, run_nearest_group
 from latentsearch.tls import read_pem
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
-__all__ = ["SERVICE_NAME", "SIGBUS_NOTE", "LatentSearchServer", "ServerConfig", "grpc_options", "serve"]
+__all__ = [
+    "SERVICE_NAME",
+    "SIGBUS_NOTE",
+    "LatentSearchServer",
+    "ServerConfig",
+    "check_model_fits",
+    "grpc_options",
+    "serve",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +65,15 @@ class ServerConfig:
 
     # Index root to serve (see indexer.root.IndexRoot); it may be empty or absent at start.
     index: str | os.PathLike[str]
-    # Model directory / TorchScript file / factory for Encode and Decode (None: those fail).
+    # Model directory / TorchScript file / factory for Encode and Decode of versions published without
+    # a stored model (from posteriors, or before versions stored their model); None: those calls fail
+    # there. A version that stores its model is served with it; a model whose hash differs from a
+    # version's is refused (FailedPreconditionError at start; on reload that version is not served).
+    # Loading a TorchScript file or a factory runs its code: trusted models only.
     model: str | os.PathLike[str] | None = None
+    # One item's shape as a TorchScript / factory ``model`` takes it (model directories and stored
+    # models know their own).
+    input_shape: tuple[int, ...] | None = None
     # Address to bind; port 0 picks a free port (LatentSearchServer.port tells which).
     host: str = "127.0.0.1"
     port: int = 50051
@@ -69,6 +85,10 @@ class ServerConfig:
     # DEFAULT_METRICS_PORT (cli/serve.py), outside the 9100-9999 range Prometheus exporters use.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # HTTP/JSON API and the explorer page on ``host`` (None: off; 0: any free port;
+    # LatentSearchServer.http_port tells which), with the same TLS files and bearer token as gRPC
+    # (server/httpapi.py). `latentsearch serve --http-port` turns it on.
+    http_port: int | None = None
     # Micro-batch concurrent Nearest calls (False: each call searched alone).
     batching: bool = True
     # Most Nearest calls answered by one search round, and how long a round waits to fill.
@@ -78,7 +98,8 @@ class ServerConfig:
     # the search threads, Nearest too when batching is off); beyond it RESOURCE_EXHAUSTED at once.
     queue_size: int = 1024
     # Threads running blocking work: batched Nearest rounds and every other search, Encode and
-    # Decode (FAISS and numpy release the GIL).
+    # Decode (FAISS and numpy release the GIL). Small work goes first; a NearestBatch runs as chunks
+    # of at most max_batch queries on at most search_threads - 1 of them (server/scheduler.py).
     search_threads: int = 2
     # Batched Nearest rounds computing at once (at most search_threads). One round at a time makes
     # the queue, and so each batch, grow while it runs: on 2 cores shared with the load generator,
@@ -135,6 +156,11 @@ class ServerConfig:
         for name in ("max_k", "max_batch_queries"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1", field=name)
+        if self.input_shape is not None and self.model is None:
+            raise InvalidArgumentError(
+                "input_shape is the shape of a TorchScript or factory model: give model too",
+                field="input_shape",
+            )
         if self.token is not None and not self.token:
             raise InvalidArgumentError("token must be non-empty", field="token")
 
@@ -153,19 +179,24 @@ class LatentSearchServer:
 
     Args:
         config: see :class:`ServerConfig`.
-        model: an already loaded model (overrides ``config.model``).
+        model: an already loaded model (overrides ``config.model``; the same rules).
     """
 
     def __init__(self, config: ServerConfig, *, model: LoadedModel | None = None) -> None:
         self.config = config
         self._model = model
+        # Stored models loaded by store entry (indexer.models): a reload whose version has the same
+        # model reuses it. Trimmed to the served one after each swap.
+        self._models: dict[str, LoadedModel] = {}
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http_port: int | None = None
+        self._http: HttpApi | None = None
         self.metrics = ServerMetrics()
         self.health = health.aio.HealthServicer()
         self.service: EngineService | None = None
         self._server: aio.Server | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: SearchThreads | None = None
         self._batcher: MicroBatcher | None = None
         self._admission: AdmissionControl | None = None
         self._reloader: asyncio.Task[None] | None = None
@@ -204,6 +235,12 @@ class LatentSearchServer:
     async def _start(self) -> int:
         cfg = self.config
         credentials = self._credentials()  # a bad --tls-cert / --tls-key fails before anything binds
+        http_tls = None
+        if cfg.http_port is not None:
+            if cfg.tls_cert is not None and cfg.tls_key is not None:
+                http_tls = server_ssl_context(cfg.tls_cert, cfg.tls_key)
+            if cfg.http_port != 0 and bind_errno(cfg.host, cfg.http_port) == errno.EADDRINUSE:
+                raise bind_error("HTTP port", cfg.host, cfg.http_port, errno.EADDRINUSE, field="http_port")
         if cfg.port != 0 and not cfg.reuse_port and bind_errno(cfg.host, cfg.port) == errno.EADDRINUSE:
             # Refused before grpc tries: it would log its own multi-line error first.
             raise bind_error("port", cfg.host, cfg.port, errno.EADDRINUSE, field="port")
@@ -211,16 +248,23 @@ class LatentSearchServer:
         self._server = aio.server(interceptors=interceptors, options=grpc_options(cfg))
         if cfg.metrics_port is not None:
             self.metrics_port = self.metrics.serve(cfg.metrics_host, cfg.metrics_port)
-        model = self._model
-        if model is None and cfg.model is not None:
-            model = await asyncio.to_thread(load_model, cfg.model, device="cpu")
-        self.service = EngineService(model=model, max_batch_queries=cfg.max_batch_queries)
-        self._executor = ThreadPoolExecutor(cfg.search_threads, thread_name_prefix="latentsearch-search")
+        if self._model is None and cfg.model is not None:
+            self._model = await asyncio.to_thread(
+                load_model, cfg.model, input_shape=cfg.input_shape, device="cpu"
+            )
+        self.service = EngineService(
+            max_batch_queries=cfg.max_batch_queries, max_reply_bytes=cfg.max_message_bytes
+        )
+        self._executor = SearchThreads(cfg.search_threads)
         self._admission = AdmissionControl(
             executor=self._executor, limit=cfg.queue_size, on_inflight=self.metrics.inflight.set
         )
         servicer = LatentSearchServicer(
-            self.service, executor=self._executor, metrics=self.metrics, admission=self._admission
+            self.service,
+            executor=self._executor,
+            metrics=self.metrics,
+            admission=self._admission,
+            chunk_queries=cfg.max_batch,
         )
         if cfg.batching:
             self._batcher = MicroBatcher(
@@ -242,6 +286,15 @@ class LatentSearchServer:
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), GuardedRegistry(self._server, reject))
         # Bound, not serving until _server.start().
         port = self.port = self._bind_grpc(self._server, credentials)
+        if cfg.http_port is not None:
+            self._http = HttpApi(
+                servicer,
+                token=cfg.token,
+                serving=lambda: not self._stopping,
+                max_body_bytes=cfg.max_message_bytes,
+                grace=cfg.grace,
+            )
+            self.http_port = await self._http.start(cfg.host, cfg.http_port, ssl_context=http_tls)
         await self._set_health(_NOT_SERVING)
         if not await self.reload_now():  # a loaded version has frozen the heap already
             self._freeze_heap()
@@ -299,6 +352,8 @@ class LatentSearchServer:
                 self._reloader.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._reloader
+            if self._http is not None:
+                await self._http.stop()
             if self._server is not None:
                 await self._server.stop(self.config.grace if grace is None else grace)
             if self._batcher is not None:
@@ -327,7 +382,9 @@ class LatentSearchServer:
         (at start), the newest intact version older than it serves instead. Either way the served
         version is a fallback while ``CURRENT`` names the failed one: gauge
         ``latentsearch_index_fallback`` is 1, Info's ``fallback_reason`` says why, and health stays
-        SERVING.
+        SERVING. A version whose model does not fit the server's ``--model`` (hashes differ) fails
+        to load like any other; at start, when it is the current version, the start fails with
+        that FailedPreconditionError (naming both hashes) instead of falling back.
         """
         assert self.service is not None
         async with self._reload_lock:
@@ -347,6 +404,8 @@ class LatentSearchServer:
             try:
                 snapshot = await asyncio.to_thread(self._load_snapshot, root, None)
             except Exception as exc:
+                if serving is None and isinstance(exc, FailedPreconditionError) and exc.field == "model":
+                    raise  # --model is not this index's model: refuse to start
                 self._failed_version = current
                 self.metrics.reloads.labels("failed").inc()
                 reason = f"version {current} (CURRENT) failed to load: {exc}"
@@ -362,7 +421,8 @@ class LatentSearchServer:
                 snapshot = found
             if snapshot.version == serving:
                 return False
-            self.service.set_snapshot(snapshot)
+            self.service.set_snapshot(snapshot)  # index and model together
+            self._models = {e: m for e, m in self._models.items() if e == snapshot.model_entry}
             if not reason:
                 self._failed_version = None
             self._set_status(current if reason else snapshot.version, reason)
@@ -387,6 +447,8 @@ class LatentSearchServer:
             verify=self.config.verify,
             num_threads=self.faiss_threads,
             max_k=self.config.max_k,
+            model=self._model,
+            models=self._models,
         )
         log.info(
             "loaded index version %s in %.2f s (%s)",
@@ -449,6 +511,22 @@ class LatentSearchServer:
             return
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+
+def check_model_fits(config: ServerConfig) -> LoadedModel | None:
+    """Load ``config.model`` and refuse it when the index's current version was built with another
+    model (FailedPreconditionError naming both hashes; blocking). ``latentsearch serve`` calls it
+    once before starting anything, so a wrong ``--model`` ends it with one error line. Returns the
+    model (``None``: no ``model`` configured)."""
+    if config.model is None:
+        return None
+    model = load_model(config.model, input_shape=config.input_shape, device="cpu")
+    if Path(config.index).is_dir():
+        root = IndexRoot(config.index)
+        version = root.current()
+        if version is not None:
+            check_model_hash(root.manifest(version), model)
+    return model
 
 
 async def serve(config: ServerConfig, *, ready: asyncio.Event | None = None) -> None:

@@ -14,12 +14,22 @@ from grpc import aio
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.server.metrics import ServerMetrics
 
-__all__ = ["OPEN_PREFIXES", "BearerTokenInterceptor"]
+__all__ = ["OPEN_PREFIXES", "UNAUTHENTICATED_MESSAGE", "BearerTokenInterceptor", "bearer_matches"]
 
 log = logging.getLogger(__name__)
 
 # Methods anyone may call: load balancers probe health without credentials.
 OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+# What a call without the right token is answered (gRPC details, HTTP error message).
+UNAUTHENTICATED_MESSAGE = "authorization: missing or invalid bearer token"
+
+
+def bearer_matches(expected: bytes, value: str | bytes | None) -> bool:
+    """Whether an ``authorization`` value is ``expected`` (``b"Bearer <token>"``), in constant time."""
+    if value is None:
+        return False
+    given = value.encode() if isinstance(value, str) else bytes(value)
+    return hmac.compare_digest(given, expected)
 
 
 class BearerTokenInterceptor(aio.ServerInterceptor):
@@ -53,8 +63,7 @@ class BearerTokenInterceptor(aio.ServerInterceptor):
     def _authorized(self, metadata: Any) -> bool:
         for key, value in metadata or ():
             if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                return hmac.compare_digest(given, self._expected)
+                return bearer_matches(self._expected, value)
         return False
 
 
@@ -70,9 +79,7 @@ def _deny(
     async def abort(request: Any, context: aio.ServicerContext) -> None:
         start = time.perf_counter()
         try:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED, "authorization: missing or invalid bearer token"
-            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         finally:
             if metrics is not None:
                 metrics.observe(method, "UNAUTHENTICATED", time.perf_counter() - start)

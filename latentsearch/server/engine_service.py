@@ -5,30 +5,36 @@ points, k, labels and std live there, once); what is checked here belongs to the
 meaning 10, the search-mode enum, batch sizes, Encode's layout, sigma > 0). Every method raises
 only project errors (:mod:`latentsearch.errors`, each naming its request field); the servicer
 translates them to status codes. A request captures one :class:`Snapshot` at its start and
-is answered entirely by it, so a hot reload never mixes two versions in one answer.
+is answered entirely by it, so a hot reload never mixes two versions in one answer: a snapshot
+holds the version's index and its model (stored with the version, or the server's ``--model``
+for a version published without one), so Encode and Decode switch with the index.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from latentsearch.bank import MAX_ID_LENGTH, PosteriorBank
+from latentsearch.data.images import png_bytes
+from latentsearch.diagnostics import LatentDiagnostics
 from latentsearch.engine.config import SearchMode
 from latentsearch.engine.engine import MAX_ABS_COORDINATE, SearchEngine, check_points
 from latentsearch.engine.probability import DEFAULT_REL_TOL
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError, shorten
+from latentsearch.indexer.catalogue import Catalogue, load_catalogue
+from latentsearch.indexer.models import ModelRef
 from latentsearch.indexer.root import IndexRoot
 from latentsearch.model.loader import LoadedModel
+from latentsearch.server.replies import check_batch_reply
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.wire import engine_mode, mode_enum
 
@@ -40,6 +46,7 @@ __all__ = [
     "NearestQuery",
     "QueryKey",
     "Snapshot",
+    "check_model_hash",
     "load_snapshot",
     "nearest_responses",
 ]
@@ -61,6 +68,13 @@ class Snapshot:
     engine: SearchEngine
     # Hash of the model the index was built with (version manifest), or "" when unknown.
     model_hash: str = ""
+    # The model Encode/Decode use: the version's stored model, else the server's --model (None: none).
+    model: LoadedModel | None = None
+    # The model's store entry (indexer.models), "" when the model is not the version's stored one.
+    model_entry: str = ""
+    # The version's label names, thumbnails, metadata and latent diagnostics (None: the version
+    # was published before catalogues existed); loaded and swapped with the engine.
+    catalogue: Catalogue | None = None
 
 
 def load_snapshot(
@@ -70,8 +84,19 @@ def load_snapshot(
     verify: bool = False,
     num_threads: int | None = None,
     max_k: int | None = None,
+    model: LoadedModel | None = None,
+    models: dict[str, LoadedModel] | None = None,
 ) -> Snapshot:
     """Load ``version`` of the root (default: the current one; blocking: call from a thread).
+
+    The snapshot's model is the version's stored model (:meth:`IndexRoot.load_model`; taken from
+    ``models``, loaded models by store entry, when there and added to it when not), else ``model``
+    (the server's ``--model``) for a version published without one (from posteriors, or before
+    the model store).
+
+    Raises:
+        FailedPreconditionError: ``model`` is not the version's model (their hashes differ, both
+            named) or does not have its latent dimension.
 
     ``verify``: check every file's sha256 against the version manifest first (a CorruptIndexError
     naming the file when one fails).
@@ -91,7 +116,58 @@ def load_snapshot(
     if max_k is not None and max_k < engine.config.max_k:
         engine.config = dataclasses.replace(engine.config, max_k=max_k)
     manifest = root.manifest(version)
-    return Snapshot(version=version, engine=engine, model_hash=str(manifest.get("model_hash") or ""))
+    model, entry = _version_model(root, manifest, engine.dim, model, models)
+    return Snapshot(
+        version=version,
+        engine=engine,
+        model_hash=str(manifest.get("model_hash") or ""),
+        model=model,
+        model_entry=entry,
+        catalogue=load_catalogue(root.version_dir(version), manifest, engine.bank),
+    )
+
+
+def _version_model(
+    root: IndexRoot,
+    manifest: dict[str, Any],
+    dim: int,
+    model: LoadedModel | None,
+    models: dict[str, LoadedModel] | None,
+) -> tuple[LoadedModel | None, str]:
+    """``(model, store entry)`` serving the version of ``manifest`` (see :func:`load_snapshot`);
+    the entry is "" when the model is not the version's stored one."""
+    version = manifest.get("version")
+    ref = ModelRef.from_manifest(manifest)
+    if model is not None:
+        check_model_hash(manifest, model)
+    entry = ""
+    if ref is not None:
+        cache: dict[str, LoadedModel] = {} if models is None else models
+        if ref.entry not in cache:
+            stored = root.load_model(str(version))
+            assert stored is not None
+            cache[ref.entry] = stored
+        model, entry = cache[ref.entry], ref.entry
+    if model is not None and model.latent_dim != dim:
+        raise FailedPreconditionError(
+            f"model {model.model_hash} has latent_dim {model.latent_dim}, index version {version} has {dim}",
+            field="model",
+        )
+    return model, entry
+
+
+def check_model_hash(manifest: dict[str, Any], model: LoadedModel) -> None:
+    """Refuse ``model`` (the server's ``--model``) for the version of ``manifest`` when the version
+    was built with another model: FailedPreconditionError naming both hashes."""
+    version, model_hash = manifest.get("version"), str(manifest.get("model_hash") or "")
+    if model_hash and model.model_hash != model_hash:
+        stored = bool(manifest.get("model"))
+        hint = "serve without --model: the version stores its model" if stored else "give that model"
+        raise FailedPreconditionError(
+            f"--model {model.name} is model {model.model_hash}, but index version {version} was "
+            f"built with model {model_hash}; its Encode/Decode answers would not match the index ({hint})",
+            field="model",
+        )
 
 
 class QueryKey(NamedTuple):
@@ -104,6 +180,8 @@ class QueryKey(NamedTuple):
     # the normaliser's relative tolerance when the request asked with_probability; None: it did not
     # (so calls with and without probabilities never share a search)
     rel_tol: float | None = None
+    # the request asked with_label_names (its replies carry each neighbour's label name)
+    label_names: bool = False
 
 
 class NearestQuery(NamedTuple):
@@ -116,18 +194,24 @@ class NearestQuery(NamedTuple):
 
 
 class EngineService:
-    """Answers requests from the current snapshot and the optional model.
+    """Answers requests from the current snapshot (its index and its model).
 
     Args:
-        model: the model for Encode/Decode (``None``: those calls fail with FAILED_PRECONDITION).
         max_batch_queries: most queries in one NearestBatch request.
+        max_reply_bytes: the largest message the server sends; a NearestBatch whose reply could be
+            larger is refused before any search (:func:`~latentsearch.server.replies.check_batch_reply`).
 
     The largest k is the serving engine's ``config.max_k`` (see :func:`load_snapshot`).
     """
 
-    def __init__(self, *, model: LoadedModel | None = None, max_batch_queries: int = 1024) -> None:
-        self.model = model
+    def __init__(
+        self,
+        *,
+        max_batch_queries: int = 1024,
+        max_reply_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
         self.max_batch_queries = max_batch_queries
+        self.max_reply_bytes = max_reply_bytes
         self._snapshot: Snapshot | None = None
         # (version CURRENT names, why another version serves or ""): what Info reports
         self._status: tuple[str, str] = ("", "")
@@ -139,23 +223,8 @@ class EngineService:
         return None if snap is None else snap.version
 
     def set_snapshot(self, snapshot: Snapshot) -> None:
-        """Serve ``snapshot`` from now on (one reference assignment: atomic for every reader)."""
-        if self.model is not None:
-            if snapshot.engine.dim != self.model.latent_dim:
-                log.warning(
-                    "index %s has latent_dim %d but the model has %d; Encode/Decode results will not "
-                    "match the index",
-                    snapshot.version,
-                    snapshot.engine.dim,
-                    self.model.latent_dim,
-                )
-            elif snapshot.model_hash and snapshot.model_hash != self.model.model_hash:
-                log.warning(
-                    "index %s was built with model %s, serving model %s",
-                    snapshot.version,
-                    snapshot.model_hash[:12],
-                    self.model.model_hash[:12],
-                )
+        """Serve ``snapshot`` (index and model together) from now on: one reference assignment,
+        atomic for every reader. :func:`load_snapshot` has checked that its model fits its index."""
         self._snapshot = snapshot
 
     def set_status(self, current_version: str | None, fallback_reason: str = "") -> None:
@@ -182,7 +251,9 @@ class EngineService:
         z = list(request.z)
         k = request.k or DEFAULT_K
         labels = snap.engine.check_query(z, k, request.labels or None)
-        key = QueryKey(snap.version, k, engine_mode(request.mode), labels, _rel_tol(request))
+        key = QueryKey(
+            snap.version, k, engine_mode(request.mode), labels, _rel_tol(request), request.with_label_names
+        )
         return NearestQuery(snap, key, z)
 
     @staticmethod
@@ -199,7 +270,8 @@ class EngineService:
             with_probability=key.rel_tol is not None,
             rel_tol=DEFAULT_REL_TOL if key.rel_tol is None else key.rel_tol,  # checked by the engine
         )
-        return nearest_responses(batch, engine.bank, snapshot.version)
+        names = _label_names(snapshot) if key.label_names else None
+        return nearest_responses(batch, engine.bank, snapshot.version, names)
 
     def nearest(self, request: pb.NearestRequest) -> pb.NearestResponse:
         """One Nearest call answered alone (blocking)."""
@@ -208,6 +280,15 @@ class EngineService:
 
     def nearest_batch(self, request: pb.NearestBatchRequest) -> pb.NearestBatchResponse:
         """Every query of the batch answered by one snapshot, in order (blocking)."""
+        snap, parsed = self.parse_batch(request)
+        return pb.NearestBatchResponse(results=self.search_parsed(snap, parsed), index_version=snap.version)
+
+    def parse_batch(self, request: pb.NearestBatchRequest) -> tuple[Snapshot, list[NearestQuery]]:
+        """A NearestBatch's queries, each checked, bound to the snapshot answering them all.
+
+        Refuses a batch whose reply could exceed ``max_reply_bytes`` before any search
+        (InvalidArgumentError, field ``queries``; see :mod:`latentsearch.server.replies`).
+        """
         n = len(request.queries)
         if n == 0:
             raise InvalidArgumentError("queries is empty", field="queries")
@@ -224,22 +305,32 @@ class EngineService:
                 raise InvalidArgumentError(
                     f"queries[{i}]: {exc.message}", field=f"queries[{i}].{exc.field}"
                 ) from exc
+        names = _label_names(snap) if any(q.key.label_names for q in parsed) else None
+        check_batch_reply(
+            [q.key.k for q in parsed], snap.engine.bank, snap.version, self.max_reply_bytes, label_names=names
+        )
+        return snap, parsed
+
+    def search_parsed(
+        self, snap: Snapshot, parsed: Sequence[NearestQuery], first: int = 0
+    ) -> list[pb.NearestResponse]:
+        """Replies to ``parsed`` (queries ``first``, ``first + 1``, ... of a batch), in order (blocking):
+        one search per group of queries sharing a key."""
         groups: dict[QueryKey, list[int]] = {}
         for i, q in enumerate(parsed):
             groups.setdefault(q.key, []).append(i)
-        results: list[pb.NearestResponse | None] = [None] * n
+        results: list[pb.NearestResponse | None] = [None] * len(parsed)
         for key, idx in groups.items():
             try:
                 replies = self.search_group(snap, key, [parsed[i].z for i in idx])
             except InvalidArgumentError as exc:  # the group's shared rel_tol: name its first query
+                at = first + idx[0]
                 raise InvalidArgumentError(
-                    f"queries[{idx[0]}]: {exc.message}", field=f"queries[{idx[0]}].{exc.field}"
+                    f"queries[{at}]: {exc.message}", field=f"queries[{at}].{exc.field}"
                 ) from exc
             for i, res in zip(idx, replies, strict=True):
                 results[i] = res
-        return pb.NearestBatchResponse(
-            results=[r for r in results if r is not None], index_version=snap.version
-        )
+        return [r for r in results if r is not None]
 
     # -- NearestToDistribution ----------------------------------------------------------------
     def nearest_to_distribution(
@@ -265,6 +356,7 @@ class EngineService:
                 raise
             raise InvalidArgumentError(exc.message, field="sigma") from exc  # the engine's std
         assert result.kl is not None  # sigma > 0
+        names = _label_names(snap) if request.with_label_names else None
         neighbors = [
             pb.DistributionNeighbor(
                 id=n.id,
@@ -273,6 +365,7 @@ class EngineService:
                 label=n.label,
                 rank=n.rank,
                 probability=n.probability,
+                label_name=None if names is None or n.label is None else names[n.label],
             )
             for n in result
         ]
@@ -295,12 +388,16 @@ class EngineService:
         bank = snap.engine.bank
         row = bank.row_of(request.id)  # NotFoundError(field="id")
         label = None if bank.labels is None else int(bank.labels[row])
+        cat = snap.catalogue
         return pb.GetItemResponse(
             id=bank.id_of(np.array([row]))[0],
             mean=np.asarray(bank.mu[row], dtype=np.float64).tolist(),
             sigma=np.exp(np.asarray(bank.log_sigma[row], dtype=np.float64)).tolist(),
             label=label,
             index_version=snap.version,
+            label_name=None if cat is None else cat.label_name(label),
+            thumbnail_png=b"" if cat is None else cat.thumbnail_png(row),
+            metadata_json="" if cat is None else cat.metadata_json(row),
         )
 
     def info(self, request: pb.InfoRequest | None = None) -> pb.InfoResponse:
@@ -311,23 +408,27 @@ class EngineService:
             item_count=len(snap.engine),
             latent_dim=snap.engine.dim,
             model_hash=snap.model_hash,
-            served_model_hash="" if self.model is None else self.model.model_hash,
+            served_model_hash="" if snap.model is None else snap.model.model_hash,
             engine_json=json.dumps(snap.engine.info(), sort_keys=True, default=str),
             current_version=current or snap.version,
             fallback_reason=reason,
+            label_names=list(_label_names(snap) or ()),
+            diagnostics=None if snap.catalogue is None else _diagnostics(snap.catalogue.diagnostics),
         )
 
     # -- model --------------------------------------------------------------------------------
     def encode(self, request: pb.EncodeRequest) -> pb.EncodeResponse:
-        """One item -> its posterior (blocking).
+        """One item -> its posterior under the snapshot's model (blocking).
 
-        ``raw`` holds uint8 units (pixels 0..255); ``values`` floats in the same units as ``raw``
-        for our VAEs (they normalise raw units themselves) and the model's own input units for a
-        TorchScript or factory model. Either must lie within +-:data:`MAX_NETWORK_INPUT` once
-        normalised (:meth:`LoadedModel.network_input`), and the posterior must be one the engine
-        searches with (:func:`_check_posterior`).
+        ``raw`` (uint8 bytes) and ``values`` (floats) follow the model's input rule, applied by
+        :meth:`LoadedModel.prepare` alone (:mod:`model.loader`; the proto's EncodeRequest): pixels
+        0..255 and the same pixels scaled to [0, 1] for models indexed from uint8 images, values in
+        the data's own units (no raw) for models indexed from float data. Either must lie within
+        +-:data:`MAX_NETWORK_INPUT` once normalised (:meth:`LoadedModel.network_input`), and the
+        posterior must be one the engine searches with (:func:`_check_posterior`).
         """
-        model = self._model()
+        snap = self.snapshot()
+        model = _model_of(snap)
         shape = tuple(int(s) for s in request.shape)
         if shape != model.input_shape:
             raise InvalidArgumentError(
@@ -347,7 +448,7 @@ class EngineService:
                 raise InvalidArgumentError(
                     f"raw holds {len(request.raw)} bytes; shape {list(shape)} needs {size}", field="raw"
                 )
-            x = np.frombuffer(request.raw, dtype=np.uint8).reshape(1, *shape).astype(np.float32)
+            x: np.ndarray = np.frombuffer(request.raw, dtype=np.uint8).reshape(1, *shape)
         else:
             field = "values"
             if len(request.values) != size:
@@ -355,11 +456,8 @@ class EngineService:
                     f"values holds {len(request.values)} numbers; shape {list(shape)} needs {size}",
                     field="values",
                 )
-            values = np.asarray(request.values, dtype=np.float64)
-            if not np.isfinite(values).all():
-                raise InvalidArgumentError("values contains NaN or inf", field="values")
-            x = values.astype(np.float32).reshape(1, *shape)  # beyond float32's range: inf (refused below)
-        units = model.network_input(x).abs()
+            x = np.asarray(request.values, dtype=np.float32).reshape(1, *shape)  # the wire's float32
+        units = model.network_input(x).abs()  # the input rule's InvalidArgumentError (raw / values)
         if not bool((units <= MAX_NETWORK_INPUT).all()):  # False for inf and NaN too
             raise InvalidArgumentError(
                 f"{field} is out of range: normalised the way the model normalises its input, every "
@@ -368,10 +466,14 @@ class EngineService:
             )
         q = model.encode(x)[0].numpy()  # (d,) float64
         mean, std = _check_posterior(q.mean, q.std, field)
-        return pb.EncodeResponse(mean=mean.tolist(), sigma=std.tolist(), model_hash=model.model_hash)
+        return pb.EncodeResponse(
+            mean=mean.tolist(), sigma=std.tolist(), model_hash=model.model_hash, index_version=snap.version
+        )
 
     def decode(self, request: pb.DecodeRequest) -> pb.DecodeResponse:
-        model = self._model()
+        """A latent point -> the snapshot's model's reconstruction (blocking)."""
+        snap = self.snapshot()
+        model = _model_of(snap)
         if not model.has_decoder:
             raise FailedPreconditionError("the served model has no decoder", field="model")
         z = check_points(request.z, model.latent_dim, "z")  # (1, d): the engine's rule for latents
@@ -381,13 +483,20 @@ class EngineService:
             values=out.ravel().tolist(),
             shape=list(out.shape),
             model_hash=model.model_hash,
+            index_version=snap.version,
         )
 
-    # -- helpers ------------------------------------------------------------------------------
-    def _model(self) -> LoadedModel:
-        if self.model is None:
-            raise FailedPreconditionError("this server was started without a model (--model)", field="model")
-        return self.model
+
+def _model_of(snapshot: Snapshot) -> LoadedModel:
+    """The snapshot's model; FailedPreconditionError when its version has none to serve."""
+    if snapshot.model is None:
+        raise FailedPreconditionError(
+            f"index version {snapshot.version} stores no model (it was published from posteriors, or "
+            "before index versions stored their model) and this server was started without --model: "
+            "serve it with --model, or reindex it with `latentsearch index --model` to store the model",
+            field="model",
+        )
+    return snapshot.model
 
 
 def _check_posterior(mean: np.ndarray, std: np.ndarray, field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -405,6 +514,23 @@ def _check_posterior(mean: np.ndarray, std: np.ndarray, field: str) -> tuple[np.
         f"the model encodes this {field} to a posterior the engine cannot search with (mean within "
         f"+-{lim:g}, sigma in (0, {lim:g}]; got {got})",
         field=field,
+    )
+
+
+def _label_names(snapshot: Snapshot) -> tuple[str, ...] | None:
+    """The snapshot's label-name table (``names[label]``; it names every label of the version)."""
+    return None if snapshot.catalogue is None else snapshot.catalogue.label_names
+
+
+def _diagnostics(d: LatentDiagnostics) -> pb.LatentDiagnostics:
+    return pb.LatentDiagnostics(
+        kl=d.kl.tolist(),
+        active=d.active.tolist(),
+        threshold=d.threshold,
+        mean_p01=d.mean_p01.tolist(),
+        mean_p99=d.mean_p99.tolist(),
+        mean_min=d.mean_min.tolist(),
+        mean_max=d.mean_max.tolist(),
     )
 
 
@@ -431,9 +557,12 @@ def _set_probability_fields(
                 setattr(resp, name, v)
 
 
-def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> list[pb.NearestResponse]:
+def nearest_responses(
+    batch: BatchResult, bank: PosteriorBank, version: str, label_names: Sequence[str] | None = None
+) -> list[pb.NearestResponse]:
     """One NearestResponse per query of ``batch`` (answered by ``version``), built from whole arrays:
-    ids, scores and labels are gathered once for the batch, not per neighbour."""
+    ids, scores and labels are gathered once for the batch, not per neighbour. ``label_names``
+    (``names[label]``): also set each neighbour's label name."""
     valid = batch.rows >= 0  # (B, k); the valid entries of each row are a prefix
     counts = valid.sum(axis=1).tolist()
     rows = batch.rows[valid]  # (M,) row-major: query 0's results, then query 1's, ...
@@ -458,6 +587,9 @@ def nearest_responses(batch: BatchResult, bank: PosteriorBank, version: str) -> 
         if probability is not None:
             for j, neighbor in enumerate(resp.neighbors):
                 neighbor.probability = probability[start + j]
+        if label_names is not None and labels is not None:
+            for j, neighbor in enumerate(resp.neighbors):
+                neighbor.label_name = label_names[labels[start + j]]
         start += n
         out.append(resp)
     return out
@@ -467,10 +599,4 @@ def _png(image: np.ndarray) -> bytes:
     """PNG bytes of an ``(H, W, C)`` image in [0, 1] with C in 1, 3, 4; ``b""`` for anything else."""
     if image.ndim != 3 or image.shape[2] not in (1, 3, 4):
         return b""
-    from PIL import Image
-
-    pixels = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-    img = Image.fromarray(pixels[:, :, 0] if image.shape[2] == 1 else pixels)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    return png_bytes(np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8))

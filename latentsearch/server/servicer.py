@@ -13,11 +13,18 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from latentsearch.errors import FIELD_METADATA_KEY, LatentSearchError, shorten, status_details
+from latentsearch.errors import (
+    FIELD_METADATA_KEY,
+    LatentSearchError,
+    ResourceExhaustedError,
+    shorten,
+    status_details,
+)
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.batcher import MicroBatcher
 from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey
 from latentsearch.server.metrics import ServerMetrics
+from latentsearch.server.scheduler import batch_chunks
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
@@ -43,6 +50,9 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         metrics: where request counts and latencies go (``None``: nowhere).
         admission: bounded in-flight counter for every call run on ``executor`` without the
             batcher (default: 1024 in flight).
+        chunk_queries: most queries of a NearestBatch searched in one task on the search threads
+            (:func:`~latentsearch.server.scheduler.batch_chunks`); chunks run one after another as
+            bulk work, so small calls are answered between them.
     """
 
     def __init__(
@@ -53,8 +63,10 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         batcher: MicroBatcher | None = None,
         metrics: ServerMetrics | None = None,
         admission: AdmissionControl | None = None,
+        chunk_queries: int = 64,
     ) -> None:
         self.service = service
+        self.chunk_queries = chunk_queries
         self.executor = executor
         self.admission = admission or AdmissionControl(executor=executor, limit=1024)
         self.batcher = batcher
@@ -67,9 +79,7 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
     async def NearestBatch(
         self, request: pb.NearestBatchRequest, context: aio.ServicerContext
     ) -> pb.NearestBatchResponse:
-        return await self._call(
-            "NearestBatch", context, self._blocking(context, self.service.nearest_batch, request)
-        )
+        return await self._call("NearestBatch", context, self._nearest_batch(request, context), sized=True)
 
     async def NearestToDistribution(
         self, request: pb.NearestToDistributionRequest, context: aio.ServicerContext
@@ -103,16 +113,44 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         reply: pb.NearestResponse = await self.batcher.submit(query.key, query, deadline=_deadline(context))
         return reply
 
+    async def _nearest_batch(
+        self, request: pb.NearestBatchRequest, context: aio.ServicerContext
+    ) -> pb.NearestBatchResponse:
+        """Parse (and bound the reply: EngineService.parse_batch), then search chunk by chunk as bulk
+        work, every chunk answered by the snapshot the batch started with."""
+        deadline = _deadline(context)
+        admission, service = self.admission, self.service
+        with admission.admit(deadline):
+            snap, parsed = await admission.execute(service.parse_batch, request, deadline=deadline, bulk=True)
+            results: list[pb.NearestResponse] = []
+            for chunk in batch_chunks([q.key.k for q in parsed], self.chunk_queries):
+                part = parsed[chunk.start : chunk.stop]
+                results += await admission.execute(
+                    service.search_parsed, snap, part, chunk.start, deadline=deadline, bulk=True
+                )
+        return pb.NearestBatchResponse(results=results, index_version=snap.version)
+
     async def _blocking(self, context: aio.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         """``fn(*args)`` on the search threads through the bounded in-flight counter."""
         return await self.admission.run(fn, *args, deadline=_deadline(context))
 
-    async def _call(self, method: str, context: aio.ServicerContext, work: Awaitable[T]) -> T:
-        """Await ``work``, translating project errors to status codes and recording metrics."""
+    async def _call(
+        self, method: str, context: aio.ServicerContext, work: Awaitable[T], *, sized: bool = False
+    ) -> T:
+        """Await ``work``, translating project errors to status codes and recording metrics.
+
+        A reply larger than the server sends (``max_reply_bytes``) is answered RESOURCE_EXHAUSTED
+        here and counted so: grpc would fail it the same way after the handler returned, and the
+        call would count as OK. ``sized``: the request was checked against a bound on its reply
+        before the work (NearestBatch; measuring a reply of many MiB would cost what sending it does).
+        """
         start = time.perf_counter()
         code = "OK"
         try:
-            return await work
+            reply = await work
+            if not sized:
+                _check_reply_size(reply, self.service.max_reply_bytes)
+            return reply
         except LatentSearchError as exc:
             code = exc.grpc_code
             status = getattr(grpc.StatusCode, code, grpc.StatusCode.UNKNOWN)
@@ -130,6 +168,16 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         finally:
             if self.metrics is not None:
                 self.metrics.observe(method, code, time.perf_counter() - start)
+
+
+def _check_reply_size(reply: Any, limit: int) -> None:
+    """Raise ResourceExhaustedError when ``reply`` (a protobuf message) is over ``limit`` bytes."""
+    size = reply.ByteSize()
+    if size > limit:
+        raise ResourceExhaustedError(
+            f"the reply takes {size} bytes, more than the {limit} this server sends in one message",
+            field="reply",
+        )
 
 
 def _deadline(context: aio.ServicerContext) -> float | None:

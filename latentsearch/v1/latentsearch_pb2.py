@@ -24,47 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"latentsearch/v1/latentsearch.proto\x12\x0flatentsearch.v1\"\x9d\x01\n\x0eNearestRequest\x12\t\n\x01z\x18\x01 \x03(\x01\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12)\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x18\n\x10with_probability\x18\x05 \x01(\x08\x12\x14\n\x07rel_tol\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_rel_tol\"\x84\x01\n\x08Neighbor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\x05label\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x18\n\x0bprobability\x18\x05 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_labelB\x0e\n\x0c_probability\"\xb4\x02\n\x0fNearestResponse\x12,\n\tneighbors\x18\x01 \x03(\x0b\x32\x19.latentsearch.v1.Neighbor\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x11\n\tcertified\x18\x04 \x01(\x08\x12\x13\n\x06log_qz\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0clog_qz_lower\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0clog_qz_upper\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\ntypicality\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\t\n\x07_log_qzB\x0f\n\r_log_qz_lowerB\x0f\n\r_log_qz_upperB\r\n\x0b_typicality\"G\n\x13NearestBatchRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.latentsearch.v1.NearestRequest\"`\n\x14NearestBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .latentsearch.v1.NearestResponse\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\xbd\x01\n\x1cNearestToDistributionRequest\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\r\n\x05sigma\x18\x02 \x03(\x01\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x18\n\x10with_probability\x18\x06 \x01(\x08\x12\x14\n\x07rel_tol\x18\x07 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_rel_tol\"\xa5\x01\n\x14\x44istributionNeighbor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_log_likelihood\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x12\n\x05label\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x18\n\x0bprobability\x18\x06 \x01(\x01H\x01\x88\x01\x01\x42\x08\n\x06_labelB\x0e\n\x0c_probability\"\xce\x02\n\x1dNearestToDistributionResponse\x12\x38\n\tneighbors\x18\x01 \x03(\x0b\x32%.latentsearch.v1.DistributionNeighbor\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x11\n\tcertified\x18\x04 \x01(\x08\x12\x13\n\x06log_qz\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0clog_qz_lower\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0clog_qz_upper\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\ntypicality\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\t\n\x07_log_qzB\x0f\n\r_log_qz_lowerB\x0f\n\r_log_qz_upperB\r\n\x0b_typicality\";\n\rEncodeRequest\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"A\n\x0e\x45ncodeResponse\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\r\n\x05sigma\x18\x02 \x03(\x01\x12\x12\n\nmodel_hash\x18\x03 \x01(\t\"\x1a\n\rDecodeRequest\x12\t\n\x01z\x18\x01 \x03(\x01\"P\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\"\x1c\n\x0eGetItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\"o\n\x0fGetItemResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\r\n\x05sigma\x18\x03 \x03(\x01\x12\x12\n\x05label\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rindex_version\x18\x05 \x01(\tB\x08\n\x06_label\"\r\n\x0bInfoRequest\"\xc3\x01\n\x0cInfoResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x04\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x19\n\x11served_model_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x65ngine_json\x18\x06 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x07 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x08 \x01(\t*C\n\nSearchMode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_EXACT\x10\x01\x12\x0f\n\x0bMODE_APPROX\x10\x02\x32\xda\x04\n\x0cLatentSearch\x12L\n\x07Nearest\x12\x1f.latentsearch.v1.NearestRequest\x1a .latentsearch.v1.NearestResponse\x12[\n\x0cNearestBatch\x12$.latentsearch.v1.NearestBatchRequest\x1a%.latentsearch.v1.NearestBatchResponse\x12v\n\x15NearestToDistribution\x12-.latentsearch.v1.NearestToDistributionRequest\x1a..latentsearch.v1.NearestToDistributionResponse\x12I\n\x06\x45ncode\x12\x1e.latentsearch.v1.EncodeRequest\x1a\x1f.latentsearch.v1.EncodeResponse\x12I\n\x06\x44\x65\x63ode\x12\x1e.latentsearch.v1.DecodeRequest\x1a\x1f.latentsearch.v1.DecodeResponse\x12L\n\x07GetItem\x12\x1f.latentsearch.v1.GetItemRequest\x1a .latentsearch.v1.GetItemResponse\x12\x43\n\x04Info\x12\x1c.latentsearch.v1.InfoRequest\x1a\x1d.latentsearch.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"latentsearch/v1/latentsearch.proto\x12\x0flatentsearch.v1\"\xb7\x01\n\x0eNearestRequest\x12\t\n\x01z\x18\x01 \x03(\x01\x12\t\n\x01k\x18\x02 \x01(\r\x12\x0e\n\x06labels\x18\x03 \x03(\x03\x12)\n\x04mode\x18\x04 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x18\n\x10with_probability\x18\x05 \x01(\x08\x12\x14\n\x07rel_tol\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10with_label_names\x18\x07 \x01(\x08\x42\n\n\x08_rel_tol\"\xac\x01\n\x08Neighbor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x16\n\x0elog_likelihood\x18\x02 \x01(\x01\x12\x12\n\x05label\x18\x03 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\x18\n\x0bprobability\x18\x05 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nlabel_name\x18\x06 \x01(\tH\x02\x88\x01\x01\x42\x08\n\x06_labelB\x0e\n\x0c_probabilityB\r\n\x0b_label_name\"\xb4\x02\n\x0fNearestResponse\x12,\n\tneighbors\x18\x01 \x03(\x0b\x32\x19.latentsearch.v1.Neighbor\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x11\n\tcertified\x18\x04 \x01(\x08\x12\x13\n\x06log_qz\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0clog_qz_lower\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0clog_qz_upper\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\ntypicality\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\t\n\x07_log_qzB\x0f\n\r_log_qz_lowerB\x0f\n\r_log_qz_upperB\r\n\x0b_typicality\"G\n\x13NearestBatchRequest\x12\x30\n\x07queries\x18\x01 \x03(\x0b\x32\x1f.latentsearch.v1.NearestRequest\"`\n\x14NearestBatchResponse\x12\x31\n\x07results\x18\x01 \x03(\x0b\x32 .latentsearch.v1.NearestResponse\x12\x15\n\rindex_version\x18\x02 \x01(\t\"\xd7\x01\n\x1cNearestToDistributionRequest\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\r\n\x05sigma\x18\x02 \x03(\x01\x12\t\n\x01k\x18\x03 \x01(\r\x12\x0e\n\x06labels\x18\x04 \x03(\x03\x12)\n\x04mode\x18\x05 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x18\n\x10with_probability\x18\x06 \x01(\x08\x12\x14\n\x07rel_tol\x18\x07 \x01(\x01H\x00\x88\x01\x01\x12\x18\n\x10with_label_names\x18\x08 \x01(\x08\x42\n\n\x08_rel_tol\"\xcd\x01\n\x14\x44istributionNeighbor\x12\n\n\x02id\x18\x01 \x01(\t\x12\x1f\n\x17\x65xpected_log_likelihood\x18\x02 \x01(\x01\x12\n\n\x02kl\x18\x03 \x01(\x01\x12\x12\n\x05label\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04rank\x18\x05 \x01(\r\x12\x18\n\x0bprobability\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x17\n\nlabel_name\x18\x07 \x01(\tH\x02\x88\x01\x01\x42\x08\n\x06_labelB\x0e\n\x0c_probabilityB\r\n\x0b_label_name\"\xce\x02\n\x1dNearestToDistributionResponse\x12\x38\n\tneighbors\x18\x01 \x03(\x0b\x32%.latentsearch.v1.DistributionNeighbor\x12\x15\n\rindex_version\x18\x02 \x01(\t\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.latentsearch.v1.SearchMode\x12\x11\n\tcertified\x18\x04 \x01(\x08\x12\x13\n\x06log_qz\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x19\n\x0clog_qz_lower\x18\x06 \x01(\x01H\x01\x88\x01\x01\x12\x19\n\x0clog_qz_upper\x18\x07 \x01(\x01H\x02\x88\x01\x01\x12\x17\n\ntypicality\x18\x08 \x01(\x01H\x03\x88\x01\x01\x42\t\n\x07_log_qzB\x0f\n\r_log_qz_lowerB\x0f\n\r_log_qz_upperB\r\n\x0b_typicality\";\n\rEncodeRequest\x12\r\n\x05shape\x18\x01 \x03(\r\x12\x0b\n\x03raw\x18\x02 \x01(\x0c\x12\x0e\n\x06values\x18\x03 \x03(\x02\"X\n\x0e\x45ncodeResponse\x12\x0c\n\x04mean\x18\x01 \x03(\x01\x12\r\n\x05sigma\x18\x02 \x03(\x01\x12\x12\n\nmodel_hash\x18\x03 \x01(\t\x12\x15\n\rindex_version\x18\x04 \x01(\t\"\x1a\n\rDecodeRequest\x12\t\n\x01z\x18\x01 \x03(\x01\"g\n\x0e\x44\x65\x63odeResponse\x12\x0b\n\x03png\x18\x01 \x01(\x0c\x12\x0e\n\x06values\x18\x02 \x03(\x02\x12\r\n\x05shape\x18\x03 \x03(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x15\n\rindex_version\x18\x05 \x01(\t\"\x1c\n\x0eGetItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\xc5\x01\n\x0fGetItemResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04mean\x18\x02 \x03(\x01\x12\r\n\x05sigma\x18\x03 \x03(\x01\x12\x12\n\x05label\x18\x04 \x01(\x03H\x00\x88\x01\x01\x12\x15\n\rindex_version\x18\x05 \x01(\t\x12\x17\n\nlabel_name\x18\x06 \x01(\tH\x01\x88\x01\x01\x12\x15\n\rthumbnail_png\x18\x07 \x01(\x0c\x12\x15\n\rmetadata_json\x18\x08 \x01(\tB\x08\n\x06_labelB\r\n\x0b_label_name\"\r\n\x0bInfoRequest\"\x91\x02\n\x0cInfoResponse\x12\x15\n\rindex_version\x18\x01 \x01(\t\x12\x12\n\nitem_count\x18\x02 \x01(\x04\x12\x12\n\nlatent_dim\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12\x19\n\x11served_model_hash\x18\x05 \x01(\t\x12\x13\n\x0b\x65ngine_json\x18\x06 \x01(\t\x12\x17\n\x0f\x63urrent_version\x18\x07 \x01(\t\x12\x17\n\x0f\x66\x61llback_reason\x18\x08 \x01(\t\x12\x13\n\x0blabel_names\x18\t \x03(\t\x12\x37\n\x0b\x64iagnostics\x18\n \x01(\x0b\x32\".latentsearch.v1.LatentDiagnostics\"\x8a\x01\n\x11LatentDiagnostics\x12\n\n\x02kl\x18\x01 \x03(\x01\x12\x0e\n\x06\x61\x63tive\x18\x02 \x03(\x08\x12\x11\n\tthreshold\x18\x03 \x01(\x01\x12\x10\n\x08mean_p01\x18\x04 \x03(\x01\x12\x10\n\x08mean_p99\x18\x05 \x03(\x01\x12\x10\n\x08mean_min\x18\x06 \x03(\x01\x12\x10\n\x08mean_max\x18\x07 \x03(\x01*C\n\nSearchMode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x0e\n\nMODE_EXACT\x10\x01\x12\x0f\n\x0bMODE_APPROX\x10\x02\x32\xda\x04\n\x0cLatentSearch\x12L\n\x07Nearest\x12\x1f.latentsearch.v1.NearestRequest\x1a .latentsearch.v1.NearestResponse\x12[\n\x0cNearestBatch\x12$.latentsearch.v1.NearestBatchRequest\x1a%.latentsearch.v1.NearestBatchResponse\x12v\n\x15NearestToDistribution\x12-.latentsearch.v1.NearestToDistributionRequest\x1a..latentsearch.v1.NearestToDistributionResponse\x12I\n\x06\x45ncode\x12\x1e.latentsearch.v1.EncodeRequest\x1a\x1f.latentsearch.v1.EncodeResponse\x12I\n\x06\x44\x65\x63ode\x12\x1e.latentsearch.v1.DecodeRequest\x1a\x1f.latentsearch.v1.DecodeResponse\x12L\n\x07GetItem\x12\x1f.latentsearch.v1.GetItemRequest\x1a .latentsearch.v1.GetItemResponse\x12\x43\n\x04Info\x12\x1c.latentsearch.v1.InfoRequest\x1a\x1d.latentsearch.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentsearch.v1.latentsearch_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SEARCHMODE']._serialized_start=2123
-  _globals['_SEARCHMODE']._serialized_end=2190
+  _globals['_SEARCHMODE']._serialized_start=2607
+  _globals['_SEARCHMODE']._serialized_end=2674
   _globals['_NEARESTREQUEST']._serialized_start=56
-  _globals['_NEARESTREQUEST']._serialized_end=213
-  _globals['_NEIGHBOR']._serialized_start=216
-  _globals['_NEIGHBOR']._serialized_end=348
-  _globals['_NEARESTRESPONSE']._serialized_start=351
-  _globals['_NEARESTRESPONSE']._serialized_end=659
-  _globals['_NEARESTBATCHREQUEST']._serialized_start=661
-  _globals['_NEARESTBATCHREQUEST']._serialized_end=732
-  _globals['_NEARESTBATCHRESPONSE']._serialized_start=734
-  _globals['_NEARESTBATCHRESPONSE']._serialized_end=830
-  _globals['_NEARESTTODISTRIBUTIONREQUEST']._serialized_start=833
-  _globals['_NEARESTTODISTRIBUTIONREQUEST']._serialized_end=1022
-  _globals['_DISTRIBUTIONNEIGHBOR']._serialized_start=1025
-  _globals['_DISTRIBUTIONNEIGHBOR']._serialized_end=1190
-  _globals['_NEARESTTODISTRIBUTIONRESPONSE']._serialized_start=1193
-  _globals['_NEARESTTODISTRIBUTIONRESPONSE']._serialized_end=1527
-  _globals['_ENCODEREQUEST']._serialized_start=1529
-  _globals['_ENCODEREQUEST']._serialized_end=1588
-  _globals['_ENCODERESPONSE']._serialized_start=1590
-  _globals['_ENCODERESPONSE']._serialized_end=1655
-  _globals['_DECODEREQUEST']._serialized_start=1657
-  _globals['_DECODEREQUEST']._serialized_end=1683
-  _globals['_DECODERESPONSE']._serialized_start=1685
-  _globals['_DECODERESPONSE']._serialized_end=1765
-  _globals['_GETITEMREQUEST']._serialized_start=1767
-  _globals['_GETITEMREQUEST']._serialized_end=1795
-  _globals['_GETITEMRESPONSE']._serialized_start=1797
-  _globals['_GETITEMRESPONSE']._serialized_end=1908
-  _globals['_INFOREQUEST']._serialized_start=1910
-  _globals['_INFOREQUEST']._serialized_end=1923
-  _globals['_INFORESPONSE']._serialized_start=1926
-  _globals['_INFORESPONSE']._serialized_end=2121
-  _globals['_LATENTSEARCH']._serialized_start=2193
-  _globals['_LATENTSEARCH']._serialized_end=2795
+  _globals['_NEARESTREQUEST']._serialized_end=239
+  _globals['_NEIGHBOR']._serialized_start=242
+  _globals['_NEIGHBOR']._serialized_end=414
+  _globals['_NEARESTRESPONSE']._serialized_start=417
+  _globals['_NEARESTRESPONSE']._serialized_end=725
+  _globals['_NEARESTBATCHREQUEST']._serialized_start=727
+  _globals['_NEARESTBATCHREQUEST']._serialized_end=798
+  _globals['_NEARESTBATCHRESPONSE']._serialized_start=800
+  _globals['_NEARESTBATCHRESPONSE']._serialized_end=896
+  _globals['_NEARESTTODISTRIBUTIONREQUEST']._serialized_start=899
+  _globals['_NEARESTTODISTRIBUTIONREQUEST']._serialized_end=1114
+  _globals['_DISTRIBUTIONNEIGHBOR']._serialized_start=1117
+  _globals['_DISTRIBUTIONNEIGHBOR']._serialized_end=1322
+  _globals['_NEARESTTODISTRIBUTIONRESPONSE']._serialized_start=1325
+  _globals['_NEARESTTODISTRIBUTIONRESPONSE']._serialized_end=1659
+  _globals['_ENCODEREQUEST']._serialized_start=1661
+  _globals['_ENCODEREQUEST']._serialized_end=1720
+  _globals['_ENCODERESPONSE']._serialized_start=1722
+  _globals['_ENCODERESPONSE']._serialized_end=1810
+  _globals['_DECODEREQUEST']._serialized_start=1812
+  _globals['_DECODEREQUEST']._serialized_end=1838
+  _globals['_DECODERESPONSE']._serialized_start=1840
+  _globals['_DECODERESPONSE']._serialized_end=1943
+  _globals['_GETITEMREQUEST']._serialized_start=1945
+  _globals['_GETITEMREQUEST']._serialized_end=1973
+  _globals['_GETITEMRESPONSE']._serialized_start=1976
+  _globals['_GETITEMRESPONSE']._serialized_end=2173
+  _globals['_INFOREQUEST']._serialized_start=2175
+  _globals['_INFOREQUEST']._serialized_end=2188
+  _globals['_INFORESPONSE']._serialized_start=2191
+  _globals['_INFORESPONSE']._serialized_end=2464
+  _globals['_LATENTDIAGNOSTICS']._serialized_start=2467
+  _globals['_LATENTDIAGNOSTICS']._serialized_end=2605
+  _globals['_LATENTSEARCH']._serialized_start=2677
+  _globals['_LATENTSEARCH']._serialized_end=3279
 # @@protoc_insertion_point(module_scope)

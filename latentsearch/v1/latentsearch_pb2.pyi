@@ -57,6 +57,7 @@ class NearestRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     WITH_PROBABILITY_FIELD_NUMBER: _builtins.int
     REL_TOL_FIELD_NUMBER: _builtins.int
+    WITH_LABEL_NAMES_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     """Number of results; 0 means 10."""
     mode: Global___SearchMode.ValueType
@@ -69,6 +70,8 @@ class NearestRequest(_message.Message):
     """Certified relative width of the normaliser interval (upper / lower - 1 <= rel_tol), in [0, 1);
     unset: 1e-6; 0: every item scored in float64. Only read with with_probability.
     """
+    with_label_names: _builtins.bool
+    """Also set each neighbour's label_name (when the index version has a label-name table)."""
     @_builtins.property
     def z(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Latent point, length = the index's latent dimension."""
@@ -86,10 +89,11 @@ class NearestRequest(_message.Message):
         mode: Global___SearchMode.ValueType = ...,
         with_probability: _builtins.bool = ...,
         rel_tol: _builtins.float | None = ...,
+        with_label_names: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "rel_tol", b"rel_tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mode", b"mode", "rel_tol", b"rel_tol", "with_probability", b"with_probability", "z", b"z"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mode", b"mode", "rel_tol", b"rel_tol", "with_label_names", b"with_label_names", "with_probability", b"with_probability", "z", b"z"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rel_tol: _TypeAlias = _typing.Literal["rel_tol"]  # noqa: Y015
     _WhichOneofArgType__rel_tol: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol"]  # noqa: Y015
@@ -106,6 +110,7 @@ class Neighbor(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     PROBABILITY_FIELD_NUMBER: _builtins.int
+    LABEL_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     log_likelihood: _builtins.float
     """Exact log q(z|x) of this item at the query point."""
@@ -117,6 +122,8 @@ class Neighbor(_message.Message):
     scanned part of the sum, so the true value lies within
     probability * exp(log_qz - log_qz_upper) .. probability * exp(log_qz - log_qz_lower).
     """
+    label_name: _builtins.str
+    """The label's name, set only with with_label_names when the version names its labels."""
     def __init__(
         self,
         *,
@@ -125,17 +132,22 @@ class Neighbor(_message.Message):
         label: _builtins.int | None = ...,
         rank: _builtins.int = ...,
         probability: _builtins.float | None = ...,
+        label_name: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "label", b"label", "probability", b"probability"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "_probability", b"_probability", "label", b"label", "label_name", b"label_name", "probability", b"probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "id", b"id", "label", b"label", "log_likelihood", b"log_likelihood", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "_probability", b"_probability", "id", b"id", "label", b"label", "label_name", b"label_name", "log_likelihood", b"log_likelihood", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
+    _WhichOneofReturnType__label_name: _TypeAlias = _typing.Literal["label_name"]  # noqa: Y015
+    _WhichOneofArgType__label_name: _TypeAlias = _typing.Literal["_label_name", b"_label_name"]  # noqa: Y015
     _WhichOneofReturnType__probability: _TypeAlias = _typing.Literal["probability"]  # noqa: Y015
     _WhichOneofArgType__probability: _TypeAlias = _typing.Literal["_probability", b"_probability"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_name) -> _WhichOneofReturnType__label_name | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__probability) -> _WhichOneofReturnType__probability | None: ...
 
@@ -263,6 +275,7 @@ class NearestToDistributionRequest(_message.Message):
     MODE_FIELD_NUMBER: _builtins.int
     WITH_PROBABILITY_FIELD_NUMBER: _builtins.int
     REL_TOL_FIELD_NUMBER: _builtins.int
+    WITH_LABEL_NAMES_FIELD_NUMBER: _builtins.int
     k: _builtins.int
     mode: Global___SearchMode.ValueType
     with_probability: _builtins.bool
@@ -276,6 +289,8 @@ class NearestToDistributionRequest(_message.Message):
     """Certified relative width of the normaliser interval (upper / lower - 1 <= rel_tol), in [0, 1);
     unset: 1e-6; 0: every item scored in float64. Only read with with_probability.
     """
+    with_label_names: _builtins.bool
+    """Also set each neighbour's label_name (when the index version has a label-name table)."""
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -294,10 +309,11 @@ class NearestToDistributionRequest(_message.Message):
         mode: Global___SearchMode.ValueType = ...,
         with_probability: _builtins.bool = ...,
         rel_tol: _builtins.float | None = ...,
+        with_label_names: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "rel_tol", b"rel_tol"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mean", b"mean", "mode", b"mode", "rel_tol", b"rel_tol", "sigma", b"sigma", "with_probability", b"with_probability"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol", "k", b"k", "labels", b"labels", "mean", b"mean", "mode", b"mode", "rel_tol", b"rel_tol", "sigma", b"sigma", "with_label_names", b"with_label_names", "with_probability", b"with_probability"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__rel_tol: _TypeAlias = _typing.Literal["rel_tol"]  # noqa: Y015
     _WhichOneofArgType__rel_tol: _TypeAlias = _typing.Literal["_rel_tol", b"_rel_tol"]  # noqa: Y015
@@ -315,6 +331,7 @@ class DistributionNeighbor(_message.Message):
     LABEL_FIELD_NUMBER: _builtins.int
     RANK_FIELD_NUMBER: _builtins.int
     PROBABILITY_FIELD_NUMBER: _builtins.int
+    LABEL_NAME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     expected_log_likelihood: _builtins.float
     """E_{z ~ N(mean, sigma^2)} log q(z|x)."""
@@ -327,6 +344,8 @@ class DistributionNeighbor(_message.Message):
     scanned part of the sum, so the true value lies within
     probability * exp(log_qz - log_qz_upper) .. probability * exp(log_qz - log_qz_lower).
     """
+    label_name: _builtins.str
+    """The label's name, set only with with_label_names when the version names its labels."""
     def __init__(
         self,
         *,
@@ -336,17 +355,22 @@ class DistributionNeighbor(_message.Message):
         label: _builtins.int | None = ...,
         rank: _builtins.int = ...,
         probability: _builtins.float | None = ...,
+        label_name: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "label", b"label", "probability", b"probability"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "_probability", b"_probability", "label", b"label", "label_name", b"label_name", "probability", b"probability"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_probability", b"_probability", "expected_log_likelihood", b"expected_log_likelihood", "id", b"id", "kl", b"kl", "label", b"label", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "_probability", b"_probability", "expected_log_likelihood", b"expected_log_likelihood", "id", b"id", "kl", b"kl", "label", b"label", "label_name", b"label_name", "probability", b"probability", "rank", b"rank"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
+    _WhichOneofReturnType__label_name: _TypeAlias = _typing.Literal["label_name"]  # noqa: Y015
+    _WhichOneofArgType__label_name: _TypeAlias = _typing.Literal["_label_name", b"_label_name"]  # noqa: Y015
     _WhichOneofReturnType__probability: _TypeAlias = _typing.Literal["probability"]  # noqa: Y015
     _WhichOneofArgType__probability: _TypeAlias = _typing.Literal["_probability", b"_probability"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_name) -> _WhichOneofReturnType__label_name | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__probability) -> _WhichOneofReturnType__probability | None: ...
 
@@ -418,6 +442,17 @@ Global___NearestToDistributionResponse: _TypeAlias = NearestToDistributionRespon
 
 @_typing.final
 class EncodeRequest(_message.Message):
+    """One item to encode with the model of the served index version. The input rule is the same for
+    every model kind (checkpoint, TorchScript, factory) and both forms; which rule applies is stored
+    with the model when the version is indexed, from the indexed data:
+    * models indexed from uint8 image data ("pixels"): raw = the pixels as bytes 0..255; values =
+      the same pixels scaled to [0, 1] (value = byte / 255). Both forms of one image give the same
+      posterior; a value outside [0, 1] is INVALID_ARGUMENT naming `values`.
+    * models indexed from float data ("float"): values in the data's own units, taken as they are;
+      raw is INVALID_ARGUMENT naming `raw`.
+    NaN or inf in values is always INVALID_ARGUMENT naming `values`.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SHAPE_FIELD_NUMBER: _builtins.int
@@ -427,11 +462,11 @@ class EncodeRequest(_message.Message):
     """Exactly one of: raw uint8 pixels (row-major, prod(shape) bytes) ..."""
     @_builtins.property
     def shape(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
-        """One item in the model's layout, e.g. [28, 28, 1] (H, W, C)."""
+        """One item in the model's input layout (its input_shape), e.g. [28, 28, 1] (H, W, C)."""
 
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
-        """... or float values in the model's raw units (prod(shape) values)."""
+        """... or float values (row-major, prod(shape) values) under the rule above."""
 
     def __init__(
         self,
@@ -455,7 +490,10 @@ class EncodeResponse(_message.Message):
     MEAN_FIELD_NUMBER: _builtins.int
     SIGMA_FIELD_NUMBER: _builtins.int
     MODEL_HASH_FIELD_NUMBER: _builtins.int
+    INDEX_VERSION_FIELD_NUMBER: _builtins.int
     model_hash: _builtins.str
+    """The model that encoded it, and the index version whose model it is (one snapshot answers)."""
+    index_version: _builtins.str
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -466,10 +504,11 @@ class EncodeResponse(_message.Message):
         mean: _abc.Iterable[_builtins.float] | None = ...,
         sigma: _abc.Iterable[_builtins.float] | None = ...,
         model_hash: _builtins.str = ...,
+        index_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["mean", b"mean", "model_hash", b"model_hash", "sigma", b"sigma"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version", "mean", b"mean", "model_hash", b"model_hash", "sigma", b"sigma"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -503,9 +542,12 @@ class DecodeResponse(_message.Message):
     VALUES_FIELD_NUMBER: _builtins.int
     SHAPE_FIELD_NUMBER: _builtins.int
     MODEL_HASH_FIELD_NUMBER: _builtins.int
+    INDEX_VERSION_FIELD_NUMBER: _builtins.int
     png: _builtins.bytes
     """PNG of the reconstruction when it is an image (H, W, C with C in 1, 3, 4); else empty."""
     model_hash: _builtins.str
+    """The model that decoded it, and the index version whose model it is."""
+    index_version: _builtins.str
     @_builtins.property
     def values(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
         """Reconstruction values, row-major (images: intensities in [0, 1])."""
@@ -519,10 +561,11 @@ class DecodeResponse(_message.Message):
         values: _abc.Iterable[_builtins.float] | None = ...,
         shape: _abc.Iterable[_builtins.int] | None = ...,
         model_hash: _builtins.str = ...,
+        index_version: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["model_hash", b"model_hash", "png", b"png", "shape", b"shape", "values", b"values"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["index_version", b"index_version", "model_hash", b"model_hash", "png", b"png", "shape", b"shape", "values", b"values"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -556,9 +599,22 @@ class GetItemResponse(_message.Message):
     SIGMA_FIELD_NUMBER: _builtins.int
     LABEL_FIELD_NUMBER: _builtins.int
     INDEX_VERSION_FIELD_NUMBER: _builtins.int
+    LABEL_NAME_FIELD_NUMBER: _builtins.int
+    THUMBNAIL_PNG_FIELD_NUMBER: _builtins.int
+    METADATA_JSON_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     label: _builtins.int
     index_version: _builtins.str
+    label_name: _builtins.str
+    """The label's name, when the version names its labels (absent otherwise)."""
+    thumbnail_png: _builtins.bytes
+    """PNG of the item's stored thumbnail: its own pixels (downscaled to at most 4096 values when
+    larger), decoding to exactly the stored uint8 values; empty when the version stores none.
+    """
+    metadata_json: _builtins.str
+    """The item's metadata record as a JSON object (e.g. {"source": "/data/img/cat/001.png"} for
+    image folders); empty when the version stores none.
+    """
     @_builtins.property
     def mean(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
     @_builtins.property
@@ -571,14 +627,22 @@ class GetItemResponse(_message.Message):
         sigma: _abc.Iterable[_builtins.float] | None = ...,
         label: _builtins.int | None = ...,
         index_version: _builtins.str = ...,
+        label_name: _builtins.str | None = ...,
+        thumbnail_png: _builtins.bytes = ...,
+        metadata_json: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "label", b"label"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "label", b"label", "label_name", b"label_name"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "id", b"id", "index_version", b"index_version", "label", b"label", "mean", b"mean", "sigma", b"sigma"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_label", b"_label", "_label_name", b"_label_name", "id", b"id", "index_version", b"index_version", "label", b"label", "label_name", b"label_name", "mean", b"mean", "metadata_json", b"metadata_json", "sigma", b"sigma", "thumbnail_png", b"thumbnail_png"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__label: _TypeAlias = _typing.Literal["label"]  # noqa: Y015
     _WhichOneofArgType__label: _TypeAlias = _typing.Literal["_label", b"_label"]  # noqa: Y015
+    _WhichOneofReturnType__label_name: _TypeAlias = _typing.Literal["label_name"]  # noqa: Y015
+    _WhichOneofArgType__label_name: _TypeAlias = _typing.Literal["_label_name", b"_label_name"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__label) -> _WhichOneofReturnType__label | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__label_name) -> _WhichOneofReturnType__label_name | None: ...
 
 Global___GetItemResponse: _TypeAlias = GetItemResponse  # noqa: Y015
 
@@ -609,6 +673,8 @@ class InfoResponse(_message.Message):
     ENGINE_JSON_FIELD_NUMBER: _builtins.int
     CURRENT_VERSION_FIELD_NUMBER: _builtins.int
     FALLBACK_REASON_FIELD_NUMBER: _builtins.int
+    LABEL_NAMES_FIELD_NUMBER: _builtins.int
+    DIAGNOSTICS_FIELD_NUMBER: _builtins.int
     index_version: _builtins.str
     item_count: _builtins.int
     latent_dim: _builtins.int
@@ -624,6 +690,16 @@ class InfoResponse(_message.Message):
     """Why index_version is not current_version (CURRENT's version failed to load or verify, so an
     older intact version, or the one served before, answers); empty when they are the same.
     """
+    @_builtins.property
+    def label_names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the integer labels: label_names[label] (empty when the version names none)."""
+
+    @_builtins.property
+    def diagnostics(self) -> Global___LatentDiagnostics:
+        """Latent diagnostics computed when the version was indexed (absent for versions published
+        before they existed).
+        """
+
     def __init__(
         self,
         *,
@@ -635,11 +711,69 @@ class InfoResponse(_message.Message):
         engine_json: _builtins.str = ...,
         current_version: _builtins.str = ...,
         fallback_reason: _builtins.str = ...,
+        label_names: _abc.Iterable[_builtins.str] | None = ...,
+        diagnostics: Global___LatentDiagnostics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["diagnostics", b"diagnostics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_version", b"current_version", "engine_json", b"engine_json", "fallback_reason", b"fallback_reason", "index_version", b"index_version", "item_count", b"item_count", "latent_dim", b"latent_dim", "model_hash", b"model_hash", "served_model_hash", b"served_model_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_version", b"current_version", "diagnostics", b"diagnostics", "engine_json", b"engine_json", "fallback_reason", b"fallback_reason", "index_version", b"index_version", "item_count", b"item_count", "label_names", b"label_names", "latent_dim", b"latent_dim", "model_hash", b"model_hash", "served_model_hash", b"served_model_hash"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InfoResponse: _TypeAlias = InfoResponse  # noqa: Y015
+
+@_typing.final
+class LatentDiagnostics(_message.Message):
+    """Per latent dimension j (every list has latent_dim entries), over the version's N items."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KL_FIELD_NUMBER: _builtins.int
+    ACTIVE_FIELD_NUMBER: _builtins.int
+    THRESHOLD_FIELD_NUMBER: _builtins.int
+    MEAN_P01_FIELD_NUMBER: _builtins.int
+    MEAN_P99_FIELD_NUMBER: _builtins.int
+    MEAN_MIN_FIELD_NUMBER: _builtins.int
+    MEAN_MAX_FIELD_NUMBER: _builtins.int
+    threshold: _builtins.float
+    """Nats (0.1)."""
+    @_builtins.property
+    def kl(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Mean over items of KL(q(z_j|x) || N(0, 1)), in nats."""
+
+    @_builtins.property
+    def active(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bool]:
+        """kl >= threshold: the dimension carries information; below it, it has collapsed to the prior
+        (moving along it changes almost nothing).
+        """
+
+    @_builtins.property
+    def mean_p01(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """1st and 99th percentiles (linear interpolation) of the items' means: a slider's range."""
+
+    @_builtins.property
+    def mean_p99(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def mean_min(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]:
+        """Smallest and largest mean."""
+
+    @_builtins.property
+    def mean_max(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    def __init__(
+        self,
+        *,
+        kl: _abc.Iterable[_builtins.float] | None = ...,
+        active: _abc.Iterable[_builtins.bool] | None = ...,
+        threshold: _builtins.float = ...,
+        mean_p01: _abc.Iterable[_builtins.float] | None = ...,
+        mean_p99: _abc.Iterable[_builtins.float] | None = ...,
+        mean_min: _abc.Iterable[_builtins.float] | None = ...,
+        mean_max: _abc.Iterable[_builtins.float] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active", b"active", "kl", b"kl", "mean_max", b"mean_max", "mean_min", b"mean_min", "mean_p01", b"mean_p01", "mean_p99", b"mean_p99", "threshold", b"threshold"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LatentDiagnostics: _TypeAlias = LatentDiagnostics  # noqa: Y015
