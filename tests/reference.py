@@ -125,6 +125,14 @@ def log_qz(scores: np.ndarray, allowed: np.ndarray | None = None) -> np.ndarray:
     return logsumexp(scores) - math.log(scores.shape[1])
 
 
+def leave_one_out_log_qz(scores: np.ndarray, own: np.ndarray) -> np.ndarray:
+    """``(S,)`` ``log (1/(N-1)) sum_{j != own[s]} exp(scores[s, j])`` for ``(S, N)`` scores and the
+    ``(S,)`` row each sample was drawn from (typicality's reference)."""
+    scores = np.array(np.atleast_2d(scores), dtype=np.float64)
+    scores[np.arange(scores.shape[0]), own] = -np.inf
+    return logsumexp(scores) - math.log(scores.shape[1] - 1)
+
+
 def top_k(scores: np.ndarray, k: int, allowed: np.ndarray | None = None) -> np.ndarray:
     """Rows of the top ``k``: score descending, ties by ascending row.
 

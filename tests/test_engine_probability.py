@@ -16,7 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from reference import SIGMA_REGIMES, expected_log_q, log_q, log_qz, logsumexp, make_bank
+from reference import (
+    SIGMA_REGIMES,
+    expected_log_q,
+    leave_one_out_log_qz,
+    log_q,
+    log_qz,
+    logsumexp,
+    make_bank,
+)
 
 from latentsearch.data.banks import vae_like_posteriors
 from latentsearch.engine import (
@@ -147,7 +155,8 @@ def test_typicality_reference_is_the_brute_force_of_its_samples() -> None:
     rng = np.random.default_rng(engine.config.seed)
     rows = np.sort(rng.integers(0, N, size=256))
     z = mu[rows] + np.exp(log_sigma[rows]) * rng.standard_normal((256, D))
-    np.testing.assert_allclose(ref, np.sort(log_qz(log_q(z, mu, log_sigma))), rtol=1e-6)
+    # leave-one-out: each draw's own item is out of its sum, which is a mean over N - 1 items
+    np.testing.assert_allclose(ref, np.sort(leave_one_out_log_qz(log_q(z, mu, log_sigma), rows)), rtol=1e-6)
     # percentile = fraction of reference values <= log q(z)
     assert engine.typicality.percentile(np.array([ref[99], -np.inf, np.inf])).tolist() == [
         np.count_nonzero(ref <= ref[99]) / 256,
@@ -387,3 +396,19 @@ def test_single_query_reuses_the_dense_screen_scores(regime: str, monkeypatch: p
         filtered = engine.search_batch_arrays(z[b : b + 1], K, labels=[1, 4], with_probability=True)
         _check(filtered, scores[b : b + 1], np.isin(labels, [1, 4]), 1e-6)
         assert not any(reused)  # filtered searches go through FAISS: nothing to reuse
+
+
+def test_latents_of_new_items_are_typical_and_catalogue_items_more_so() -> None:
+    # Items the engine never saw, drawn like its own: the reference leaves each draw's own item out,
+    # so their latents land inside it (typicality about uniform), not below it.
+    bank = vae_like_posteriors(N + 200, D, seed=4)
+    mu, log_sigma = np.asarray(bank.mu), np.asarray(bank.log_sigma)
+    engine = SearchEngine.build(mu[:N], log_sigma=log_sigma[:N], config=EngineConfig(typicality_samples=256))
+    rng = np.random.default_rng(9)
+    new = mu[N:] + np.exp(log_sigma[N:]) * rng.standard_normal((200, D))
+    typ = engine.search_batch_arrays(new, 3, with_probability=True).typicality
+    assert typ is not None
+    assert 0.3 < float(np.mean(typ)) < 0.7, float(np.mean(typ))
+    own = mu[:200] + np.exp(log_sigma[:200]) * rng.standard_normal((200, D))
+    typ_own = engine.search_batch_arrays(own, 3, with_probability=True).typicality
+    assert typ_own is not None and float(np.mean(typ_own)) > float(np.mean(typ))

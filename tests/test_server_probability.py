@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from reference import expected_log_q, log_q, log_qz, logsumexp
+from reference import expected_log_q, leave_one_out_log_qz, log_q, log_qz, logsumexp
 
 from latentsearch.cli import main
 from latentsearch.client import LatentSearchClient, SearchAnswer
@@ -79,9 +79,9 @@ def test_nearest_probabilities_match_brute_force(tmp_path: Path, start_server, m
     mu, log_sigma, labels = _bank(engine)
     z = _queries(mu, log_sigma)
     scores = log_q(z, mu, log_sigma)  # (B, N) float64
-    # Typicality's reference: brute-force log q at the index's posterior samples (the data's own latents).
-    _, z_ref = reference_points(mu, log_sigma, engine.config.typicality_samples, engine.config.seed)
-    reference = np.sort(log_qz(log_q(z_ref, mu, log_sigma)))
+    # Typicality's reference: brute-force leave-one-out log q at the index's posterior samples.
+    rows, z_ref = reference_points(mu, log_sigma, engine.config.typicality_samples, engine.config.seed)
+    reference = np.sort(leave_one_out_log_qz(log_q(z_ref, mu, log_sigma), rows))
     with LatentSearchClient(srv.target) as client:
         for b in range(z.shape[0]):
             plain = client.nearest(z[b], 6, mode="exact")

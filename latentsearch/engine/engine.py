@@ -150,13 +150,30 @@ class SearchEngine:
         return engine
 
     def build_typicality(self, samples: int, *, seed: int = 0) -> TypicalityReference:
-        """The typicality reference: ``log q(z)`` of ``samples`` draws from random items' posteriors
-        (see :mod:`latentsearch.engine.typicality`), certified to the default relative tolerance."""
+        """The typicality reference: the leave-one-out ``log q(z)`` of ``samples`` draws from random
+        items' posteriors (see :mod:`latentsearch.engine.typicality`), certified to the default
+        relative tolerance.
+
+        Each draw's own item is left out of its sum, ``log (1/(N-1)) sum_{j != i} q(z|x_j)``: a draw
+        then stands for a latent of a new item of the data's distribution, which is what a query
+        is. With its own (often tight) posterior in the sum, every draw sits on top of a catalogue
+        item, and a new item's latent would score near 0. A bank of one item keeps that item.
+        """
         rows, z = reference_points(self.bank.mu, self.bank.log_sigma, samples, seed)
-        ref = self.bank.log_prob_rows(z, rows[:, None])[:, 0]  # each sample's own item: a valid M
-        rescore = self._rescorer(z, None)
-        norm = normalise(self.exact, lift_points(z), rows[:, None], ref[:, None], rescore, None)
-        return TypicalityReference(log_qz=np.sort(norm.log_qz))
+        n = len(self.bank)
+        if n < 2:
+            top_rows, top_scores, shift = rows[:, None], self.bank.log_prob_rows(z, rows[:, None]), 0.0
+        else:
+            # the best item other than each draw's own (exact search), a valid start of the sum; the
+            # own row goes in as already summed with score -inf: it adds nothing and is never read
+            found = self.search_batch_arrays(z, 2, mode="exact").rows  # (S, 2)
+            other = np.where(found[:, 0] == rows, found[:, 1], found[:, 0])
+            top_rows = np.stack([rows, other], axis=1)  # (S, 2)
+            own = np.full((samples, 1), -np.inf)
+            top_scores = np.concatenate([own, self.bank.log_prob_rows(z, other[:, None])], axis=1)
+            shift = math.log(n) - math.log(n - 1)  # the mean over N - 1 items, not N
+        norm = normalise(self.exact, lift_points(z), top_rows, top_scores, self._rescorer(z, None), None)
+        return TypicalityReference(log_qz=np.sort(norm.log_qz + shift))
 
     def calibrate_exact(self, *, seed: int = 0) -> StrategyCosts | None:
         """Measure both exact paths on this host (see :mod:`latentsearch.engine.strategy`): the

@@ -155,7 +155,7 @@ class _Sum:
     """
 
     def __init__(self, top_rows: np.ndarray, top_scores: np.ndarray, n_rows: int) -> None:
-        first = top_scores[:, 0]
+        first = top_scores.max(axis=1, initial=-np.inf)  # the best score (not always column 0)
         self.shift = np.where(np.isfinite(first), first, 0.0)  # (B,) M
         self.total = np.zeros_like(self.shift)  # (B,) S = sum exp(s - M)
         self.tail = np.full_like(self.shift, -np.inf)  # (B,) log of the unscanned items' bound

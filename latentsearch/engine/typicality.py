@@ -1,10 +1,13 @@
 """Typicality: where a query's log q(z) falls among the log densities of the data's own latents.
 
 At build time ``samples`` points are drawn from the posteriors of random items (``z = mu + sigma *
-eps`` for items chosen uniformly with replacement, seeded), and the aggregate-posterior log density
-``log q(z)`` of each (over the whole bank, certified like a query's) is stored sorted. A query's
-typicality is the fraction of those reference values ``<= log q(query)``: near 0 for a point far
-from every item (a box corner), about uniform on [0, 1] for latents of the data themselves.
+eps`` for items chosen uniformly with replacement, seeded), and the leave-one-out aggregate-posterior
+log density of each, ``log (1/(N-1)) sum_{j != i} q(z|x_j)`` over every item but the draw's own
+(certified like a query's), is stored sorted. A query's typicality is the fraction of those
+reference values ``<= log q(query)``: near 0 for a point far from every item (a box corner), about
+uniform on [0, 1] for latents of new items from the data's distribution (leaving the own item out
+makes each draw such a latent; with it, the draw's own, often tight, posterior dominates its sum
+and a new item's latent would score near 0), and near 1 on top of a catalogue item.
 """
 
 from __future__ import annotations

@@ -178,7 +178,8 @@ class NearestResponse(_message.Message):
     log_qz_lower: _builtins.float
     log_qz_upper: _builtins.float
     typicality: _builtins.float
-    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items)
+    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items,
+    each scored without its own item: where a new item's latent would fall)
     that are <= log_qz; absent when unavailable (the version has no reference sample, or a label
     filter is set: the reference is unfiltered).
     """
@@ -399,7 +400,8 @@ class NearestToDistributionResponse(_message.Message):
     log_qz_lower: _builtins.float
     log_qz_upper: _builtins.float
     typicality: _builtins.float
-    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items)
+    """Fraction in [0, 1] of the index's reference log densities (posterior samples of random items,
+    each scored without its own item: where a new item's latent would fall)
     that are <= log_qz; absent when unavailable (the version has no reference sample, or a label
     filter is set: the reference is unfiltered).
     """
