@@ -77,6 +77,7 @@ class Served:
 @pytest.fixture
 def serve_workers() -> Iterator[Callable[..., Served]]:
     started: list[Served] = []
+    readers: list[threading.Thread] = []
 
     def start(root: Path, *extra: str, workers: int = 2) -> Served:
         metrics_port = _free_port()
@@ -88,15 +89,20 @@ def serve_workers() -> Iterator[Callable[..., Served]]:
 
         def read() -> None:
             assert proc.stderr is not None
-            for line in proc.stderr:
-                served.lines.append(line)
-                m = re.search(r"on 127\.0\.0\.1:(\d+) with \d+ worker processes \(pids ([\d, ]+)\)", line)
-                if m:
-                    served.port = int(m.group(1))
-                    served.pids = [int(p) for p in m.group(2).split(", ")]
-                    found.set()
+            # the teardown closes the pipe once the processes are gone (a worker may still hold
+            # its write end): reading a closed file ends the loop like EOF
+            with contextlib.suppress(ValueError, OSError):
+                for line in proc.stderr:
+                    served.lines.append(line)
+                    m = re.search(r"on 127\.0\.0\.1:(\d+) with \d+ worker processes \(pids ([\d, ]+)\)", line)
+                    if m:
+                        served.port = int(m.group(1))
+                        served.pids = [int(p) for p in m.group(2).split(", ")]
+                        found.set()
 
-        threading.Thread(target=read, daemon=True).start()
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        readers.append(reader)
         started.append(served)
         end = time.monotonic() + 180
         while not found.wait(0.1):
@@ -111,6 +117,9 @@ def serve_workers() -> Iterator[Callable[..., Served]]:
                     os.kill(pid, signal.SIGKILL)
             served.proc.kill()
             served.proc.wait(30)
+    for reader in readers:
+        reader.join(10)  # EOF once every process holding the pipe is gone
+    for served in started:
         if served.proc.stderr is not None:
             served.proc.stderr.close()
 
