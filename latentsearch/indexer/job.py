@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from latentsearch.data.builtin import load_data
-from latentsearch.data.readers import Dataset, open_dataset
+from latentsearch.data.readers import Dataset
 from latentsearch.engine.approx import default_nlist
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest, saved_bytes
@@ -141,7 +141,10 @@ def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -
             finally:
                 stages.close()
         else:
-            engine, metadata, stages, model_ref = _from_model(config, root, staging, encode or local_encode)
+            assert payloads.dataset is not None
+            engine, metadata, stages, model_ref = _from_model(
+                config, root, staging, encode or local_encode, payloads.dataset
+            )
             try:
                 version = _save_and_publish(
                     root, staging, engine, metadata, config, stages, model_ref, catalogue=payloads
@@ -243,13 +246,13 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEng
 
 
 def _from_model(
-    config: IndexJobConfig, root: IndexRoot, staging: Staging, encode: EncodeStep
+    config: IndexJobConfig, root: IndexRoot, staging: Staging, encode: EncodeStep, dataset: Dataset
 ) -> tuple[SearchEngine, dict[str, Any], _Stages, ModelRef]:
-    """Encode the dataset with the model; the engine, the version's metadata, the stages so far and
-    the model's store entry (staged in ``staging.model_dir``, stored by the publish)."""
-    assert config.model is not None and config.data is not None
+    """Encode ``dataset`` (the job's data, opened once by :func:`_catalogue_source`) with the model;
+    the engine, the version's metadata, the stages so far and the model's store entry (staged in
+    ``staging.model_dir``, stored by the publish)."""
+    assert config.model is not None
     t0 = time.perf_counter()
-    dataset = open_dataset(config.data)
     # The input rule (model.loader) follows the data: what Encode takes is what the indexer fed.
     rule = default_input_rule(dataset.dtype)
     model = load_model(config.model, input_shape=config.input_shape, device=config.device, input_rule=rule)
