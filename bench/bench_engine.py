@@ -12,9 +12,12 @@ Systems, all in one process on the same bank and the same queries:
 * ``mu_l2``: FAISS flat L2 on mu alone, then an exact float64 rerank of 1000 candidates;
 * ``exact``: the engine's exact mode, default settings (``exact_strategy="auto"``: the cost model
   measured at build time picks partitions or the flat screen per call);
-* ``exact_flat`` / ``exact_partitions``: exact mode forced onto the flat certified screen / onto
-  branch and bound over the partitions;
-* ``approx``: the engine's approximate mode (default nprobe, plus a sweep).
+* ``exact_flat`` / ``exact_partitions`` / ``exact_kernel``: exact mode forced onto the flat certified
+  screen / onto branch and bound over the partitions / onto the compiled branch and bound
+  (engine/kernels.py);
+* ``approx``: the engine's approximate mode (default settings, plus an nprobe sweep);
+  ``approx_kernel`` / ``approx_scan``: forced onto the compiled kernel (``approx_strategy="kernel"``)
+  / onto FAISS probes of the best centroid posteriors, reranked (``"scan"``).
 
 Query families: ``box`` (z uniform in [-5, 5]^d), ``prior`` (z ~ N(0, I)) and ``posterior``
 (z ~ q(z|x) of random items). Latency per query at B = 1 (one call per query over ``--single``
@@ -49,7 +52,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import faiss
 import numpy as np
@@ -65,7 +68,7 @@ K = 10
 IVF_RECALL = 0.99
 # The rule of issue 13: the default exact mode within this factor of the better forced strategy.
 STRATEGY_SLACK = 1.10
-EXACT_NAMES = ("exact", "exact_flat", "exact_partitions")
+EXACT_NAMES = ("exact", "exact_flat", "exact_partitions", "exact_kernel")
 
 
 class Method(Protocol):
@@ -296,10 +299,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     brute = NumpyBruteForce(mu, log_sigma)
     truth = {f: brute.search_batch(zs, K) for f, zs in families.items()}
 
-    def forced(strategy: ExactPath) -> EngineMethod:
-        config = dataclasses.replace(engine.config, exact_strategy=strategy)
+    def forced(
+        strategy: ExactPath | Literal["auto"], mode: SearchMode = "exact", **changes: Any
+    ) -> EngineMethod:
+        config = dataclasses.replace(engine.config, exact_strategy=strategy, **changes)
         twin = SearchEngine(engine.bank, config, exact=engine.exact, approx=engine.approx, costs=engine.costs)
-        return EngineMethod(twin, "exact")
+        return EngineMethod(twin, mode)
 
     t = time.perf_counter()
     lifted = np.ascontiguousarray(lift_items(mu, log_sigma), dtype=np.float32)
@@ -318,7 +323,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "exact": EngineMethod(engine, "exact"),
         "exact_flat": forced("flat"),
         "exact_partitions": forced("partitions"),
+        "exact_kernel": forced("kernel"),
         "approx": EngineMethod(engine, "approx"),
+        "approx_kernel": forced("auto", "approx", approx_strategy="kernel"),
+        "approx_scan": forced("auto", "approx", approx_strategy="scan"),
     }
     for p in [int(x) for x in args.nprobe_sweep.split(",") if x]:
         methods[f"approx_nprobe{p}"] = EngineMethod(engine, "approx", p)
@@ -376,7 +384,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         rule[fam], choice[fam] = {}, {}
         for b in sizes:
             ms = {name: results[fam][name]["ms"][str(b)] for name in EXACT_NAMES}
-            better = min(ms["exact_flat"], ms["exact_partitions"])
+            better = min(ms[name] for name in EXACT_NAMES[1:])
             rule[fam][str(b)] = ms["exact"] <= STRATEGY_SLACK * better
             choice[fam][str(b)] = ms[f"exact_{engine.exact_path(b)}"] <= STRATEGY_SLACK * better
 

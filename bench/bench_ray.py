@@ -9,6 +9,8 @@ saved as a checkpoint. Three encoders over the same file, same machine, alternat
 
 * local: :func:`indexer.job.local_encode` (``encode_dataset``: prefetch thread, torch on all cores);
 * Ray, 1 actor x 2 CPUs (2 torch threads); Ray, 2 actors x 1 CPU (1 thread each);
+* the same images as a Parquet file of PNGs (row groups of 4096): local (``ParquetDataset``), and
+  Ray with 2 actors x 1 CPU fed by ``ray.data.read_parquet`` (the PNGs decoded in the actors);
 
 each from dataset to the assembled ``(N, d)`` memmaps. The Ray figures include the actors' start-up
 (process, imports, model load) and the shard assembly, as a job pays them. Ray's own start-up
@@ -33,11 +35,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import torch
 
 from bench.results_io import write_results
 from latentsearch.data.garments import garment_dataset
+from latentsearch.data.images import png_bytes
 from latentsearch.data.readers import open_dataset
 from latentsearch.indexer.config import IndexJobConfig
 from latentsearch.indexer.job import local_encode
@@ -49,11 +54,28 @@ from latentsearch.model.vae import build_vae
 REPO = Path(__file__).resolve().parents[1]
 
 
+def _write_parquet(path: Path, images: np.ndarray) -> Path:
+    """``(N, H, W)`` uint8 as a Parquet file with one PNG per row (column ``image``)."""
+    column = pa.array([png_bytes(img[..., None]) for img in images], pa.binary())
+    pq.write_table(pa.table({"image": column}), path, row_group_size=4096)
+    return path
+
+
 def _write_idx(path: Path, images: np.ndarray) -> Path:
     """``(N, H, W)`` uint8 as an uncompressed IDX file (memory-mapped by the reader)."""
     header = bytes([0, 0, 0x08, images.ndim]) + b"".join(int(s).to_bytes(4, "big") for s in images.shape)
     path.write_bytes(header + np.ascontiguousarray(images, dtype=np.uint8).tobytes())
     return path
+
+
+def _steady(items: int, seconds: float) -> float | None:
+    """Items per second past the first chunk; None when the first chunk alone took longer than the
+    best whole run (start-up varies more than the run: no steady rate can be read off)."""
+    return round(items / seconds, 1) if seconds > 0 else None
+
+
+def _count(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,16 +101,28 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
         startup_s = time.perf_counter() - t0
-        variants: dict[str, IndexJobConfig] = {
-            "local (in-process, 2 threads)": base_config,
-            "ray, 1 actor x 2 CPUs": dataclasses.replace(base_config, ray=True, ray_cpus_per_actor=2.0),
-            "ray, 2 actors x 1 CPU": dataclasses.replace(base_config, ray=True, ray_actors=2),
+        parquet = _write_parquet(tmp / "images.parquet", images)
+        parquet_config = dataclasses.replace(base_config, data=str(parquet))
+        # name -> (config, dataset, the same data cut to one batch)
+        small_idx = _write_idx(tmp / "one-images-idx3-ubyte", images[: args.batch_size])
+        small_pq = _write_parquet(tmp / "one.parquet", images[: args.batch_size])
+        idx_sets = (dataset, open_dataset(small_idx), small_idx)
+        pq_sets = (open_dataset(parquet), open_dataset(small_pq), small_pq)
+        variants: dict[str, tuple[IndexJobConfig, Any]] = {
+            "local (in-process, 2 threads)": (base_config, idx_sets),
+            "ray, 1 actor x 2 CPUs": (
+                dataclasses.replace(base_config, ray=True, ray_cpus_per_actor=2.0), idx_sets
+            ),
+            "ray, 2 actors x 1 CPU": (dataclasses.replace(base_config, ray=True, ray_actors=2), idx_sets),
+            "local, Parquet PNGs": (parquet_config, pq_sets),
+            "ray read_parquet, 2 actors x 1 CPU": (
+                dataclasses.replace(parquet_config, ray=True, ray_actors=2), pq_sets
+            ),
         }
         # Fixed cost of each encoder: one chunk (batch_size items); steady rate = the rest over the rest.
-        small = open_dataset(_write_idx(tmp / "one-images-idx3-ubyte", images[: args.batch_size]))
         fixed: dict[str, float] = {}
-        for i, (name, config) in enumerate(variants.items()):
-            one = dataclasses.replace(config, data=str(tmp / "one-images-idx3-ubyte"))
+        for i, (name, (config, (_, small, small_path))) in enumerate(variants.items()):
+            one = dataclasses.replace(config, data=str(small_path))
             t = time.perf_counter()
             (ray_encode if config.ray else local_encode)(model, small, tmp / f"one-{i}", one)
             fixed[name] = round(time.perf_counter() - t, 3)
@@ -96,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         reference: np.ndarray | None = None
         max_diff: dict[str, float] = {}
         for r in range(args.repeats):
-            for i, (name, config) in enumerate(variants.items()):
+            for i, (name, (config, (data_set, _, _))) in enumerate(variants.items()):
                 encode = ray_encode if config.ray else local_encode
                 t = time.perf_counter()
-                out = encode(model, dataset, tmp / f"enc-{r}-{i}", config)
+                out = encode(model, data_set, tmp / f"enc-{r}-{i}", config)
                 runs[name].append(round(time.perf_counter() - t, 3))
                 mu = np.array(out.mu)
                 if reference is None:
@@ -114,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "best_s": min(s),
             "items_per_s": round(n / min(s), 1),
             "one_chunk_s": fixed[name],
-            "steady_items_per_s": round((n - args.batch_size) / max(min(s) - fixed[name], 1e-9), 1),
+            "steady_items_per_s": _steady(n - args.batch_size, min(s) - fixed[name]),
             "max_abs_diff_mu": diff,
         }
         for (name, s), diff in zip(runs.items(), max_diff.values(), strict=True)
@@ -136,14 +170,15 @@ def main(argv: list[str] | None = None) -> int:
         f"Host: {os.cpu_count()} CPUs, shared with other work (noisy: compare ratios), "
         f"{platform.platform()}, torch {torch.__version__}, ray {ray.__version__}.",
         "",
-        f"{n:,} generated garments (28x28x1 uint8, IDX), batch {args.batch_size}, {report['model']}; "
+        f"{n:,} generated garments (28x28x1 uint8; IDX, and Parquet of PNGs), batch {args.batch_size}, "
+        f"{report['model']}; "
         f"best of {args.repeats}, alternated. Dataset to assembled memmaps; Ray rows include actor start-up "
         "and shard assembly.",
         "",
         f"`ray.init(num_cpus=2)` (fresh local instance): {startup_s:.2f} s.",
         "",
         "One chunk: the same encoder on one batch (start-up, model load, one shard); steady items/s: "
-        "(items - one batch) / (best s - one chunk s).",
+        "(items - one batch) / (best s - one chunk s); '-' when the one chunk took longer than the best run.",
         "",
         "| encoder | best s | items/s | vs local | one chunk s | steady items/s | runs (s) | max diff mu |",
         "|---|---|---|---|---|---|---|---|",
@@ -152,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(
             f"| {name} | {row['best_s']} | {row['items_per_s']:,.0f} | "
             f"{row['items_per_s'] / local_rate:.2f} | {row['one_chunk_s']} | "
-            f"{row['steady_items_per_s']:,.0f} | {row['runs_s']} | {row['max_abs_diff_mu']:.1e} |"
+            f"{_count(row['steady_items_per_s'])} | {row['runs_s']} | {row['max_abs_diff_mu']:.1e} |"
         )
     write_results(args.out, f"ray-{dt.date.today().isoformat()}", report, "\n".join(lines) + "\n")
     return 0

@@ -4,9 +4,11 @@
         [--args engine="--n 200000 --d 16"] [--dry-run]
 
 Each benchmark (``bench.bench_engine``, ``bench.bench_model``, ``bench.bench_indexer``,
-``bench.bench_server``) runs in its own ``python -m`` subprocess with ``--out <out>`` and writes its
-own result files; the summary records the machine, each benchmark's command, exit status and wall
-time, and links the files it wrote. A module that does not exist (yet) is skipped with a note.
+``bench.bench_server``, ``bench.bench_probability``, ``bench.bench_ray``) runs in its own ``python -m``
+subprocess with ``--out <out>`` and writes its own result files; the summary records the machine,
+each benchmark's command, exit status and wall time, and links the files it wrote. A module that
+does not exist (yet), or one whose optional packages are missing (``bench_ray`` needs the ``ray``
+extra), is skipped with a note.
 ``--quick`` uses small sizes (minutes in all on a laptop; numbers not comparable with full runs)
 and writes into ``bench/results/quick/`` unless ``--out`` says otherwise; the default is each
 benchmark's own full defaults (can take an hour or more), written into ``bench/results/``.
@@ -47,6 +49,15 @@ class Benchmark:
     name: str
     module: str
     quick_args: tuple[str, ...] = ()
+    # Optional packages it needs (an extra); when one is missing it is skipped with a note.
+    requires: tuple[str, ...] = ()
+
+    def missing(self) -> str | None:
+        """Why it cannot run here (its module or a required package is absent), else None."""
+        if importlib.util.find_spec(self.module) is None:
+            return f"{self.module} does not exist (yet)"
+        absent = [name for name in self.requires if importlib.util.find_spec(name) is None]
+        return f"needs {', '.join(absent)} (not installed)" if absent else None
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -76,6 +87,14 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         name="probability",
         module="bench.bench_probability",
         quick_args=("--sizes", "20000", "--queries", "4", "--rounds", "2", "--samples", "256"),
+    ),
+    # The encode step on Ray Data (1 and 2 actors, IDX and Parquet input) against the local encoder,
+    # and Ray's start-up; needs the ray extra. Bounded: --items 50000 by default, minutes in all.
+    Benchmark(
+        name="ray",
+        module="bench.bench_ray",
+        quick_args=("--items", "4000", "--batch-size", "512", "--repeats", "1"),
+        requires=("ray", "pyarrow"),
     ),
 )
 
@@ -119,7 +138,7 @@ def plan(config: RunAllConfig) -> list[tuple[Benchmark, list[str] | None]]:
     for bench in BENCHMARKS:
         if config.only is not None and bench.name not in config.only:
             continue
-        if importlib.util.find_spec(bench.module) is None:
+        if bench.missing() is not None:
             steps.append((bench, None))
             continue
         if bench.name in config.args:
@@ -200,7 +219,7 @@ def run_all(config: RunAllConfig) -> dict[str, Any]:
     for bench, command in steps:
         entry: dict[str, Any] = {"name": bench.name, "module": bench.module}
         if command is None:
-            entry.update(status="skipped", note=f"{bench.module} does not exist (yet)")
+            entry.update(status="skipped", note=bench.missing())
             print(f"[{bench.name}] skipped: {entry['note']}")
         elif config.dry_run:
             entry.update(status="planned", command=shlex.join(command))

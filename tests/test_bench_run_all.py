@@ -71,6 +71,19 @@ def test_summary_with_a_missing_module_and_a_fake_benchmark(tmp_path: Path, monk
     assert "| benchmark | status | seconds | results |" in md
 
 
+def test_a_benchmark_whose_extra_is_missing_is_skipped_with_a_note(monkeypatch) -> None:
+    """bench_ray needs the ray extra: without it (or any required package) it is skipped, saying so."""
+    ray_bench = next(b for b in run_all.BENCHMARKS if b.name == "ray")
+    assert ray_bench.module == "bench.bench_ray" and "ray" in ray_bench.requires
+    lacking = run_all.Benchmark(name="ray", module="bench.bench_ray", requires=("no_such_package_xyz",))
+    monkeypatch.setattr(run_all, "BENCHMARKS", (lacking,))
+    report = run_all.run_all(run_all.RunAllConfig(quick=True, dry_run=True))
+    assert report["benchmarks"] == [
+        {"name": "ray", "module": "bench.bench_ray", "status": "skipped",
+         "note": "needs no_such_package_xyz (not installed)"}
+    ]
+
+
 def test_dry_run_writes_nothing(tmp_path: Path) -> None:
     report = run_all.run_all(run_all.RunAllConfig(out=tmp_path / "r", quick=True, dry_run=True))
     assert not (tmp_path / "r").exists()

@@ -69,7 +69,8 @@ def test_model_to_index_end_to_end(model_and_data: tuple[Path, Path], tmp_path: 
     files = {
         p.relative_to(root.version_dir(version)).as_posix() for p in root.version_dir(version).rglob("*")
     }
-    assert set(m["files"]) == {f for f in files if f.startswith(("engine/", "catalogue/")) and "." in f}
+    parts = ("engine/", "catalogue/", "content/")
+    assert set(m["files"]) == {f for f in files if f.startswith(parts) and "." in f}
     assert "encode/mu.npy" not in files
 
 

@@ -19,7 +19,14 @@ from latentsearch.cli.serve import DEFAULT_METRICS_PORT, register_cli, serve_con
 from latentsearch.engine import SearchEngine
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.server import ServerConfig
-from latentsearch.server.engine_service import EngineService, Snapshot, nearest_responses
+from latentsearch.server.engine_service import (
+    EngineService,
+    QueryKey,
+    Snapshot,
+    is_plain,
+    measure_nearest_cost,
+    nearest_responses,
+)
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
@@ -184,7 +191,7 @@ def test_metrics_count_calls_and_batched_rounds(
     tmp_path, start_server, make_engine, publish, wait_until
 ) -> None:
     publish(tmp_path / "idx", make_engine(100, seed=5))
-    srv = start_server(index=tmp_path / "idx", max_wait_ms=20)
+    srv = start_server(index=tmp_path / "idx", max_wait_ms=20, inline_search_us=0)  # every call batched
     reg = srv.server.metrics.registry
     with grpc.insecure_channel(srv.target) as ch:
         stub = pb_grpc.LatentSearchStub(ch)
@@ -217,3 +224,52 @@ def test_serve_flags_reach_the_config() -> None:
     assert defaults.search_threads == 2 and defaults.metrics_port == DEFAULT_METRICS_PORT == 20051
     with pytest.raises(InvalidArgumentError):
         serve_config(parser.parse_args(["serve", "--index", "x", "--batch-concurrency", "3"]))
+
+
+def test_cheap_plain_calls_are_answered_inline_and_the_rest_batched(
+    tmp_path, start_server, make_engine, publish, wait_until
+) -> None:
+    """A snapshot whose measured single-query cost is below the inline bound answers plain Nearest
+    calls on the event loop (no batched round), with the same replies; filtered calls are batched."""
+    engine = make_engine(200, seed=6)
+    publish(tmp_path / "idx", engine)
+    srv = start_server(index=tmp_path / "idx", max_wait_ms=1, inline_search_us=1e9)  # everything cheap
+    snap = srv.server.service.snapshot()
+    assert 0 < snap.nearest_cost_s < math.inf
+    reg = srv.server.metrics.registry
+    z = np.random.default_rng(7).normal(size=(6, DIM))
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        for _ in range(2):
+            futures = [stub.Nearest.future(pb.NearestRequest(z=q.tolist(), k=4)) for q in z]
+            for f, want in zip(futures, _expected(engine, z, 4), strict=True):
+                got = f.result(timeout=30)
+                assert list(got.neighbors) == list(want.neighbors)
+                assert got.index_version == snap.version
+        assert reg.get_sample_value("latentsearch_batch_size_count") in (None, 0.0)  # no round ran
+        exact = stub.Nearest(pb.NearestRequest(z=z[0].tolist(), k=4, mode=pb.MODE_EXACT), timeout=30)
+        assert [n.id for n in exact.neighbors] == engine.search(z[0], 4, mode="exact").ids
+        filtered = stub.Nearest(pb.NearestRequest(z=z[0].tolist(), k=4, labels=[1]), timeout=30)
+        assert [n.id for n in filtered.neighbors] == engine.search(z[0], 4, labels=[1]).ids
+        big_k = stub.Nearest(pb.NearestRequest(z=z[0].tolist(), k=50), timeout=30)
+        assert [n.id for n in big_k.neighbors] == engine.search(z[0], 50).ids
+    assert reg.get_sample_value("latentsearch_batch_size_count") == 3  # the three not plain
+    ok = {"method": "Nearest", "code": "OK"}
+    wait_until(lambda: reg.get_sample_value("latentsearch_requests_total", ok) == 15)
+
+
+def test_is_plain_names_the_calls_the_cost_is_measured_for(make_engine) -> None:
+    engine = make_engine(30, seed=1)
+    assert engine.config.mode == "auto"
+    plain = QueryKey("v", 10, None, None)
+    assert is_plain(plain, engine) and is_plain(plain._replace(mode="auto"), engine)
+    for other in (
+        plain._replace(k=11),
+        plain._replace(mode="exact"),
+        plain._replace(labels=(1,)),
+        plain._replace(rel_tol=1e-6),
+        plain._replace(label_names=True),
+    ):
+        assert not is_plain(other, engine), other
+    assert Snapshot(version="v", engine=engine).nearest_cost_s == math.inf  # not measured: never inline
+    assert 0 < measure_nearest_cost(Snapshot(version="v", engine=engine)) < 10

@@ -25,6 +25,7 @@ import grpc
 import numpy as np
 import psutil
 import pytest
+from reference import log_q, top_k
 
 from latentsearch.indexer import IndexRoot
 from latentsearch.v1 import latentsearch_pb2 as pb
@@ -285,3 +286,97 @@ def test_one_worker_binds_the_port_exclusively(tmp_path: Path, make_engine, publ
             assert done.returncode == 2, done.stderr
             lines = done.stderr.strip().splitlines()
             assert len(lines) == 1 and lines[0].startswith(f"error: port {port} is in use"), done.stderr
+
+
+def test_hot_reload_under_load_across_workers_fails_no_call_and_mixes_no_versions(
+    tmp_path: Path, serve_workers, make_engine, publish, wait_until
+) -> None:
+    """Clients call both workers without pause while a new version is published: no call fails,
+    every reply is one version's float64 brute-force answer, and a connection (one worker) never
+    goes back to the old version once it has answered with the new one."""
+    root = tmp_path / "idx"
+    engines = {"v1-": make_engine(400, seed=11, prefix="v1-"), "v2-": make_engine(400, seed=12, prefix="v2-")}
+    v1 = publish(root, engines["v1-"])
+    served = serve_workers(root, "--reload-interval", "0.2")
+    queries = np.random.default_rng(5).normal(size=(6, DIM))
+
+    # Connections on both workers (the kernel picks one per connection): open until each has two.
+    channels: list[grpc.Channel] = []
+    try:
+        while len(channels) < 64:
+            ch = _channel(served.target)
+            channels.append(ch)
+            pb_grpc.LatentSearchStub(ch).Info(pb.InfoRequest(), timeout=60, wait_for_ready=True)
+            if len(channels) >= 4 and all(_connections(p, served.port) >= 2 for p in served.pids):
+                break
+        assert all(_connections(p, served.port) >= 1 for p in served.pids), "a worker got no connection"
+
+        replies: list[list[tuple[int, pb.NearestResponse]]] = [[] for _ in channels]
+        failures: list[BaseException] = []
+        stop = threading.Event()
+
+        def client(i: int) -> None:
+            stub = pb_grpc.LatentSearchStub(channels[i])
+            n = 0
+            while not stop.is_set():
+                q = (i + n) % len(queries)
+                try:
+                    reply = stub.Nearest(pb.NearestRequest(z=queries[q].tolist(), k=5), timeout=60)
+                except grpc.RpcError as exc:
+                    failures.append(exc)
+                    return
+                replies[i].append((q, reply))
+                n += 1
+
+        threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(len(channels))]
+        for t in threads:
+            t.start()
+        try:
+            wait_until(lambda: failures or all(len(r) >= 3 for r in replies), timeout=120)  # v1 under load
+            v2 = publish(root, engines["v2-"])
+
+            def reloaded() -> bool:
+                text = served.metrics()
+                every_worker = all(
+                    _sample(text, "latentsearch_index_version", {"pid": str(p), "version": v2}) == 1
+                    for p in served.pids
+                )
+                # and every connection has answered with it since (each stays on its worker)
+                return bool(failures) or (
+                    every_worker and all(r and r[-1][1].index_version == v2 for r in replies)
+                )
+
+            wait_until(reloaded, timeout=120, interval=0.2)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(90)
+    finally:
+        for ch in channels:
+            ch.close()
+
+    assert not failures, failures[:3]
+    prefix = {v1: "v1-", v2: "v2-"}
+    expected = {}
+    for version, p in prefix.items():
+        bank = engines[p].bank
+        scores = log_q(
+            queries, np.asarray(bank.mu, dtype=np.float64), np.asarray(bank.log_sigma, dtype=np.float64)
+        )
+        rows = top_k(scores, 5)
+        expected[version] = (
+            [[f"{p}{r}" for r in row] for row in rows],
+            np.take_along_axis(scores, rows, axis=1),
+        )
+    seen = set()
+    for per_channel in replies:
+        versions = [reply.index_version for _, reply in per_channel]
+        assert set(versions) <= {v1, v2}, set(versions)
+        # a worker never answers with the old version again once it served the new one
+        assert versions == sorted(versions, key=lambda v: v == v2), versions
+        seen.update(versions)
+        for q, reply in per_channel:
+            ids, scores = expected[reply.index_version]
+            assert [n.id for n in reply.neighbors] == ids[q]  # ids of one version only
+            np.testing.assert_allclose([n.log_likelihood for n in reply.neighbors], scores[q], rtol=1e-12)
+    assert seen == {v1, v2}

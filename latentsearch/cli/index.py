@@ -26,7 +26,30 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     p.add_argument("--model", help="model directory, TorchScript file or package.module:function")
-    p.add_argument("--data", help="IDX file/folder, .npy, .npz or folder of images to encode")
+    p.add_argument("--data", help="IDX file/folder, .npy, .npz, Parquet file/folder or folder of images")
+    p.add_argument(
+        "--parquet-column",
+        default=None,
+        metavar="COLUMN",
+        help="Parquet --data: the column holding the items, PNG/JPEG bytes or a list of numbers (default: "
+        "the only such column)",
+    )
+    p.add_argument(
+        "--label-column",
+        default=None,
+        metavar="COLUMN",
+        help="Parquet --data: integer or string labels (default: a column named label, labels or y)",
+    )
+    p.add_argument(
+        "--id-column", default=None, metavar="COLUMN", help="Parquet --data: item ids (default: a column id)"
+    )
+    p.add_argument(
+        "--parquet-shape",
+        default=None,
+        metavar="SHAPE",
+        help="Parquet --data: item shape of a flat list column, e.g. 28,28,1 (default: the file's "
+        "latentsearch.item_shape metadata, else one vector per row)",
+    )
     p.add_argument("--posteriors", help="npz with mu and logvar|log_sigma|sigma (+ optional ids, labels)")
     p.add_argument("--out", help="index root (created if needed)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default auto")
@@ -71,6 +94,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         default=1.0,
         help="CPUs per Ray actor (default 1; a CPU actor runs that many torch threads)",
     )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help="encode every item (default: reuse the current version's posteriors of items whose content is "
+        "unchanged when it was encoded with the same model, and encode only new or changed items)",
+    )
     p.add_argument("--keep", type=int, default=3, help="versions to keep (default 3; never the current)")
     p.add_argument("--verify", action="store_true", help="re-hash every file of the new version")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -100,14 +129,7 @@ def _cmd_index(args: argparse.Namespace) -> int:
 
     if not args.out:
         raise InvalidArgumentError("--out INDEX_ROOT is required", field="out")
-    shape = None
-    if args.input_shape:
-        try:
-            shape = tuple(int(s) for s in args.input_shape.replace("x", ",").split(","))
-        except ValueError as exc:
-            raise InvalidArgumentError(
-                f"bad --input-shape {args.input_shape!r}", field="input_shape"
-            ) from exc
+    shape = _shape(args.input_shape, "input_shape")
     label_names = None if args.label_names is None else _label_names(args.label_names)
     config = IndexJobConfig(
         out=args.out,
@@ -116,6 +138,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
         model=args.model,
         data=args.data,
         posteriors=args.posteriors,
+        parquet_column=args.parquet_column,
+        label_column=args.label_column,
+        id_column=args.id_column,
+        parquet_shape=_shape(args.parquet_shape, "parquet_shape"),
         input_shape=shape,
         device=args.device,
         batch_size=args.batch_size,
@@ -127,17 +153,22 @@ def _cmd_index(args: argparse.Namespace) -> int:
         ray_gpus_per_actor=args.ray_gpus_per_actor,
         ray_cpus_per_actor=args.ray_cpus_per_actor,
         engine=parse_index_spec(args.index_spec),
+        reuse=not args.full,
         keep=args.keep,
         verify=args.verify,
         progress=not args.no_progress,
     )
-    encode = None
-    if config.ray:
-        from latentsearch.indexer.ray_encode import ray_encode  # imports ray: only for --ray
-
-        encode = ray_encode
     try:
-        result = run_index_job(config, encode=encode)
+        if config.ray:
+            # imports ray: only for --ray. One Ray session for the job: encode, then the build's
+            # every-item k-means assignment as Ray tasks (indexer.ray_build).
+            from latentsearch.indexer.ray_build import ray_assigner
+            from latentsearch.indexer.ray_encode import ray_encode, ray_session
+
+            with ray_session(config.ray_address):
+                result = run_index_job(config, encode=ray_encode, assign=ray_assigner)
+        else:
+            result = run_index_job(config)
     except InvalidArgumentError as exc:
         if label_names is None or exc.field != "label_names":
             raise
@@ -145,12 +176,26 @@ def _cmd_index(args: argparse.Namespace) -> int:
             f"--label-names {args.label_names!r}: {exc.message}", field="label_names"
         ) from exc
     print(result.summary(), flush=True)
+    if result.reuse is not None:
+        print(result.reuse.summary(), flush=True)
     from latentsearch.indexer.root import IndexRoot
 
     text = _catalogue_text(IndexRoot(args.out), result.version)
     if text:
         print(f"catalogue: {text.strip()}", flush=True)
     return 0
+
+
+def _shape(value: str | None, field: str) -> tuple[int, ...] | None:
+    """``--input-shape`` / ``--parquet-shape``: ``28,28,1`` (or ``28x28x1``) as a tuple; None when unset."""
+    from latentsearch.errors import InvalidArgumentError
+
+    if not value:
+        return None
+    try:
+        return tuple(int(s) for s in value.replace("x", ",").split(","))
+    except ValueError as exc:
+        raise InvalidArgumentError(f"bad --{field.replace('_', '-')} {value!r}", field=field) from exc
 
 
 def _label_names(value: str) -> tuple[str, ...]:
@@ -183,9 +228,11 @@ def _cmd_ls(args: argparse.Namespace) -> int:
     for r in rows:
         mark = "*" if r.current else " "
         items = "?" if r.items is None else str(r.items)
+        reuse = "" if r.reused is None else f"  reused {r.reused} encoded {r.encoded}"
         print(
             f"{mark} {r.version}  created {r.created or '?'}  items {items}  d {r.latent_dim or '?'}  "
-            f"{r.bytes / 2**20:.1f} MiB  model {(r.model_hash or '-')[:12]}{_catalogue_text(root, r.version)}"
+            f"{r.bytes / 2**20:.1f} MiB  model {(r.model_hash or '-')[:12]}{reuse}"
+            f"{_catalogue_text(root, r.version)}"
         )
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -46,16 +47,18 @@ def load_data(
     labels: str | os.PathLike[str] | None = None,
     items: int | None = None,
     seed: int = 0,
+    **options: Any,
 ) -> Dataset:
     """The dataset ``spec`` names: a built-in name, a path, or ``None`` (:data:`DEFAULT_DATASET`).
 
     ``items``: only the first ``items`` (``shapes``: generate that many, default
-    ``DEFAULT_SHAPES_ITEMS``); ``seed`` seeds the generated shapes; ``labels`` goes to
-    :func:`open_dataset` for a path. The packaged sample's folder or images file given as a path is
-    the built-in sample (with its class names).
+    ``DEFAULT_SHAPES_ITEMS``); ``seed`` seeds the generated shapes; ``labels`` and ``options`` (reader
+    options such as Parquet's ``column``; ``None`` values ignored) go to :func:`open_dataset` for a
+    path. The packaged sample's folder or images file given as a path is the built-in sample (with
+    its class names).
 
     Raises:
-        InvalidArgumentError: ``items < 1``, ``labels`` with a built-in name, unreadable data.
+        InvalidArgumentError: ``items < 1``, ``labels`` or options with a built-in name, unreadable data.
         NotFoundError: no such path.
     """
     if items is not None and items < 1:
@@ -64,10 +67,15 @@ def load_data(
     if name in BUILTIN_DATASETS or _is_packaged_sample(name):
         if labels is not None:
             raise InvalidArgumentError(f"--labels cannot be given with the built-in {name}", field="labels")
+        given = sorted(k for k, v in options.items() if v is not None)
+        if given:
+            raise InvalidArgumentError(
+                f"{', '.join(given)} cannot be given with the built-in {name}", field=given[0]
+            )
         if name == "shapes":
             return garment_dataset(n=items or DEFAULT_SHAPES_ITEMS, seed=seed)
         return fashion_mnist_sample(items)
-    return head(open_dataset(name, labels=labels), items)
+    return head(open_dataset(name, labels=labels, **options), items)
 
 
 def head(data: Dataset, items: int | None) -> Dataset:

@@ -11,8 +11,9 @@ uncompressed IDX files are memory-mapped, image folders decode only the batch as
 IDX files and ``.npz`` members are decompressed into memory once (numpy cannot map them).
 
 :func:`open_dataset` dispatches on the path: ``*.npy``, ``*.npz``, IDX files (``*-ubyte``,
-``*.idx``, optionally ``.gz``), a folder of IDX files, or a folder of PNG/JPEG images (label =
-first-level sub-folder name).
+``*.idx``, optionally ``.gz``), a folder of IDX files, Parquet (``*.parquet`` or a folder of
+them; :mod:`latentsearch.data.parquet`), or a folder of PNG/JPEG images (label = first-level
+sub-folder name).
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from latentsearch.data import parquet
 from latentsearch.errors import InvalidArgumentError, NotFoundError
 
 __all__ = [
     "ArrayDataset",
     "Dataset",
     "ImageFolderDataset",
+    "ParquetDataset",
     "open_dataset",
     "read_idx",
 ]
@@ -285,6 +288,126 @@ class ImageFolderDataset(Dataset):
         return out
 
 
+class ParquetDataset(Dataset):
+    """Items from one column of a Parquet file or a folder of them (:mod:`latentsearch.data.parquet`).
+
+    ``column``: the item column (None: the only binary / numeric list column, else one named
+    ``image``, ``pixels``, ``x``, ``features``, ...); ``label_column`` (None: ``label`` / ``labels``
+    / ``y`` when present; integers, or strings whose sorted distinct values are the label names);
+    ``id_column`` (None: ``id`` when present, else row numbers); ``shape``: the item shape of a flat
+    array column (None: a tensor type's shape, the file's ``latentsearch.item_shape`` metadata, else
+    ``(D,)``); ``mode``: ``"L"`` or ``"RGB"`` for image columns (default: from the first image).
+    Rows are read by row group (the last one read is kept), decoded only for the rows asked for.
+
+    Raises:
+        FailedPreconditionError: pyarrow is not installed (the ``parquet`` extra).
+        InvalidArgumentError: unreadable files, a missing or unusable column (naming file and column).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        column: str | None = None,
+        label_column: str | None = None,
+        id_column: str | None = None,
+        shape: Sequence[int] | None = None,
+        mode: str | None = None,
+        labels: Any = None,
+    ) -> None:
+        parquet.require_pyarrow()
+        root = Path(path)
+        self.files = parquet.parquet_files(root)
+        if not self.files:
+            raise InvalidArgumentError(f"{root}: no Parquet files found", field="data")
+        self._readers = [self._reader(f) for f in self.files]
+        schema = self._readers[0].schema_arrow
+        label_name, file_labels, label_names = parquet.read_labels(self.files, schema, label_column)
+        id_name, ids = parquet.read_ids(self.files, schema, id_column)
+        counts = [r.metadata.num_rows for r in self._readers]
+        first = next((i for i, c in enumerate(counts) if c), None)
+        if first is None:
+            raise InvalidArgumentError(f"{root}: the Parquet data has no rows", field="data")
+        reader = self._readers[first]
+        group = next(g for g in range(reader.num_row_groups) if reader.metadata.row_group(g).num_rows)
+        spec = parquet.resolve_item_column(
+            self.files[first],
+            reader.schema_arrow,
+            column=column,
+            shape=shape,
+            mode=mode,
+            first=lambda name: reader.read_row_group(group, columns=[name]).column(name),
+            exclude=[n for n in (label_name, id_name) if n is not None],
+        )
+        item_type = self._readers[first].schema_arrow.field(spec.name).type
+        for f, r in zip(self.files, self._readers, strict=True):
+            parquet.check_same_column(f, r.schema_arrow, spec, item_type)
+        self.item_column = spec
+        # (files + 1,) first global row of each file; per file, (groups + 1,) first row of each group
+        self._file_starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        self._group_starts = [
+            np.cumsum([0] + [r.metadata.row_group(g).num_rows for g in range(r.num_row_groups)])
+            for r in self._readers
+        ]
+        self._cached: tuple[int, int, Any] | None = None  # (file, group, values) last read
+        if labels is not None:
+            file_labels = _load_labels(labels)
+        super().__init__(
+            path=root,
+            shape=(int(self._file_starts[-1]), *spec.item_shape),
+            dtype=spec.dtype,
+            labels=file_labels,
+            label_names=label_names,
+            ids=ids,
+        )
+
+    @staticmethod
+    def _reader(file: Path) -> Any:
+        try:
+            return parquet.pq.ParquetFile(file)
+        except (OSError, ValueError) as exc:  # pyarrow.ArrowInvalid is a ValueError
+            raise InvalidArgumentError(f"{file}: not a readable Parquet file ({exc})", field="data") from exc
+
+    def _group(self, file: int, group: int) -> Any:
+        """The item column of row group ``group`` of file ``file`` (cached: rows are read in order)."""
+        if self._cached is None or self._cached[:2] != (file, group):
+            name = self.item_column.name
+            try:
+                values = self._readers[file].read_row_group(group, columns=[name]).column(name)
+            except (OSError, ValueError) as exc:
+                raise InvalidArgumentError(
+                    f"{self.files[file]}: cannot read row group {group} ({exc})", field="data"
+                ) from exc
+            self._cached = (file, group, values)
+        return self._cached[2]
+
+    def item_metadata(self, start: int, stop: int) -> list[dict[str, Any]] | None:
+        """``{"source": the Parquet file, "row": the row in that file}`` per row."""
+        rows = np.arange(start, min(stop, len(self)))
+        files = np.searchsorted(self._file_starts, rows, side="right") - 1
+        return [
+            {"source": str(self.files[f].resolve()), "row": int(r - self._file_starts[f])}
+            for r, f in zip(rows.tolist(), files.tolist(), strict=True)
+        ]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        stop = min(stop, len(self))
+        parts = []
+        row = start
+        while row < stop:
+            f = int(np.searchsorted(self._file_starts, row, side="right") - 1)
+            local = row - int(self._file_starts[f])
+            starts = self._group_starts[f]
+            g = int(np.searchsorted(starts, local, side="right") - 1)
+            take = min(stop - row, int(starts[g + 1]) - local)
+            values = self._group(f, g).slice(local - int(starts[g]), take)
+            parts.append(parquet.decode_items(values, self.item_column, file=self.files[f], first_row=local))
+            row += take
+        if not parts:
+            return np.empty((0, *self.item_shape), dtype=self.dtype)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 # -- IDX ----------------------------------------------------------------------------------------
 def _idx_header(raw: bytes, name: str) -> tuple[np.dtype, tuple[int, ...], int]:
     """Parse an IDX header: returns (big-endian dtype, dims, header bytes)."""
@@ -441,6 +564,13 @@ def _open_npz(path: Path, labels: Any) -> ArrayDataset:
 
 
 # -- dispatcher ---------------------------------------------------------------------------------
+# ParquetDataset's options, by the command-line flag that sets them (``latentsearch index``).
+_PARQUET_OPTIONS = {
+    "column": "--parquet-column",
+    "label_column": "--label-column",
+    "id_column": "--id-column",
+    "shape": "--parquet-shape",
+}
 def open_dataset(
     path: str | os.PathLike[str], *, labels: str | os.PathLike[str] | np.ndarray | None = None, **kwargs: Any
 ) -> Dataset:
@@ -452,8 +582,12 @@ def open_dataset(
     * IDX (``*-ubyte``, ``*.idx``, plain or ``.gz``): labels from the matching ``*-labels-idx1-*``
       file next to it; plain files are memory-mapped;
     * a folder holding IDX image files: the ``train-*`` one if several, else the only one;
+    * ``*.parquet`` / ``*.pq``, or a folder holding Parquet files (``kwargs``: ``column``,
+      ``label_column``, ``id_column``, ``shape``, ``mode``; see :class:`ParquetDataset`);
     * any other folder: PNG/JPEG images (``kwargs``: ``size``, ``mode``; see
       :class:`ImageFolderDataset`).
+
+    ``kwargs`` that are ``None`` are ignored; a Parquet option for other data is refused.
 
     Raises:
         NotFoundError: the path does not exist.
@@ -462,6 +596,16 @@ def open_dataset(
     p = Path(path)
     if not p.exists():
         raise NotFoundError(f"{p}: no such file or directory")
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    if p.suffix.lower() in parquet.PARQUET_SUFFIXES or (p.is_dir() and parquet.parquet_files(p)):
+        return ParquetDataset(p, labels=labels, **kwargs)
+    for key in _PARQUET_OPTIONS:
+        if key in kwargs:
+            raise InvalidArgumentError(
+                f"{p}: {_PARQUET_OPTIONS[key]} applies to Parquet data only (a *.parquet file or a folder "
+                "of them)",
+                field=_PARQUET_OPTIONS[key].removeprefix("--").replace("-", "_"),
+            )
     if p.is_dir():
         idx_files = sorted(
             q

@@ -2,7 +2,10 @@
 
 Build: items are clustered by k-means on their *posterior shape*, the per-dimension standardised
 ``[mu, log sigma]`` (2d features), into many small partitions (default about 12 sqrt(N), ~80
-items each at N = 1M). The lifted float32 vectors ``x = [-1/(2 sigma^2), mu/sigma^2, c]`` of each
+items each at N = 1M; from 4096 partitions up by two-level k-means, see engine/partition.py: at 1M
+items 5x faster to build than one flat k-means, for the same recall). The build reads the bank
+in chunks of rows sorted by partition, reducing each partition's bounds over contiguous runs, and
+never holds an (N, 2d) copy. The lifted float32 vectors ``x = [-1/(2 sigma^2), mu/sigma^2, c]`` of each
 partition form one inverted list of a FAISS ``IVF<nlist>,Flat`` inner-product index whose ids are
 bank rows. Each partition is represented by the lifted vector of its *centroid posterior*
 N(mean of mu, exp(mean of log sigma)^2): the coarse quantizer is a flat inner-product index over
@@ -54,6 +57,7 @@ import logging
 import math
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, cast
@@ -73,11 +77,13 @@ from latentsearch.engine.exact import (
     _topk,
 )
 from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
+from latentsearch.engine.partition import Assign, partition_items
 from latentsearch.posterior import LOG_2PI
 
 __all__ = [
     "ApproxIndex",
     "ApproxQuery",
+    "AssignRows",
     "PartitionBounds",
     "PartitionScan",
     "default_nlist",
@@ -87,6 +93,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _CHUNK = 262_144
+
+# The build's every-item assignment, done elsewhere (e.g. as Ray tasks, indexer/ray_build.py):
+# (bank rows (m,) int64 ascending, centroids (k, 2d) float32, center (2d,) float64, scale (2d,)
+# float64) -> (m,) int64 nearest centroid of each row's features (f - center) / scale in float32,
+# f = [mu, log sigma] in float64. See ApproxIndex.build and engine/partition.py.
+AssignRows = Callable[[np.ndarray, np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
 def default_nlist(n_items: int) -> int:
@@ -313,7 +325,13 @@ class ApproxIndex:
     # -- build --------------------------------------------------------------------------------
     @classmethod
     def build(
-        cls, mu: np.ndarray, log_sigma: np.ndarray, config: EngineConfig, *, groups: list[ScaleGroup]
+        cls,
+        mu: np.ndarray,
+        log_sigma: np.ndarray,
+        config: EngineConfig,
+        *,
+        groups: list[ScaleGroup],
+        assign_rows: AssignRows | None = None,
     ) -> ApproxIndex:
         """Cluster, bound and index the posteriors of the scale groups large enough to partition.
 
@@ -321,6 +339,10 @@ class ApproxIndex:
             mu, log_sigma: ``(N, d)`` float64.
             groups: the exact index's scale groups; groups holding under 1% of the items (and
                 under 65,536 items) stay on the exact path.
+            assign_rows: assigns every partitioned item to its nearest k-means centroid (the flat
+                centroids, or the coarse cells of the two-level k-means) instead of this process;
+                the bounds below come from the lists' actual members, so they stay rigorous for
+                any assignment. None: assigned here.
         """
         n_items, d = mu.shape
         n = 2 * d + 1
@@ -331,61 +353,45 @@ class ApproxIndex:
         rows = np.sort(np.concatenate([groups[i].rows for i in big])) if big else np.zeros(0, np.int64)
         nlist = config.approx_nlist or default_nlist(max(1, rows.size))
         nlist = max(1, min(nlist, max(1, rows.size)))
-        rng = np.random.default_rng(config.seed)
+        center, scale = _feature_scale(mu, log_sigma, rows, d)
 
-        if rows.size:
-            feat = np.concatenate([mu[rows], log_sigma[rows]], axis=1)
-            center, scale = feat.mean(axis=0), feat.std(axis=0)
-            del feat
-        else:
-            center, scale = np.zeros(2 * d), np.ones(2 * d)
-        scale = np.where(scale > 1e-6, scale, 1.0)
-
-        def features(r: np.ndarray) -> np.ndarray:
+        def features(p: np.ndarray) -> np.ndarray:
+            """``(m, 2d)`` float32 standardised ``[mu, log sigma]`` of the items at positions ``p``."""
+            r = rows[p]
             f = np.concatenate([mu[r], log_sigma[r]], axis=1)
             return np.ascontiguousarray((f - center) / scale, dtype=np.float32)
 
-        assigner = faiss.IndexFlatL2(2 * d)
-        if rows.size:
-            sample = rows
-            if rows.size > config.kmeans_sample:
-                sample = np.sort(rng.choice(rows, config.kmeans_sample, replace=False))
-            kmeans = faiss.Kmeans(
-                2 * d,
-                nlist,
-                niter=config.kmeans_iters,
-                seed=config.seed,
-                verbose=False,
-                min_points_per_centroid=1,
-                max_points_per_centroid=1 << 30,
-            )
-            kmeans.train(features(sample))
-            assert kmeans.centroids is not None  # set by train
-            assigner.add(kmeans.centroids)
+        def by_rows(p: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+            """``assign_rows`` on the bank rows at positions ``p``."""
+            assert assign_rows is not None
+            return assign_rows(rows[p], centroids, center, scale)
 
+        sample, iters = config.kmeans_sample, config.kmeans_iters
+        hook: Assign | None = None if assign_rows is None else by_rows
+        assign = partition_items(
+            features, rows.size, nlist, sample=sample, iters=iters, seed=config.seed, assign=hook
+        )
         list_of_row = np.full(n_items, -1, dtype=np.int32)
-        sum_mu = np.zeros((nlist, d))
-        sum_ls = np.zeros((nlist, d))
-        lo = np.full((nlist, d), np.inf)
-        hi = np.full((nlist, d), -np.inf)
-        slo = np.full((nlist, d), np.inf)
-        shi = np.full((nlist, d), -np.inf)
-        assigns = []
-        for start in range(0, rows.size, _CHUNK):
-            r = rows[start : start + _CHUNK]
-            _, assign = assigner.search(features(r), 1)
-            a = assign[:, 0].astype(np.int64)
-            assigns.append(a)
-            list_of_row[r] = a
-            m, ls = mu[r], log_sigma[r]
-            np.add.at(sum_mu, a, m)
-            np.add.at(sum_ls, a, ls)
-            np.minimum.at(lo, a, m)
-            np.maximum.at(hi, a, m)
-            np.minimum.at(slo, a, ls)
-            np.maximum.at(shi, a, ls)
-        counts = np.bincount(list_of_row[list_of_row >= 0], minlength=nlist)
+        list_of_row[rows] = assign
+        # Rows list by list (ascending within a list): every pass below reads contiguous segments
+        # of one list each and reduces them with reduceat, and the inverted lists fill in order.
+        order = np.argsort(assign, kind="stable")
+        sorted_rows, sorted_lists = rows[order], assign[order]
+        del order, assign
+        counts = np.bincount(sorted_lists, minlength=nlist)
         empty = counts == 0
+        sum_mu, sum_ls = np.zeros((nlist, d)), np.zeros((nlist, d))
+        lo, hi = np.full((nlist, d), np.inf), np.full((nlist, d), -np.inf)
+        slo, shi = np.full((nlist, d), np.inf), np.full((nlist, d), -np.inf)
+        for start in range(0, rows.size, _CHUNK):
+            r, seg = sorted_rows[start : start + _CHUNK], _Segments(sorted_lists[start : start + _CHUNK])
+            m, ls = mu[r], log_sigma[r]
+            seg.reduce_into(np.add, sum_mu, m)
+            seg.reduce_into(np.add, sum_ls, ls)
+            seg.reduce_into(np.minimum, lo, m)
+            seg.reduce_into(np.maximum, hi, m)
+            seg.reduce_into(np.minimum, slo, ls)
+            seg.reduce_into(np.maximum, shi, ls)
         centre_mu = sum_mu / np.maximum(counts, 1)[:, None]
         centre_ls = sum_ls / np.maximum(counts, 1)[:, None]
         lo[empty], hi[empty], slo[empty], shi[empty] = 0.0, 0.0, 0.0, 0.0
@@ -395,26 +401,26 @@ class ApproxIndex:
         ivf = cast(faiss.IndexIVF, faiss.index_factory(n, factory, faiss.METRIC_INNER_PRODUCT))
         ivf.quantizer.add(np.ascontiguousarray(lift_items(centre_mu, centre_ls), dtype=np.float32))
         ivf.is_trained = True
-        llo = np.full((nlist, n), np.inf)
-        lhi = np.full((nlist, n), -np.inf)
-        for start, a in zip(range(0, rows.size, _CHUNK), assigns, strict=True):
-            r = np.ascontiguousarray(rows[start : start + _CHUNK], dtype=np.int64)
-            lifted = lift_items(mu[r], log_sigma[r])
-            np.minimum.at(llo, a, lifted)
-            np.maximum.at(lhi, a, lifted)
-            add_preassigned(ivf, np.ascontiguousarray(lifted, dtype=np.float32), a, ids=r)
-        llo[empty], lhi[empty] = 0.0, 0.0
-        blo = np.full((nlist, d), np.inf)
-        bhi = np.full((nlist, d), -np.inf)
+        llo, lhi = np.full((nlist, n), np.inf), np.full((nlist, n), -np.inf)
+        blo, bhi = np.full((nlist, d), np.inf), np.full((nlist, d), -np.inf)
         c_hi = np.full(nlist, -np.inf)
-        for start, a in zip(range(0, rows.size, _CHUNK), assigns, strict=True):
-            r = rows[start : start + _CHUNK]
-            delta = mu[r] - centre_mu[a]
-            inv_var = np.exp(-2.0 * log_sigma[r])
-            np.minimum.at(blo, a, delta * inv_var)
-            np.maximum.at(bhi, a, delta * inv_var)
-            c = -0.5 * (delta * delta * inv_var).sum(1) - log_sigma[r].sum(1) - 0.5 * d * LOG_2PI
-            np.maximum.at(c_hi, a, c)
+        for start in range(0, rows.size, _CHUNK):
+            r = np.ascontiguousarray(sorted_rows[start : start + _CHUNK], dtype=np.int64)
+            a = sorted_lists[start : start + _CHUNK]
+            seg = _Segments(a)
+            m, ls = mu[r], log_sigma[r]
+            lifted = lift_items(m, ls)
+            seg.reduce_into(np.minimum, llo, lifted)
+            seg.reduce_into(np.maximum, lhi, lifted)
+            add_preassigned(ivf, np.ascontiguousarray(lifted, dtype=np.float32), a, ids=r)
+            del lifted
+            delta = m - centre_mu[a]
+            inv_var = np.exp(-2.0 * ls)
+            seg.reduce_into(np.minimum, blo, delta * inv_var)
+            seg.reduce_into(np.maximum, bhi, delta * inv_var)
+            c = -0.5 * (delta * delta * inv_var).sum(1) - ls.sum(1) - 0.5 * d * LOG_2PI
+            seg.reduce_into(np.maximum, c_hi, c)
+        llo[empty], lhi[empty] = 0.0, 0.0
         blo[empty], bhi[empty], c_hi[empty] = 0.0, 0.0, 0.0
         log.info(
             "approx index: %d items in %d partitions (%s), %d outlier scale groups on the exact path",
@@ -757,6 +763,38 @@ def _search_preassigned(
         nq, sp(q32), k, sp(lists), sp(coarse), sp(dist), sp(labels), False, params
     )
     return dist, labels
+
+
+def _feature_scale(
+    mu: np.ndarray, log_sigma: np.ndarray, rows: np.ndarray, d: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(2d,)`` mean and standard deviation (1 where under 1e-6) of ``[mu, log sigma]`` over
+    ``rows``, in two passes of ``_CHUNK`` rows (no ``(N, 2d)`` copy); zeros and ones without rows."""
+    if rows.size == 0:
+        return np.zeros(2 * d), np.ones(2 * d)
+    total = np.zeros(2 * d)
+    for start in range(0, rows.size, _CHUNK):
+        r = rows[start : start + _CHUNK]
+        total += np.concatenate([mu[r], log_sigma[r]], axis=1).sum(axis=0)
+    center = total / rows.size
+    total = np.zeros(2 * d)
+    for start in range(0, rows.size, _CHUNK):
+        r = rows[start : start + _CHUNK]
+        total += ((np.concatenate([mu[r], log_sigma[r]], axis=1) - center) ** 2).sum(axis=0)
+    scale = np.sqrt(total / rows.size)
+    return center, np.where(scale > 1e-6, scale, 1.0)
+
+
+class _Segments:
+    """The runs of equal values of a sorted ``(m,)`` int64 array of partition ids."""
+
+    def __init__(self, lists: np.ndarray) -> None:
+        self.starts = np.flatnonzero(np.concatenate([[True], lists[1:] != lists[:-1]]))
+        self.ids = lists[self.starts]
+
+    def reduce_into(self, ufunc: np.ufunc, target: np.ndarray, values: np.ndarray) -> None:
+        """``target[p] = ufunc(target[p], ufunc over the rows of values (m, ...) in p's run)``."""
+        target[self.ids] = ufunc(target[self.ids], ufunc.reduceat(values, self.starts, axis=0))
 
 
 def _mark(mask: np.ndarray, query_rows: np.ndarray, lists: np.ndarray) -> None:

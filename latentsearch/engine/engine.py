@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,15 +17,23 @@ import faiss
 import numpy as np
 
 from latentsearch.bank import PosteriorBank
-from latentsearch.engine.approx import ApproxIndex, ApproxQuery
+from latentsearch.engine.approx import ApproxIndex, ApproxQuery, AssignRows
 from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import Device, resolve_device
+from latentsearch.engine.kernels import KernelIndex, warm
 from latentsearch.engine.lifting import lift_distributions, lift_points
 from latentsearch.engine.probability import DEFAULT_REL_TOL, PARTITION_MAX_QUERIES, SearchWork, normalise
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
-from latentsearch.engine.strategy import PROBE_BATCH_SIZES, ExactPath, StrategyCosts, calibrate, probe_queries
+from latentsearch.engine.strategy import (
+    PATHS,
+    PROBE_BATCH_SIZES,
+    ExactPath,
+    StrategyCosts,
+    calibrate,
+    probe_queries,
+)
 from latentsearch.engine.typicality import TypicalityReference, reference_points
 from latentsearch.errors import InvalidArgumentError
 from latentsearch.posterior import DiagonalGaussian
@@ -37,7 +46,12 @@ log = logging.getLogger(__name__)
 # squares would overflow the float32 screening.
 MAX_ABS_COORDINATE = 1e6
 _SELECTION_CACHE = 32
+# The kernel's copy of the bank per approximate index (engine.kernel_index).
+_KERNELS: weakref.WeakKeyDictionary[ApproxIndex, KernelIndex] = weakref.WeakKeyDictionary()
+_KERNELS_LOCK = threading.Lock()
 _PARALLEL_MIN_QUERIES = 8
+# approx_strategy="auto": the compiled kernel below this many queries per call, FAISS's scan from it.
+_APPROX_KERNEL_MAX_QUERIES = 8
 _DEFAULT_THREADS = faiss.omp_get_max_threads()
 # FAISS flat searches (the exact screens and the approximate index's coarse quantizer) score a batch
 # with one BLAS matrix product from this many queries up, one dot product per (query, item) below.
@@ -71,9 +85,11 @@ class SearchEngine:
       to the float64 brute force, ties broken by ascending row. With an approximate index it
       takes branch and bound over the partitions or the flat screen of every item, whichever
       ``costs`` (measured at build, see :mod:`latentsearch.engine.strategy`) predicts cheaper
-      for the call's batch size, unless ``config.exact_strategy`` names one.
-    * ``mode="approx"``: partitions scanned in order of a rigorous per-partition upper bound on
-      log q(z|x), then an exact float64 rerank (see :mod:`latentsearch.engine.approx`).
+      for the call's batch size, unless ``config.exact_strategy`` names one; the third measured
+      path, ``"kernel"``, is the same branch and bound compiled (:mod:`latentsearch.engine.kernels`).
+    * ``mode="approx"``: small calls of point queries scan the best partitions with the compiled
+      kernel (``config.approx_strategy``), larger ones probe by centroid posterior with FAISS, then
+      an exact float64 rerank (see :mod:`latentsearch.engine.approx`).
     * ``mode="auto"`` (default): approx when the bank has an approximate index, else exact.
 
     Build with :meth:`build`; persist with :meth:`save` / :meth:`load`. Searches are thread-safe.
@@ -104,6 +120,9 @@ class SearchEngine:
         self.costs = costs
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
         self._lock = threading.Lock()
+        self._kernel: KernelIndex | None = None  # the bank by partition, made on first use
+        if approx is not None:
+            warm()  # compile (or load) the kernel now, not in the first query
 
     # -- construction -------------------------------------------------------------------------
     @classmethod
@@ -118,6 +137,7 @@ class SearchEngine:
         labels: Sequence[int] | np.ndarray | None = None,
         config: EngineConfig | None = None,
         build_approx: bool | None = None,
+        assign_rows: AssignRows | None = None,
     ) -> SearchEngine:
         """Validate ``(N, d)`` posteriors and build the indexes.
 
@@ -127,23 +147,35 @@ class SearchEngine:
             labels: ``(N,)`` integer labels for filtered search.
             build_approx: build the approximate index; default when N >= ``config.approx_min_items``
                 or ``config.mode == "approx"``.
+            assign_rows: the approximate build's assignment of every item to its k-means centroid,
+                done elsewhere (:data:`latentsearch.engine.approx.AssignRows`, e.g. Ray tasks,
+                indexer/ray_build.py); None: in this process.
         """
         config = config or EngineConfig()
         bank = PosteriorBank.from_arrays(
             mu, log_sigma=log_sigma, logvar=logvar, sigma=sigma, ids=ids, labels=labels
         )
-        return cls.from_bank(bank, config, build_approx=build_approx)
+        return cls.from_bank(bank, config, build_approx=build_approx, assign_rows=assign_rows)
 
     @classmethod
     def from_bank(
-        cls, bank: PosteriorBank, config: EngineConfig | None = None, *, build_approx: bool | None = None
+        cls,
+        bank: PosteriorBank,
+        config: EngineConfig | None = None,
+        *,
+        build_approx: bool | None = None,
+        assign_rows: AssignRows | None = None,
     ) -> SearchEngine:
+        """The engine over ``bank`` (arguments as :meth:`build`)."""
         config = config or EngineConfig()
         if build_approx is None:
             build_approx = len(bank) >= config.approx_min_items or config.mode == "approx"
         engine = cls(bank, config)
         if build_approx:
-            engine.approx = ApproxIndex.build(bank.mu, bank.log_sigma, config, groups=engine.exact.groups)
+            engine.approx = ApproxIndex.build(
+                bank.mu, bank.log_sigma, config, groups=engine.exact.groups, assign_rows=assign_rows
+            )
+            warm()
             engine.costs = engine.calibrate_exact()
         if config.typicality_samples:
             engine.typicality = engine.build_typicality(config.typicality_samples, seed=config.seed)
@@ -191,7 +223,7 @@ class SearchEngine:
         def run(path: ExactPath, points: np.ndarray) -> object:
             return self._search_arrays(points, None, k, "exact", None, None, strategy=path)
 
-        costs = calibrate(run, probes)
+        costs = calibrate(run, probes, paths=PATHS)
         log.info("exact strategy costs (s per call at B = %s): %s", costs.batch_sizes, costs.seconds)
         return costs
 
@@ -448,9 +480,14 @@ class SearchEngine:
             # alone costs: the normaliser reuses their bounds (2-3x cheaper than its flat screen at
             # 1M items, bench_probability); the cost model measures the search only.
             strategy = "partitions"
-        use_partitions = self.approx is not None and (
-            resolved == "approx" or (strategy or self.exact_path(nq)) == "partitions"
+        path = strategy or self.exact_path(nq)
+        approx_kernel = self.config.approx_strategy == "kernel" or (
+            self.config.approx_strategy == "auto" and nq < _APPROX_KERNEL_MAX_QUERIES
         )
+        kernel = (resolved == "exact" and path == "kernel") or (resolved == "approx" and approx_kernel)
+        if kernel and self.approx is not None and std is None:
+            return self._run_kernel(points, queries, k_eff, resolved, selection, rescore, nprobe)
+        use_partitions = self.approx is not None and (resolved == "approx" or path != "flat")
         if use_partitions:
             assert self.approx is not None
             query = ApproxQuery(points=points, std=std, lifted=queries, rescore=rescore, selection=selection)
@@ -478,6 +515,77 @@ class SearchEngine:
                 screens=None if work is None else work.screens,
             )
             certified = np.ones(points.shape[0], dtype=bool)
+        return rows, scores, certified
+
+    def kernel_index(self) -> KernelIndex:
+        """The bank reordered by partition for the compiled kernel (made once, thread-safe)."""
+        if self._kernel is None:
+            a = self.approx
+            assert a is not None
+            with _KERNELS_LOCK:  # engines sharing one approximate index (and bank) share it too
+                found = _KERNELS.get(a)
+                if found is None:
+                    bank = self.bank
+                    centroids = a.ivf.quantizer.reconstruct_n(0, a.nlist).astype(np.float64)
+                    found = KernelIndex(
+                        bank.mu, bank.log_sigma, a.list_of_row, a.nlist, a.lo, a.hi, a.slo, a.shi, centroids
+                    )
+                    _KERNELS[a] = found
+                    log.debug("kernel index: %d items, %.0f MiB", len(bank), found.nbytes / 2**20)
+            self._kernel = found
+        return self._kernel
+
+    def _run_kernel(
+        self,
+        points: np.ndarray,
+        queries: np.ndarray,
+        k_eff: int,
+        resolved: str,
+        selection: Selection | None,
+        rescore: Rescore,
+        nprobe: int | None,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The compiled branch and bound (:mod:`latentsearch.engine.kernels`) for point queries.
+
+        Exact: unbounded, and the (rare) queries it cannot certify (a near tie with an item left
+        out) are answered again by the flat certified screen. Approx: the index's ``nprobe``
+        partitions with the best centroid posterior, then by bound up to
+        ``config.approx_kernel_budget`` of the partitions (a given ``nprobe``: those partitions by
+        centroid only); an answer is certified when the bound stopped the search first.
+        """
+        assert self.approx is not None
+        nq = points.shape[0]
+        exact = resolved == "exact"
+        if exact:
+            first, visits = 0, -1
+        elif nprobe is None:  # the default probes by centroid, then by bound within the budget
+            first = self.approx.nprobe
+            visits = max(first, math.ceil(self.config.approx_kernel_budget * self.approx.nlist))
+        else:
+            first = visits = int(nprobe)
+        found = self.kernel_index().search(
+            points,
+            k_eff,
+            max_visits=visits,
+            first=first,
+            selection=selection,
+            rescore=rescore,
+            threads=self._threads_for(nq),
+        )
+        rows, scores, certified = found.rows, found.scores, found.certified
+        bad = np.flatnonzero(~certified)
+        if exact and bad.size:
+            log.debug("kernel search: %d of %d queries fell back to the flat scan", bad.size, nq)
+            rows[bad], scores[bad] = self.exact.search(
+                queries[bad],
+                k_eff,
+                extra=self.config.exact_extra,
+                rescore=lambda qi, r: rescore(bad[qi], r),
+                selection=selection,
+            )
+            certified = np.ones(nq, dtype=bool)
+        elif not exact and not self.config.approx_certify:
+            certified = np.zeros(nq, dtype=bool)  # approximate answers claim nothing unless asked
         return rows, scores, certified
 
     def exact_path(self, nq: int) -> ExactPath:

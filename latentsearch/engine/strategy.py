@@ -23,6 +23,11 @@ again on demand (another host). :meth:`StrategyCosts.choose` predicts a call of 
 linear interpolation between the probed sizes (beyond the largest: the same cost per query) and
 picks the cheaper path, partitions on a tie. An explicit ``EngineConfig.exact_strategy`` always
 wins over the model.
+
+A third path, ``"kernel"`` (the compiled branch and bound of :mod:`latentsearch.engine.kernels`), is
+measured beside them when the engine can run it; costs saved before it existed hold only the first
+two, and the model then chooses between those. Where measured, the kernel is taken when it is
+predicted no slower than the better of the other two.
 """
 
 from __future__ import annotations
@@ -38,10 +43,21 @@ import numpy as np
 from latentsearch.engine.typicality import reference_points
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError
 
-__all__ = ["PROBE_BATCH_SIZES", "PROBE_ROUNDS", "ExactPath", "StrategyCosts", "calibrate", "probe_queries"]
+__all__ = [
+    "BASE_PATHS",
+    "PATHS",
+    "PROBE_BATCH_SIZES",
+    "PROBE_ROUNDS",
+    "ExactPath",
+    "StrategyCosts",
+    "calibrate",
+    "probe_queries",
+]
 
-ExactPath = Literal["partitions", "flat"]
-PATHS: tuple[ExactPath, ...] = ("partitions", "flat")
+ExactPath = Literal["partitions", "flat", "kernel"]
+PATHS: tuple[ExactPath, ...] = ("partitions", "flat", "kernel")
+# The paths every saved cost table holds (the kernel's is optional: tables older than it lack it).
+BASE_PATHS: tuple[ExactPath, ...] = ("partitions", "flat")
 # Batch sizes probed: single queries, a small batch (below it FAISS scores pair by pair and the
 # engine runs on one thread), a batch that runs every BLAS thread.
 PROBE_BATCH_SIZES = (1, 16, 64)
@@ -72,7 +88,7 @@ class StrategyCosts:
             len(sizes) >= 1
             and all(isinstance(b, int) and b >= 1 for b in sizes)
             and list(sizes) == sorted(set(sizes))
-            and set(self.seconds) == set(PATHS)
+            and set(BASE_PATHS) <= set(self.seconds) <= set(PATHS)
             and all(
                 len(v) == len(sizes) and all(np.isfinite(s) and s >= 0 for s in v)
                 for v in self.seconds.values()
@@ -80,7 +96,8 @@ class StrategyCosts:
         )
         if not ok:
             raise InvalidArgumentError(
-                f"strategy costs need ascending batch sizes >= 1 and, for each of {PATHS}, one finite "
+                f"strategy costs need ascending batch sizes >= 1 and, for each of {BASE_PATHS} (and "
+                f"optionally {PATHS[2:]}), one finite "
                 f"time >= 0 per size; got {self.batch_sizes!r}, {self.seconds!r}",
                 field="costs",
             )
@@ -97,8 +114,13 @@ class StrategyCosts:
         return secs[i - 1] + (secs[i] - secs[i - 1]) * (nq - b0) / (b1 - b0)
 
     def choose(self, nq: int) -> ExactPath:
-        """The cheaper path for a call of ``nq`` queries (partitions on a tie)."""
-        return "flat" if self.predict("flat", nq) < self.predict("partitions", nq) else "partitions"
+        """The cheaper path for a call of ``nq`` queries (partitions on a tie with flat, the kernel
+        on a tie with either)."""
+        flat = self.predict("flat", nq) < self.predict("partitions", nq)
+        best: ExactPath = "flat" if flat else "partitions"
+        if "kernel" in self.seconds and self.predict("kernel", nq) <= self.predict(best, nq):
+            return "kernel"
+        return best
 
     def to_dict(self) -> dict[str, Any]:
         seconds = {k: list(v) for k, v in self.seconds.items()}
@@ -133,17 +155,19 @@ def calibrate(
     batch_sizes: tuple[int, ...] = PROBE_BATCH_SIZES,
     rounds: int = PROBE_ROUNDS,
     budget_s: float = PROBE_BUDGET_S,
+    paths: tuple[ExactPath, ...] = BASE_PATHS,
 ) -> StrategyCosts:
     """Time ``run(path, points)`` (one exact call of ``points (B, d)`` on ``path``) on each path.
 
     ``probes`` is ``(P, d)``, the query families interleaved row by row; a call of B queries takes B
     consecutive probes, the next ones for the next call or size (wrapping around). Size B makes
     ``max(1, PROBE_MIN_QUERIES // B)`` calls, the same ones every round, and counts their mean.
-    Rounds stop early once ``budget_s`` seconds have gone (after the first).
+    Rounds stop early once ``budget_s`` seconds have gone (after the first). ``paths`` are those
+    timed (``BASE_PATHS`` and optionally the kernel).
     """
-    best: dict[ExactPath, list[float]] = {p: [np.inf] * len(batch_sizes) for p in PATHS}
+    best: dict[ExactPath, list[float]] = {p: [np.inf] * len(batch_sizes) for p in paths}
     started = time.perf_counter()
-    for path in PATHS:  # warm-up: first-call allocations and page-ins are not the path's cost
+    for path in paths:  # warm-up: first-call allocations and page-ins are not the path's cost
         run(path, probes[:1])
     work: list[list[np.ndarray]] = []  # per size: the calls of every round (the same work each round)
     start = 0
@@ -156,7 +180,7 @@ def calibrate(
         if r and time.perf_counter() - started > budget_s:
             break
         for i, calls_i in enumerate(work):
-            for path in PATHS:
+            for path in paths:
                 t = time.perf_counter()
                 for points in calls_i:
                     run(path, points)

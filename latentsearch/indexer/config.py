@@ -27,6 +27,17 @@ class IndexJobConfig:
     model: str | None = None
     # Dataset path: IDX file/folder, .npy, .npz or image folder (see latentsearch.data.readers.open_dataset).
     data: str | None = None
+    # Parquet data (``--data`` a *.parquet file or a folder of them; latentsearch.data.parquet): the
+    # column holding the items, encoded PNG/JPEG bytes or a list of numbers (``--parquet-column``;
+    # None: the only such column, else one named image / pixels / x / features ...).
+    parquet_column: str | None = None
+    # Parquet: the label column, integers or strings (``--label-column``; None: label / labels / y when
+    # present) and the id column (``--id-column``; None: id when present, else row numbers).
+    label_column: str | None = None
+    id_column: str | None = None
+    # Parquet: the item shape (H, W, C) or (D,) of a flat list column (``--parquet-shape``; None: a
+    # tensor column's shape, the file's latentsearch.item_shape metadata, else (D,)).
+    parquet_shape: tuple[int, ...] | None = None
     # Precomputed posteriors: npz with mu and one of logvar / log_sigma / sigma (see indexer.posteriors).
     posteriors: str | None = None
     # Names of the integer labels, label_names[label] (``--label-names``); None: the data's own
@@ -59,6 +70,10 @@ class IndexJobConfig:
     ray_gpus_per_actor: float = 0.0
     # CPUs per encoder actor (Ray's scheduling unit; a CPU actor runs max(1, int(this)) torch threads).
     ray_cpus_per_actor: float = 1.0
+    # Reuse the current version's posteriors for items whose content hash is unchanged when it was
+    # encoded with the same model (latentsearch.indexer.incremental); only new or changed items are
+    # encoded. False (``index --full``): encode every item.
+    reuse: bool = True
     # Search engine options (the ``--index-spec`` string parsed by :func:`parse_index_spec`).
     engine: EngineConfig = field(default_factory=EngineConfig)
     # Versions kept after publishing (the current one is never deleted).
@@ -107,6 +122,14 @@ class IndexJobConfig:
                 f"ray_cpus_per_actor must be in (0, 1024], got {self.ray_cpus_per_actor!r}",
                 field="ray_cpus_per_actor",
             )
+        if self.parquet_shape is not None:
+            object.__setattr__(self, "parquet_shape", tuple(int(v) for v in self.parquet_shape))
+        if self.posteriors is not None:
+            for key, value in self.data_options.items():
+                if value is not None:
+                    raise InvalidArgumentError(
+                        f"{key} applies to --data, not --posteriors", field=_OPTION_FIELDS[key]
+                    )
         if self.ray_address is not None and not self.ray:
             raise InvalidArgumentError("ray_address is given but ray is off", field="ray_address")
         if self.ray and self.posteriors is not None:
@@ -119,15 +142,40 @@ class IndexJobConfig:
         """``"posteriors"`` or ``"model"``."""
         return "posteriors" if self.posteriors is not None else "model"
 
+    @property
+    def data_options(self) -> dict[str, Any]:
+        """The reader options for :func:`latentsearch.data.builtin.load_data` (``None``: unset)."""
+        return {
+            "column": self.parquet_column,
+            "label_column": self.label_column,
+            "id_column": self.id_column,
+            "shape": self.parquet_shape,
+        }
+
+    def for_items(self, data: str) -> IndexJobConfig:
+        """This job's options for encoding the items in ``data``, a ``.npy`` file the job wrote (the
+        new or changed items of an incremental reindex, see indexer.incremental): the same model,
+        encoder and Ray options, no reader options (``data_options`` all unset)."""
+        unset: dict[str, Any] = dict.fromkeys(_OPTION_FIELDS.values())
+        return dataclasses.replace(self, data=data, **unset)
+
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["out"] = os.fspath(self.out)
         d["engine"] = self.engine.to_dict()
         d["input_shape"] = None if self.input_shape is None else list(self.input_shape)
         d["label_names"] = None if self.label_names is None else list(self.label_names)
+        d["parquet_shape"] = None if self.parquet_shape is None else list(self.parquet_shape)
         return d
 
 
+# data_options keys -> the config field that sets each
+_OPTION_FIELDS = {
+    "column": "parquet_column",
+    "label_column": "label_column",
+    "id_column": "id_column",
+    "shape": "parquet_shape",
+}
 _NONE = ("none", "null")
 _TRUE = ("true", "yes", "on", "1")
 _FALSE = ("false", "no", "off", "0")

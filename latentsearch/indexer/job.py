@@ -1,9 +1,10 @@
 """Orchestration of an indexing job: source -> posteriors -> engine -> published version.
 
 Two sources: a model + dataset (encoded in batches into memory-mapped float32 files, see
-:mod:`indexer.encode`; the model is stored with the version, :mod:`indexer.models`) or a
-precomputed posteriors npz (:mod:`indexer.posteriors`). Both end in the same publish step
-(:meth:`indexer.root.IndexRoot.publish_staged`).
+:mod:`indexer.encode`; the model is stored with the version, :mod:`indexer.models`; the posteriors
+of items the current version already holds under the same model are reused, see
+:mod:`indexer.incremental`) or a precomputed posteriors npz (:mod:`indexer.posteriors`). Both end
+in the same publish step (:meth:`indexer.root.IndexRoot.publish_staged`).
 """
 
 from __future__ import annotations
@@ -19,20 +20,32 @@ import numpy as np
 
 from latentsearch.data.builtin import load_data
 from latentsearch.data.readers import Dataset
-from latentsearch.engine.approx import default_nlist
+from latentsearch.engine.approx import AssignRows, default_nlist
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest, saved_bytes
 from latentsearch.errors import FailedPreconditionError
 from latentsearch.indexer.catalogue import catalogue_bytes, check_label_names, write_catalogue
 from latentsearch.indexer.config import IndexJobConfig
-from latentsearch.indexer.encode import EncodedPosteriors, encode_dataset
+from latentsearch.indexer.encode import EncodedPosteriors, check_encodable, encode_dataset
+from latentsearch.indexer.incremental import (
+    HASH_BYTES,
+    Reuse,
+    ReusePlan,
+    content_hashes,
+    content_metadata,
+    encode_with_reuse,
+    full_plan,
+    open_previous,
+    plan_reuse,
+    write_hashes,
+)
 from latentsearch.indexer.models import ModelRef, stage_entry
 from latentsearch.indexer.posteriors import read_label_names, read_posteriors_npz
 from latentsearch.indexer.root import IndexRoot, Staging, engine_bytes
 from latentsearch.model.loader import LoadedModel, default_input_rule, load_model
 from latentsearch.progress import Progress
 
-__all__ = ["EncodeStep", "JobResult", "local_encode", "run_index_job"]
+__all__ = ["AssignStep", "EncodeStep", "JobResult", "local_encode", "run_index_job"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,10 @@ log = logging.getLogger(__name__)
 # posteriors as (N, d) float32 memmaps mu.npy / logvar.npy in that directory (inside the version's
 # staging area). :func:`local_encode` runs in this process; indexer.ray_encode.ray_encode on Ray Data.
 EncodeStep = Callable[[LoadedModel, Dataset, Path, IndexJobConfig], EncodedPosteriors]
+# The engine build's every-item k-means assignment elsewhere (a model job): (the encode step's
+# directory, holding mu.npy / logvar.npy, config) -> the build's assign_rows hook
+# (engine.approx.AssignRows); indexer.ray_build.ray_assigner runs it as Ray tasks. None: in process.
+AssignStep = Callable[[Path, IndexJobConfig], AssignRows]
 
 
 def local_encode(
@@ -61,7 +78,8 @@ def local_encode(
 class JobResult:
     """What a job published.
 
-    ``timings``: seconds per stage (read, load, encode, fingerprint, build, save, publish).
+    ``timings``: seconds per stage (read, load, hash, reuse, encode, fingerprint, build, save,
+    publish). ``reuse``: what a model job reused from the previous version (``None`` for posteriors).
     """
 
     version: str
@@ -70,6 +88,7 @@ class JobResult:
     seconds: float
     bytes_on_disk: int
     timings: dict[str, float] = field(default_factory=dict)
+    reuse: Reuse | None = None
 
     @property
     def items_per_second(self) -> float:
@@ -110,12 +129,16 @@ class _Stages:
         self._bar.close()
 
 
-def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -> JobResult:
+def run_index_job(
+    config: IndexJobConfig, *, encode: EncodeStep | None = None, assign: AssignStep | None = None
+) -> JobResult:
     """Run one indexing job end to end and publish a new current version under ``config.out``.
 
     Nothing is published when any step fails (the previous current version stays current).
     ``encode``: the encode step of a model job (default :func:`local_encode`; ``config.ray`` needs
-    ``indexer.ray_encode.ray_encode``, which the CLI passes for ``--ray``).
+    ``indexer.ray_encode.ray_encode``, which the CLI passes for ``--ray``). ``assign``: where a model
+    job's index build assigns every item to its k-means centroid (default: in this process; the CLI
+    passes ``indexer.ray_build.ray_assigner`` for ``--ray``); the engine is the same either way.
 
     Raises:
         LatentSearchError subclasses: bad input (naming the file / npz key and row), missing model or
@@ -130,6 +153,7 @@ def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -
     t_start = time.perf_counter()
     root = IndexRoot(config.out, create=True)
     payloads = _catalogue_source(config)  # label names checked here, before any encoding
+    reuse: Reuse | None = None
     with root.staging() as staging:
         if config.source_kind == "posteriors":
             stages = _Stages(["read", "build", "save", "publish"], config.progress)
@@ -143,8 +167,9 @@ def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -
         else:
             assert payloads.dataset is not None
             engine, metadata, stages, model_ref = _from_model(
-                config, root, staging, encode or local_encode, payloads.dataset
+                config, root, staging, encode or local_encode, assign, payloads.dataset
             )
+            reuse = Reuse(**metadata["reuse"])
             try:
                 version = _save_and_publish(
                     root, staging, engine, metadata, config, stages, model_ref, catalogue=payloads
@@ -161,6 +186,7 @@ def run_index_job(config: IndexJobConfig, *, encode: EncodeStep | None = None) -
         seconds=seconds,
         bytes_on_disk=root.disk_bytes(version),
         timings=dict(stages.timings),
+        reuse=reuse,
     )
     log.info("%s", result.summary())
     return result
@@ -220,11 +246,35 @@ def _catalogue_source(config: IndexJobConfig) -> _CatalogueSource:
         assert config.posteriors is not None
         return _CatalogueSource(names, None, Path(config.posteriors))
     assert config.data is not None
-    dataset = load_data(config.data)  # a path, or a built-in name (with its class names)
+    # a path (with its reader options), or a built-in name (with its class names)
+    dataset = load_data(config.data, **config.data_options)
     if names is None:
         names = dataset.label_names
     check_label_names(names, dataset.labels)
     return _CatalogueSource(names, dataset)
+
+
+def _reuse_plan(
+    config: IndexJobConfig,
+    root: IndexRoot,
+    model: LoadedModel,
+    dataset: Dataset,
+    hashes: np.ndarray,
+    bf16: bool,
+) -> ReusePlan:
+    """Which of ``dataset``'s rows (content ``hashes``, ``(N, 16)`` uint8) reuse the current
+    version's posteriors (see :mod:`indexer.incremental`)."""
+    if not config.reuse:
+        return full_plan(len(dataset), "reuse is off (--full)")
+    previous, why = open_previous(
+        root,
+        model_hash=model.model_hash,
+        input_rule=model.input_rule,
+        bf16=bf16,
+        item_shape=dataset.item_shape,
+        dtype=dataset.dtype,
+    )
+    return plan_reuse(hashes, previous, why)
 
 
 def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEngine, dict[str, Any]]:
@@ -246,10 +296,16 @@ def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEng
 
 
 def _from_model(
-    config: IndexJobConfig, root: IndexRoot, staging: Staging, encode: EncodeStep, dataset: Dataset
+    config: IndexJobConfig,
+    root: IndexRoot,
+    staging: Staging,
+    encode: EncodeStep,
+    assign: AssignStep | None,
+    dataset: Dataset,
 ) -> tuple[SearchEngine, dict[str, Any], _Stages, ModelRef]:
-    """Encode ``dataset`` (the job's data, opened once by :func:`_catalogue_source`) with the model;
-    the engine, the version's metadata, the stages so far and the model's store entry (staged in
+    """Encode ``dataset`` (the job's data, opened once by :func:`_catalogue_source`) with the model,
+    reusing the current version's posteriors of unchanged items (:mod:`indexer.incremental`); the
+    engine, the version's metadata, the stages so far and the model's store entry (staged in
     ``staging.model_dir``, stored by the publish)."""
     assert config.model is not None
     t0 = time.perf_counter()
@@ -258,16 +314,52 @@ def _from_model(
     model = load_model(config.model, input_shape=config.input_shape, device=config.device, input_rule=rule)
     log.info("encoding %s with %s", dataset, model)
     t_load = time.perf_counter() - t0
+    check_encodable(model, dataset)  # before the data is read to hash it
     # The encoder writes float32 memory maps (a full disk there is a SIGBUS, not an error), then
     # the version is saved beside them: check the space for both first.
     n, d = len(dataset), model.latent_dim
     nlist = config.engine.approx_nlist or default_nlist(n)
     needed = 2 * n * d * 4 + saved_bytes(n, d, labels=dataset.labels is not None, nlist=nlist)
+    needed += n * HASH_BYTES
     root.require_space(needed)
+    bf16 = bool(config.bf16 and model.device.type == "cuda")
+    t0 = time.perf_counter()
+    hashes = content_hashes(dataset, progress=config.progress)
+    t1 = time.perf_counter()
+    t_hash = t1 - t0
+    plan = _reuse_plan(config, root, model, dataset, hashes, bf16)  # checks and opens the current version
+    todo = len(plan.encode_rows)
+    if plan.previous is not None:
+        log.info(
+            "reuse: %d of %d posteriors from version %s; encoding %d new or changed items",
+            n - todo, n, plan.previous.version, todo,
+        )
+        # the unmatched items' copy and their posteriors, besides the (N, d) memmaps
+        needed += todo * (dataset.dtype.itemsize * int(np.prod(dataset.item_shape)) + 2 * d * 4)
+        root.require_space(needed)
+    else:
+        log.info("reuse: none, encoding all %d items: %s", n, plan.reason)
     with root.disk_errors(needed):
-        encoded = encode(model, dataset, staging.path / "encode", config)
+        write_hashes(staging.content_dir, hashes)
+        if plan.previous is None:
+            encoded = encode(model, dataset, staging.path / "encode", config)
+        else:
+
+            def encode_items(items: Dataset, where: Path) -> EncodedPosteriors:
+                assert items.path is not None  # the items' own file (a Ray actor opens config.data)
+                return encode(model, items, where, config.for_items(items.path))
+
+            encoded = encode_with_reuse(
+                plan, dataset, staging.path / "encode", d, encode_items, batch_size=config.batch_size
+            )
+    t_reuse = time.perf_counter() - t1 - encoded.seconds  # planning, copying, the hashes file
+    reuse = plan.report()
+    del plan  # closes the previous version's memory maps
     stages = _Stages(["fingerprint", "build", "save", "publish"], config.progress)
-    stages.timings.update({"load": round(t_load, 3), "encode": round(encoded.seconds, 3)})
+    stages.timings.update({"load": round(t_load, 3), "hash": round(t_hash, 3)})
+    if reuse.previous_version is not None:
+        stages.timings["reuse"] = round(t_reuse, 3)
+    stages.timings["encode"] = round(encoded.seconds, 3)
     try:
         stages.start("fingerprint")
         fingerprint = dataset.fingerprint()
@@ -276,7 +368,12 @@ def _from_model(
         ids = None if np.array_equal(named, np.arange(n).astype(str)) else named
         stages.start("build")
         engine = SearchEngine.build(
-            encoded.mu, logvar=encoded.logvar, ids=ids, labels=dataset.labels, config=config.engine
+            encoded.mu,
+            logvar=encoded.logvar,
+            ids=ids,
+            labels=dataset.labels,
+            config=config.engine,
+            assign_rows=None if assign is None else assign(encoded.directory, config),
         )
         with root.disk_errors(needed):
             model_ref = stage_entry(model, str(config.model), dataset.item_shape, staging.model_dir)
@@ -292,8 +389,10 @@ def _from_model(
         "data_path": dataset.path,
         "dataset_fingerprint": fingerprint,
         "device": str(model.device),
-        "bf16": bool(config.bf16 and model.device.type == "cuda"),
-        "encode_items_per_s": round(n / max(encoded.seconds, 1e-9), 1),
+        "bf16": bf16,
+        "encode_items_per_s": round(reuse.encoded / max(encoded.seconds, 1e-9), 1) if reuse.encoded else None,
+        "content_hashes": content_metadata(dataset),
+        "reuse": reuse.to_dict(),
         "job": config.to_dict(),
     }
     return engine, metadata, stages, model_ref

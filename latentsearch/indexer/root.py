@@ -9,6 +9,8 @@ Layout::
         engine/                    SearchEngine.save() output (its own manifest and checksums)
         catalogue/                 item payloads and latent diagnostics (indexer.catalogue; absent
                                    in versions published before it existed)
+        content/hashes.npy         (N, 16) uint8 content hash of every item (versions encoded from
+                                   a model; indexer.incremental reuses posteriors by it)
         manifest.json              version manifest: counts, model hash, dataset fingerprint,
                                    engine/FAISS parameters, size + sha256 of every file, and
                                    ``model``: {"entry", "model_hash"} (the stored model; absent
@@ -94,7 +96,18 @@ from latentsearch.indexer.catalogue import CATALOGUE_DIR
 from latentsearch.indexer.models import ModelRef, check_entry, load_entry
 from latentsearch.model.loader import LoadedModel
 
-__all__ = ["VERSION_FORMAT", "IndexRoot", "Staging", "VersionInfo", "engine_bytes", "remove_tree"]
+__all__ = [
+    "CONTENT_DIR",
+    "ENGINE_DIR",
+    "MANIFEST",
+    "MANIFEST_SHA",
+    "VERSION_FORMAT",
+    "IndexRoot",
+    "Staging",
+    "VersionInfo",
+    "engine_bytes",
+    "remove_tree",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +120,8 @@ MODELS_DIR = "models"
 ENGINE_DIR = "engine"
 MODEL_STAGE = "model"  # a staging directory's store entry, renamed into models/ by publish
 # Directories of a staging area that become part of the version (everything else is scratch).
-VERSION_PARTS = (ENGINE_DIR, CATALOGUE_DIR)
+CONTENT_DIR = "content"  # per-item content hashes (indexer.incremental)
+VERSION_PARTS = (ENGINE_DIR, CATALOGUE_DIR, CONTENT_DIR)
 MANIFEST = "manifest.json"
 MANIFEST_SHA = "manifest.sha256"
 OWNER_LOCK = ".owner.lock"
@@ -179,6 +193,10 @@ class VersionInfo:
     latent_dim: int | None
     bytes: int
     model_hash: str | None
+    # posteriors reused from the previous version / encoded by the job (None: not a model job, or
+    # published before incremental reindexing; see indexer.incremental)
+    reused: int | None = None
+    encoded: int | None = None
 
 
 class Staging:
@@ -206,6 +224,11 @@ class Staging:
     @property
     def catalogue_dir(self) -> Path:
         return self.path / CATALOGUE_DIR
+
+    @property
+    def content_dir(self) -> Path:
+        """Where a model job writes its items' content hashes (:mod:`indexer.incremental`)."""
+        return self.path / CONTENT_DIR
 
     def close(self) -> None:
         if self.published is None:
@@ -305,6 +328,9 @@ class IndexRoot:
                 m = self.manifest(v)
             except (CorruptIndexError, NotFoundError):
                 m = {}
+            meta = m.get("metadata")
+            reuse = meta.get("reuse") if isinstance(meta, dict) else None
+            reuse = reuse if isinstance(reuse, dict) else {}
             rows.append(
                 VersionInfo(
                     version=v,
@@ -314,6 +340,8 @@ class IndexRoot:
                     latent_dim=m.get("latent_dim"),
                     bytes=_dir_bytes(self.versions_dir / v),
                     model_hash=m.get("model_hash"),
+                    reused=reuse.get("reused"),
+                    encoded=reuse.get("encoded"),
                 )
             )
         return rows
@@ -429,6 +457,14 @@ class IndexRoot:
             if exc.errno == errno.EDQUOT:
                 raise self._no_space(needed, "disk quota exceeded") from exc
             raise
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the root's writer lock: no publish, rollback, prune or cleanup runs meanwhile, so the
+        current version stays current and on disk (e.g. while a job opens its posteriors for reuse).
+        Not re-entrant: call no writing method of this root inside the block."""
+        with self._locked():
+            yield
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:

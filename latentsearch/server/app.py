@@ -106,6 +106,13 @@ class ServerConfig:
     # 1 answered 15-20% more Nearest calls than 2 (bench/bench_server.py), and leaves a thread free
     # for the other RPCs.
     batch_concurrency: int = 1
+    # A plain Nearest (k <= 10, the engine's default mode, no label filter, no probabilities) is
+    # answered on the event loop itself, without the batcher's wait and thread hop, when the served
+    # version's single-query search measured at most this many microseconds at load
+    # (Snapshot.nearest_cost_s, reply included). The hop costs the loop a future, a queue wake-up and
+    # a callback from the thread; a search this cheap costs it less. 0: always batched. Today's
+    # engine spends 150 us or more on a single query even over 300 items, so it batches.
+    inline_search_us: float = 30.0
     # FAISS/OpenMP threads per search (None: 1). Under concurrent load OpenMP's fork/join and
     # spinning cost more than they save (a second FAISS thread made batched searches slower per
     # query in the server benchmark); raise it for a server that answers few, large NearestBatch calls.
@@ -153,6 +160,8 @@ class ServerConfig:
             raise InvalidArgumentError("faiss_threads must be >= 1", field="faiss_threads")
         if self.max_wait_ms < 0:
             raise InvalidArgumentError("max_wait_ms must be >= 0", field="max_wait_ms")
+        if not self.inline_search_us >= 0:  # NaN too
+            raise InvalidArgumentError("inline_search_us must be >= 0", field="inline_search_us")
         for name in ("max_k", "max_batch_queries"):
             if getattr(self, name) < 1:
                 raise InvalidArgumentError(f"{name} must be >= 1", field=name)
@@ -265,6 +274,7 @@ class LatentSearchServer:
             metrics=self.metrics,
             admission=self._admission,
             chunk_queries=cfg.max_batch,
+            inline_cost_s=cfg.inline_search_us * 1e-6,
         )
         if cfg.batching:
             self._batcher = MicroBatcher(

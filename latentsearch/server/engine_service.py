@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -47,7 +48,9 @@ __all__ = [
     "QueryKey",
     "Snapshot",
     "check_model_hash",
+    "is_plain",
     "load_snapshot",
+    "measure_nearest_cost",
     "nearest_responses",
 ]
 
@@ -58,6 +61,11 @@ DEFAULT_K = 10  # what a request's k = 0 (unset) means
 # training data spans about [0, 1] there (pixels / 255) or a few units (standardised features), so
 # +-1000 leaves room for any real input while float32 activations stay far from overflow.
 MAX_NETWORK_INPUT = 1e3
+# measure_nearest_cost: timed calls after one warm-up (their median), only one when it already
+# took longer than _COST_SLOW_S (such a search is batched whatever its exact figure, and a large
+# bank's load is not slowed by repeats).
+_COST_CALLS = 5
+_COST_SLOW_S = 0.002
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class Snapshot:
     # The version's label names, thumbnails, metadata and latent diagnostics (None: the version
     # was published before catalogues existed); loaded and swapped with the engine.
     catalogue: Catalogue | None = None
+    # Wall-clock seconds of one plain Nearest (is_plain) answered alone by this snapshot, reply
+    # included, measured when it was loaded (measure_nearest_cost); inf: not measured. The servicer
+    # answers plain calls on the event loop, without batching, when this is small enough.
+    nearest_cost_s: float = math.inf
 
 
 def load_snapshot(
@@ -117,7 +129,7 @@ def load_snapshot(
         engine.config = dataclasses.replace(engine.config, max_k=max_k)
     manifest = root.manifest(version)
     model, entry = _version_model(root, manifest, engine.dim, model, models)
-    return Snapshot(
+    snapshot = Snapshot(
         version=version,
         engine=engine,
         model_hash=str(manifest.get("model_hash") or ""),
@@ -125,6 +137,46 @@ def load_snapshot(
         model_entry=entry,
         catalogue=load_catalogue(root.version_dir(version), manifest, engine.bank),
     )
+    return dataclasses.replace(snapshot, nearest_cost_s=measure_nearest_cost(snapshot))
+
+
+def is_plain(key: QueryKey, engine: SearchEngine) -> bool:
+    """Whether calls of ``key`` are what :func:`measure_nearest_cost` measures: the engine's default
+    mode, k <= DEFAULT_K, no label filter, no probabilities, no label names."""
+    return (
+        key.k <= DEFAULT_K
+        and key.labels is None
+        and key.rel_tol is None
+        and not key.label_names
+        and (key.mode is None or key.mode == engine.config.mode)
+    )
+
+
+def measure_nearest_cost(snapshot: Snapshot) -> float:
+    """Wall-clock seconds of one plain Nearest answered alone by ``snapshot`` (blocking): the median
+    of a few :meth:`EngineService.search_group` calls at k = DEFAULT_K on items' own means, after a
+    warm-up call (which compiles or pages in what the first search needs). What the engine's
+    cheapest single-query path costs, as the server would run it (:data:`_COST_CALLS`); inf when
+    there is nothing to measure."""
+    bank = snapshot.engine.bank
+    n = len(bank)
+    if n == 0:
+        return math.inf
+    rows = np.linspace(0, n - 1, _COST_CALLS + 1).astype(np.int64)
+    points = np.asarray(bank.mu[rows], dtype=np.float64).tolist()  # (calls + 1, d)
+    key = QueryKey(snapshot.version, DEFAULT_K, None, None)
+    times = []
+    try:
+        EngineService.search_group(snapshot, key, [points[0]])  # the warm-up
+        for z in points[1:]:
+            start = time.perf_counter()
+            EngineService.search_group(snapshot, key, [z])
+            times.append(time.perf_counter() - start)
+            if times[0] > _COST_SLOW_S:
+                break
+    except InvalidArgumentError:  # e.g. an engine whose max_k is below DEFAULT_K: never inline
+        return math.inf
+    return float(np.median(times))
 
 
 def _version_model(

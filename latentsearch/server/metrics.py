@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
@@ -108,8 +109,9 @@ class ServerMetrics:
             registry=r,
             multiprocess_mode=_PER_WORKER,
         )
-        # Label children by (method, code): labels() takes a lock and builds a key on every call.
-        self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # The bound inc / observe of the label children by (method, code): labels() takes a lock
+        # and builds a key on every call.
+        self._children: dict[tuple[str, str], tuple[Callable[[], None], Callable[[float], None]]] = {}
         self._http: Any = None
         self._thread: threading.Thread | None = None
 
@@ -117,10 +119,11 @@ class ServerMetrics:
         """Count one answered RPC and its latency."""
         children = self._children.get((method, code))
         if children is None:
-            children = (self.requests.labels(method, code), self.latency.labels(method))
+            children = (self.requests.labels(method, code).inc, self.latency.labels(method).observe)
             self._children[(method, code)] = children
-        children[0].inc()
-        children[1].observe(seconds)
+        count, observe = children
+        count()
+        observe(seconds)
 
     def count_malformed(self, method: str) -> None:
         """Count one request that did not parse (also in the requests counter, as INVALID_ARGUMENT)."""

@@ -22,7 +22,7 @@ from latentsearch.errors import (
 )
 from latentsearch.server.admission import AdmissionControl
 from latentsearch.server.batcher import MicroBatcher
-from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey
+from latentsearch.server.engine_service import EngineService, NearestQuery, QueryKey, is_plain
 from latentsearch.server.metrics import ServerMetrics
 from latentsearch.server.scheduler import batch_chunks
 from latentsearch.v1 import latentsearch_pb2 as pb
@@ -53,6 +53,9 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         chunk_queries: most queries of a NearestBatch searched in one task on the search threads
             (:func:`~latentsearch.server.scheduler.batch_chunks`); chunks run one after another as
             bulk work, so small calls are answered between them.
+        inline_cost_s: a plain Nearest (:func:`~latentsearch.server.engine_service.is_plain`)
+            whose snapshot measured its cost at most this many seconds (``Snapshot.nearest_cost_s``)
+            is answered on the event loop itself: no batching wait, no thread hop (0: never).
     """
 
     def __init__(
@@ -64,9 +67,11 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         metrics: ServerMetrics | None = None,
         admission: AdmissionControl | None = None,
         chunk_queries: int = 64,
+        inline_cost_s: float = 0.0,
     ) -> None:
         self.service = service
         self.chunk_queries = chunk_queries
+        self.inline_cost_s = inline_cost_s
         self.executor = executor
         self.admission = admission or AdmissionControl(executor=executor, limit=1024)
         self.batcher = batcher
@@ -105,6 +110,10 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
     # -- internals ----------------------------------------------------------------------------
     async def _nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
         query = self.service.parse_nearest(request)  # captures the snapshot that answers
+        snap = query.snapshot
+        if snap.nearest_cost_s <= self.inline_cost_s and is_plain(query.key, snap.engine):
+            # cheaper than the hop to a search thread and back
+            return self.service.search_group(snap, query.key, [query.z])[0]
         if self.batcher is None:
             replies = await self._blocking(
                 context, self.service.search_group, query.snapshot, query.key, [query.z]

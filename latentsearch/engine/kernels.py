@@ -1,0 +1,632 @@
+"""Compiled exact branch and bound over the approximate index's partitions (numba).
+
+One fused loop per query, no Python, numpy temporaries or FAISS heap in it:
+
+1. an upper bound of the per-dimension (mu, sigma) box bound of every partition
+   (``approx._dimension_bound``: with D the distance from z_j to [lo_j, hi_j],
+   ``max_sigma in [slo, shi] -D^2/(2 sigma^2) - log sigma`` in closed form), without logarithms so
+   the loop vectorises (:func:`_loose_bounds`), plus the rounding margin the Python path adds; the
+   exact box bound (:func:`_tight_bound`) for each partition about to be scanned;
+2. optionally (approximate search) the ``first`` partitions of best centroid posterior, then
+   partitions best bound first (a binary max-heap over the bounds: only the few visited are ever
+   ordered), their items scored exactly in float64 (dimension-major blocks, the loop over items
+   vectorises) into a top-k min-heap;
+3. stop when the next partition's bound is below the k-th score (exact), or after ``max_visits``
+   partitions (approximate).
+
+Measured (bench/bench_engine.py, 200k Fashion-MNIST VAE posteriors, d = 10, one core, CPU time on a
+loaded machine): about 0.3 ms of bounds for 5,367 partitions plus about 1.2 us per partition
+scanned (~37 items); exact search scans 6-17% of the partitions.
+
+Items of a partition are contiguous in a float64 copy of ``mu`` and ``1/sigma`` (:class:`KernelIndex`,
+made once from the bank), the outliers the partitions leave out (small scale groups) in one more
+"partition" that is always scanned. The kernel's score ``-1/2 sum(((z - mu) / sigma)^2) - sum(log
+sigma) - d/2 log 2 pi`` is the formula of :class:`~latentsearch.posterior.DiagonalGaussian`, but
+summed in its own order: it may differ from the engine's float64 score (the definition) by a few
+ulps. So the kernel also returns ``outside``, a rigorous upper bound on the engine score of every
+item it did not return (a pruned partition's bound; a scored item's kernel score plus
+``SCORE_SLACK`` times its magnitude), and :meth:`KernelIndex.search` rescores the k returned items
+with the engine's scorer: where the k-th engine score is above ``outside``, the top-k is the float64
+brute force's, ties by row included; elsewhere (near ties with an item left out, rare) the caller
+falls back to another exact path.
+
+Threads: the kernel releases the GIL (``nogil``); a batch is split into ``threads`` contiguous
+slices run on a small module thread pool. numba's own ``prange`` was not used: its default
+"workqueue" threading layer aborts when two Python threads (a server's search threads) enter a
+parallel region at once, and a thread pool respects the engine's thread count exactly.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+from latentsearch.engine.exact import Rescore, Selection, _topk
+from latentsearch.posterior import LOG_2PI
+
+__all__ = ["SCORE_SLACK", "KernelIndex", "KernelResult", "kernel_log_prob", "warm"]
+
+log = logging.getLogger(__name__)
+
+# Relative bound on |kernel score - engine score| per item, against 0.5 sum(u^2) + |log normaliser|:
+# both sum at most 2d + 2 rounded float64 terms (d <= 128 here: < 3e-14 relative); 30x that margin.
+SCORE_SLACK = 1e-12
+# Relative margin added to a partition's bound for float64 rounding (what approx.py adds).
+_BOUND_SLACK = 1e-9
+# An exact search scans this many partitions by their centroid posterior's score before the order of
+# the bounds. At 200k items 8 or 32 changed no query's number of scanned partitions (the bound's
+# order finds a good k-th score as fast), so none.
+EXACT_FIRST = 0
+_LOG_2PI = LOG_2PI
+
+
+def _jit(fn: Callable[..., Any]) -> Any:
+    """``njit(cache=True, nogil=True)``; without an on-disk cache where numba finds nowhere to write
+    one (numba raises then, at decoration): the kernel is then compiled once per process."""
+    try:
+        return njit(cache=True, nogil=True, fastmath=False)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(cache=False, nogil=True, fastmath=False)(fn)
+
+
+# -- the compiled part ---------------------------------------------------------------------------
+# Rows of the (8, d, P) per-partition box array (dimension-major: loops over partitions vectorise).
+_LO, _HI, _INV_SLO2, _INV_SHI2, _SLO2, _SHI2, _LOG_SLO, _LOG_SHI = range(8)
+
+
+@_jit
+def _loose_bounds(z: np.ndarray, box: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+    """``out (P,)``: an upper bound of the box bound of each partition for the point ``z (d,)``,
+    without logarithms (so the loop over partitions vectorises): where D (the distance from z_j to
+    [lo, hi]) lies strictly inside [slo, shi], ``-1/2 - log D`` is replaced by ``-1/2 - log slo``.
+    -inf where ``counts`` is 0, +inf for the last partition (the outliers), rounding margin added.
+    The cases are told apart by ``(D / slo)^2 <= 1`` and ``(D / shi)^2 >= 1``, products computed
+    anyway (two arrays fewer to read); where rounding misplaces a D within an ulp of slo or shi,
+    either formula is the maximum to second order in that ulp, far inside the margin."""
+    d, n_parts = box.shape[1], box.shape[2]
+    for p in range(n_parts):
+        out[p] = 0.0
+    for j in range(d):
+        zj = z[j]
+        lo, hi = box[_LO, j], box[_HI, j]
+        inv_slo2, inv_shi2 = box[_INV_SLO2, j], box[_INV_SHI2, j]
+        log_slo, log_shi = box[_LOG_SLO, j], box[_LOG_SHI, j]
+        for p in range(n_parts):
+            dist = max(max(lo[p] - zj, zj - hi[p]), 0.0)
+            d2 = dist * dist
+            x_lo, x_hi = d2 * inv_slo2[p], d2 * inv_shi2[p]  # (D / slo)^2, (D / shi)^2
+            at_lo = -0.5 * x_lo - log_slo[p]
+            at_hi = -0.5 * x_hi - log_shi[p]
+            inside = -0.5 - log_slo[p]
+            out[p] += at_lo if x_lo <= 1.0 else (at_hi if x_hi >= 1.0 else inside)
+    const = -0.5 * d * _LOG_2PI
+    for p in range(n_parts):
+        b = out[p] + const
+        b += _BOUND_SLACK * (1.0 + abs(b))
+        b = b if b == b else np.inf  # NaN (degenerate box): never prune it
+        out[p] = -np.inf if counts[p] == 0 else b
+    out[n_parts - 1] = np.inf if counts[n_parts - 1] > 0 else -np.inf
+
+
+@_jit
+def _tight_bound(z: np.ndarray, box_p: np.ndarray) -> float:
+    """The per-dimension (mu, sigma) box bound of one partition (``approx._dimension_bound``), its
+    box ``box_p (8, d)``, with the rounding margin: at D inside [slo, shi] the maximum is at
+    sigma = D."""
+    d = box_p.shape[1]
+    acc = 0.0
+    for j in range(d):
+        dist = max(max(box_p[_LO, j] - z[j], z[j] - box_p[_HI, j]), 0.0)
+        d2 = dist * dist
+        if d2 <= box_p[_SLO2, j]:
+            acc += -0.5 * d2 * box_p[_INV_SLO2, j] - box_p[_LOG_SLO, j]
+        elif d2 >= box_p[_SHI2, j]:
+            acc += -0.5 * d2 * box_p[_INV_SHI2, j] - box_p[_LOG_SHI, j]
+        else:
+            acc += -0.5 - 0.5 * math.log(d2)
+    b = acc - 0.5 * d * _LOG_2PI
+    b += _BOUND_SLACK * (1.0 + abs(b))
+    return b if b == b else np.inf
+
+
+@njit(inline="always")
+def _sift_down(heap: np.ndarray, key: np.ndarray, i: int, n: int) -> None:
+    """Max-heap on ``key[heap[.]]``: move ``heap[i]`` down within ``heap[:n]``."""
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            return
+        best = left
+        right = left + 1
+        if right < n and key[heap[right]] > key[heap[left]]:
+            best = right
+        if key[heap[best]] <= key[heap[i]]:
+            return
+        heap[i], heap[best] = heap[best], heap[i]
+        i = best
+
+
+@njit(inline="always")
+def _worse(s1: float, r1: int, s2: float, r2: int) -> bool:
+    """Whether (score s1, row r1) ranks below (s2, r2): lower score, or equal score and larger row."""
+    return s1 < s2 or (s1 == s2 and r1 > r2)
+
+
+@njit(inline="always")
+def _top_sift_down(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, i: int, n: int) -> None:
+    """Min-heap of the top-k (worst at the root) on (score, row): move entry ``i`` down."""
+    while True:
+        left = 2 * i + 1
+        if left >= n:
+            return
+        w = left
+        right = left + 1
+        if right < n and _worse(ts[right], tr[right], ts[left], tr[left]):
+            w = right
+        if not _worse(ts[w], tr[w], ts[i], tr[i]):
+            return
+        ts[i], ts[w] = ts[w], ts[i]
+        tp[i], tp[w] = tp[w], tp[i]
+        tr[i], tr[w] = tr[w], tr[i]
+        i = w
+
+
+@njit(inline="always")
+def _top_push(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, n: int, s: float, i: int, r: int) -> None:
+    """Add (score s, position i, row r) as entry ``n`` of the top-k min-heap and sift it up."""
+    c = n
+    ts[c], tp[c], tr[c] = s, i, r
+    while c > 0:
+        parent = (c - 1) // 2
+        if not _worse(ts[c], tr[c], ts[parent], tr[parent]):
+            break
+        ts[c], ts[parent] = ts[parent], ts[c]
+        tp[c], tp[parent] = tp[parent], tp[c]
+        tr[c], tr[parent] = tr[parent], tr[c]
+        c = parent
+
+
+@_jit
+def _quad(z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, a: int, b: int, quad: np.ndarray) -> None:
+    """``quad[: b - a]``: ``sum_j ((z_j - mu_j) / sigma_j)^2`` of the positions ``a..b-1`` of one
+    partition, whose block of ``mu_b`` / ``inv_b`` is ``(d, b - a)`` from ``d * a`` (dimension outer,
+    positions inner: the inner loop vectorises)."""
+    n = b - a
+    for i in range(n):
+        quad[i] = 0.0
+    base = z.shape[0] * a
+    for j in range(z.shape[0]):
+        zj = z[j]
+        off = base + j * n
+        for i in range(n):
+            u = (zj - mu_b[off + i]) * inv_b[off + i]
+            quad[i] += u * u
+
+
+@_jit
+def _search(
+    points: np.ndarray,
+    start: int,
+    stop: int,
+    offsets: np.ndarray,
+    mu_b: np.ndarray,
+    inv_b: np.ndarray,
+    log_norm: np.ndarray,
+    rows: np.ndarray,
+    allowed: np.ndarray,
+    box: np.ndarray,
+    box_p: np.ndarray,
+    centre_t: np.ndarray,
+    counts: np.ndarray,
+    k: int,
+    first: int,
+    max_visits: int,
+    out_pos: np.ndarray,
+    out_score: np.ndarray,
+    out_outside: np.ndarray,
+    out_visits: np.ndarray,
+) -> None:
+    """Top-k of queries ``start..stop-1`` of ``points (B, d)``; see the module docstring.
+
+    Args:
+        offsets: ``(P + 1,)`` int64, partition p's items are positions ``offsets[p]:offsets[p+1]``.
+        mu_b, inv_b: ``(M d,)`` float64 mu and 1/sigma, partition p's block ``(d, n_p)`` from
+            ``d * offsets[p]``; log_norm ``(M,)`` ``sum(log sigma) + d/2 log 2 pi``.
+        rows: ``(M,)`` int64 bank row per position (tie order).
+        allowed: ``(M,)`` uint8 (0: filtered out) or ``(0,)`` for no filter.
+        box: ``(8, d, P)`` float64 per-partition box (rows ``_LO`` .. ``_LOG_SHI``); box_p the same
+            as ``(P, 8, d)``.
+        centre_t: ``(2d + 1, P)`` float64 lifted centroid posterior of each partition.
+        counts: ``(P,)`` int64 (selected) items per partition.
+        first: partitions scanned first in order of their centroid posterior's score (those
+            whose bound is below the k-th score skipped), before the order of the bounds.
+        max_visits: partitions scanned at most (-1: until the bound stops the search), more while
+            fewer than k (selected) items were found.
+        out_pos, out_score: ``(B, k)`` positions (-1 padding) and kernel scores, best first.
+        out_outside: ``(B,)`` upper bound on the score of every item not returned.
+        out_visits: ``(B,)`` partitions scanned.
+    """
+    n_parts = box.shape[2]
+    bound = np.empty(n_parts)
+    guess = np.empty(n_parts)
+    seen = np.empty(n_parts, dtype=np.bool_)
+    heap = np.empty(n_parts, dtype=np.int64)
+    largest = 0
+    for p in range(n_parts):
+        largest = max(largest, offsets[p + 1] - offsets[p])
+    quad = np.empty(largest)
+    ts = np.empty(k)
+    tp = np.empty(k, dtype=np.int64)
+    tr = np.empty(k, dtype=np.int64)
+    filtered = allowed.size > 0
+    for b in range(start, stop):
+        z = points[b]
+        _loose_bounds(z, box, counts, bound)
+        n_top = 0
+        outside = -np.inf  # upper bound of every item not (or no longer) in the top-k, so far
+        visits = 0
+        seen[:] = False
+        if first > 0:  # the best centroid posteriors first: an approximate search's order
+            _centroid_scores(z, centre_t, bound, guess)
+            n_heap = _heap_of(heap, guess, seen)
+            while n_heap > 0 and visits < first:
+                p = heap[0]
+                n_heap -= 1
+                heap[0] = heap[n_heap]
+                _sift_down(heap, guess, 0, n_heap)
+                seen[p] = True
+                if n_top == k and bound[p] < ts[0]:
+                    outside = max(outside, bound[p])
+                    continue
+                visits += 1
+                n_top, outside = _scan_partition(
+                    z, p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts, tp, tr, n_top, k,
+                    outside,
+                )  # fmt: skip
+        n_heap = _heap_of(heap, bound, seen)  # then best bound first, until the bound proves the top-k
+        while n_heap > 0:
+            p = heap[0]
+            if n_top == k and bound[p] < ts[0]:
+                break
+            if visits >= max_visits >= 0 and n_top == k:  # the budget is spent (and k items found)
+                break
+            n_heap -= 1
+            heap[0] = heap[n_heap]
+            _sift_down(heap, bound, 0, n_heap)
+            if n_top == k and p != n_parts - 1:  # the loose bound did not prune: try the tight one
+                tight = _tight_bound(z, box_p[p])
+                if tight < ts[0]:
+                    outside = max(outside, tight)
+                    continue
+            visits += 1
+            n_top, outside = _scan_partition(
+                z, p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts, tp, tr, n_top, k,
+                outside,
+            )  # fmt: skip
+        if n_heap > 0:
+            outside = max(outside, bound[heap[0]])
+        out_outside[b] = outside
+        out_visits[b] = visits
+        for c in range(k):  # heap sort the top-k out, best first
+            out_pos[b, c] = -1
+            out_score[b, c] = -np.inf
+        n = n_top
+        while n > 0:
+            out_pos[b, n - 1] = tp[0]
+            out_score[b, n - 1] = ts[0]
+            n -= 1
+            ts[0], tp[0], tr[0] = ts[n], tp[n], tr[n]
+            _top_sift_down(ts, tp, tr, 0, n)
+
+
+@njit(inline="always")
+def _heap_of(heap: np.ndarray, key: np.ndarray, seen: np.ndarray) -> int:
+    """Max-heap in ``heap`` of the partitions not ``seen`` whose ``key`` is above -inf; its size."""
+    n = 0
+    for p in range(key.shape[0]):
+        if key[p] > -np.inf and not seen[p]:
+            heap[n] = p
+            n += 1
+    for i in range(n // 2 - 1, -1, -1):
+        _sift_down(heap, key, i, n)
+    return n
+
+
+@_jit
+def _centroid_scores(z: np.ndarray, centre_t: np.ndarray, bound: np.ndarray, out: np.ndarray) -> None:
+    """``out (P,)``: log q(z | centroid posterior) of each partition (``centre_t (2d + 1, P)``, lifted,
+    dimension-major), -inf where ``bound`` is (nothing selected), +inf for the outliers (last)."""
+    d, n_parts = z.shape[0], bound.shape[0]
+    for p in range(n_parts):
+        out[p] = centre_t[2 * d, p]
+    for j in range(d):
+        z2, zj = z[j] * z[j], z[j]
+        a, c = centre_t[j], centre_t[d + j]
+        for p in range(n_parts):
+            out[p] += a[p] * z2 + c[p] * zj
+    for p in range(n_parts):
+        if bound[p] == -np.inf:
+            out[p] = -np.inf
+    out[n_parts - 1] = np.inf if bound[n_parts - 1] > -np.inf else -np.inf
+
+
+@njit(inline="always")
+def _scan_partition(
+    z: np.ndarray,
+    p: int,
+    offsets: np.ndarray,
+    mu_b: np.ndarray,
+    inv_b: np.ndarray,
+    log_norm: np.ndarray,
+    rows: np.ndarray,
+    allowed: np.ndarray,
+    filtered: bool,
+    quad: np.ndarray,
+    ts: np.ndarray,
+    tp: np.ndarray,
+    tr: np.ndarray,
+    n_top: int,
+    k: int,
+    outside: float,
+) -> tuple[int, float]:
+    """Score partition ``p``'s (selected) items into the top-k heap; the new heap size and bound on
+    the items left out."""
+    lo_i, hi_i = offsets[p], offsets[p + 1]
+    _quad(z, mu_b, inv_b, lo_i, hi_i, quad)
+    for c in range(hi_i - lo_i):
+        i = lo_i + c
+        if filtered and allowed[i] == 0:
+            continue
+        s = -0.5 * quad[c] - log_norm[i]
+        r = rows[i]
+        if n_top < k:
+            _top_push(ts, tp, tr, n_top, s, i, r)
+            n_top += 1
+        elif _worse(ts[0], tr[0], s, r):  # better than the k-th: evict it
+            e = tp[0]
+            outside = max(outside, ts[0] + SCORE_SLACK * (abs(ts[0]) + 2.0 * abs(log_norm[e])))
+            ts[0], tp[0], tr[0] = s, i, r
+            _top_sift_down(ts, tp, tr, 0, k)
+        else:
+            outside = max(outside, s + SCORE_SLACK * (0.5 * quad[c] + abs(log_norm[i])))
+    return n_top, outside
+
+
+@_jit
+def _log_prob(
+    z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, offsets: np.ndarray, log_norm: np.ndarray
+) -> np.ndarray:
+    """``(M,)`` kernel score of every position for one point ``z (d,)`` (the loop of :func:`_search`)."""
+    out = np.empty(log_norm.shape[0])
+    for p in range(offsets.shape[0] - 1):
+        a, b = offsets[p], offsets[p + 1]
+        _quad(z, mu_b, inv_b, a, b, out[a:b])
+    return -0.5 * out - log_norm
+
+
+_warm_lock = threading.Lock()
+_warmed = False
+
+
+def warm() -> float:
+    """Compile (or load from numba's cache) the kernel on a tiny input, once per process.
+
+    Returns the seconds it took (0 once warm); logged at DEBUG.
+    """
+    global _warmed
+    with _warm_lock:
+        if _warmed:
+            return 0.0
+        t = time.perf_counter()
+        mu = np.array([[0.0, 0.0], [1.0, 0.5], [-1.0, 2.0], [3.0, -1.0]])
+        ls = np.zeros((4, 2))
+        box = np.array([[[0.0, 0.0], [-1.0, 2.0]], [[1.0, 0.5], [-1.0, 2.0]]])  # lo, hi per partition
+        ones = np.ones((2, 2))
+        index = KernelIndex(mu, ls, np.array([0, 0, 1, -1], dtype=np.int32), 2, box[0], box[1], ones, ones)
+        index.search(mu[:1], 2, max_visits=-1)
+        kernel_log_prob(index, mu[0])
+        _warmed = True
+        took = time.perf_counter() - t
+    log.debug("search kernel compiled or loaded in %.2f s", took)
+    return took
+
+
+def kernel_log_prob(index: KernelIndex, z: np.ndarray) -> np.ndarray:
+    """The kernel's own score of every position of ``index`` for one point ``z (d,)``, ``(M,)``
+    (position order: bank rows ``index.rows``), for tests."""
+    z = np.ascontiguousarray(z, dtype=np.float64)
+    return np.asarray(_log_prob(z, index.mu_b, index.inv_b, index.offsets, index.log_norm))
+
+
+# -- the Python side -------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class KernelResult:
+    """One batch's top-k from the kernel.
+
+    Attributes:
+        rows, scores: ``(B, k)`` int64 bank rows and float64 engine scores, best first, ties by row
+            (-1 / -inf padding).
+        certified: ``(B,)`` bool, the top-k is provably the float64 brute force's.
+        visits: ``(B,)`` int64 partitions scanned.
+    """
+
+    rows: np.ndarray
+    scores: np.ndarray
+    certified: np.ndarray
+    visits: np.ndarray
+
+
+_POOL_LOCK = threading.Lock()
+_POOL: ThreadPoolExecutor | None = None
+_POOL_SIZE = 0
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    global _POOL, _POOL_SIZE
+    with _POOL_LOCK:
+        if _POOL is None or threads > _POOL_SIZE:
+            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="latentsearch-kernel")
+            _POOL_SIZE = threads
+        return _POOL
+
+
+def _blocks(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """``(M, d)`` per-position values as ``(M d,)``: each partition's ``(d, n_p)`` block, in turn."""
+    out = np.empty(values.size)
+    d = values.shape[1]
+    for a, b in itertools.pairwise(offsets.tolist()):
+        out[d * a : d * b] = values[a:b].T.ravel()
+    return out
+
+
+class KernelIndex:
+    """The bank reordered by partition for :func:`_search`; see the module docstring.
+
+    Args:
+        mu, log_sigma: ``(N, d)`` float64 bank posteriors.
+        list_of_row: ``(N,)`` partition of every row, -1 for rows outside the partitions (scanned
+            always, as one more partition).
+        nlist: number of partitions L.
+        lo, hi, slo, shi: ``(L, d)`` float64 per-partition box of mu and of sigma.
+        centroids: ``(L, 2d + 1)`` lifted centroid posterior of each partition (the order of an
+            approximate search); None: zeros.
+
+    Attributes:
+        rows: ``(M,)`` int64 bank row of every position; offsets ``(L + 2,)``.
+        mu_b, inv_b: ``(M d,)`` float64 mu and 1/sigma, partition p's ``(d, n_p)`` block from
+            ``d * offsets[p]``; log_norm ``(M,)``.
+        box: ``(8, d, L + 1)`` float64 per-partition mu and sigma boxes, in the forms the bounds use.
+    """
+
+    def __init__(
+        self,
+        mu: np.ndarray,
+        log_sigma: np.ndarray,
+        list_of_row: np.ndarray,
+        nlist: int,
+        lo: np.ndarray,
+        hi: np.ndarray,
+        slo: np.ndarray,
+        shi: np.ndarray,
+        centroids: np.ndarray | None = None,
+    ) -> None:
+        d = mu.shape[1]
+        key = np.where(list_of_row < 0, nlist, list_of_row).astype(np.int64)
+        order = np.argsort(key, kind="stable").astype(np.int64)
+        self.rows = order
+        sizes = np.bincount(key, minlength=nlist + 1)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self.mu_b = _blocks(np.asarray(mu, dtype=np.float64)[order], self.offsets)
+        ls = np.asarray(log_sigma, dtype=np.float64)[order]
+        self.inv_b = _blocks(np.exp(-ls), self.offsets)
+        self.log_norm = ls.sum(-1) + 0.5 * d * LOG_2PI
+        # the outliers' "partition" (last) is always scanned: its box is a placeholder
+        one = np.ones((1, d))
+        lo_a, hi_a = np.concatenate([lo, -one]), np.concatenate([hi, one])
+        # partitions hold no float64-only item (sigma this small lifts past float32): clipping keeps
+        # 1 / slo^2 finite
+        slo_a, shi_a = np.concatenate([np.maximum(slo, 1e-150), one]), np.concatenate([shi, one])
+        parts = [lo_a, hi_a, 1.0 / (slo_a * slo_a), 1.0 / (shi_a * shi_a), slo_a * slo_a, shi_a * shi_a]
+        parts += [np.log(slo_a), np.log(shi_a)]
+        self.box = np.ascontiguousarray(np.stack([a.T for a in parts]), dtype=np.float64)  # (8, d, P)
+        self.box_p = np.ascontiguousarray(self.box.transpose(2, 0, 1))  # (P, 8, d)
+        centre = np.zeros((nlist + 1, 2 * d + 1))
+        if centroids is not None:
+            centre[:nlist] = centroids
+        self.centre_t = np.ascontiguousarray(centre.T)  # (2d + 1, P)
+        self.sizes = sizes.astype(np.int64)
+        self.d = d
+        self._filters: weakref.WeakKeyDictionary[Selection, tuple[np.ndarray, np.ndarray]] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.mu_b.nbytes + self.inv_b.nbytes + self.log_norm.nbytes + self.rows.nbytes)
+
+    def _filter(self, selection: Selection | None) -> tuple[np.ndarray, np.ndarray]:
+        """``allowed (M,)`` uint8 (``(0,)`` without a filter) and ``counts (L + 1,)`` int64."""
+        if selection is None:
+            return np.zeros(0, dtype=np.uint8), self.sizes
+        with self._lock:
+            found = self._filters.get(selection)
+        if found is None:
+            allowed = np.ascontiguousarray(selection.mask[self.rows], dtype=np.uint8)
+            cum = np.concatenate([[0], np.cumsum(allowed, dtype=np.int64)])
+            counts = cum[self.offsets[1:]] - cum[self.offsets[:-1]]
+            found = (allowed, counts)
+            with self._lock:
+                found = self._filters.setdefault(selection, found)
+        return found
+
+    def search(
+        self,
+        points: np.ndarray,
+        k: int,
+        *,
+        max_visits: int = -1,
+        first: int | None = None,
+        selection: Selection | None = None,
+        rescore: Rescore | None = None,
+        threads: int = 1,
+    ) -> KernelResult:
+        """Top-k of ``points (B, d)`` float64 (see the module docstring).
+
+        Args:
+            k: results per query (>= 1; past the selected items, padding).
+            max_visits: partitions scanned at most per query (-1: until the bound proves the top-k).
+            first: partitions scanned first in order of their centroid posterior's score, then by
+                bound (default: ``max_visits`` when bounded, the approximate order, else
+                ``EXACT_FIRST``).
+            selection: label filter (rows that may be returned).
+            rescore: the engine's float64 scorer for the returned rows (None: the kernel's scores,
+                certified against themselves: for callers without the engine's formula).
+            threads: queries are split into this many slices run in parallel.
+        """
+        points = np.ascontiguousarray(points, dtype=np.float64)
+        nq = points.shape[0]
+        if first is None:
+            first = max_visits if max_visits >= 0 else EXACT_FIRST
+        allowed, counts = self._filter(selection)
+        pos = np.empty((nq, k), dtype=np.int64)
+        kscore = np.empty((nq, k))
+        outside = np.empty(nq)
+        visits = np.empty(nq, dtype=np.int64)
+
+        def run(a: int, b: int) -> None:
+            _search(
+                points, a, b, self.offsets, self.mu_b, self.inv_b, self.log_norm, self.rows, allowed,
+                self.box, self.box_p, self.centre_t, counts, k, first, max_visits, pos, kscore, outside,
+                visits,
+            )  # fmt: skip
+
+        threads = max(1, min(threads, nq))
+        if threads == 1:
+            run(0, nq)
+        else:
+            cuts = np.linspace(0, nq, threads + 1).astype(int).tolist()
+            futures = [_pool(threads).submit(run, a, b) for a, b in itertools.pairwise(cuts)]
+            for f in futures:
+                f.result()
+        rows = np.where(pos >= 0, self.rows[np.maximum(pos, 0)], -1)
+        if rescore is None:
+            scores = kscore
+        else:
+            scores = rescore(np.arange(nq), np.maximum(rows, 0))
+            scores[rows < 0] = -np.inf
+            rows, scores = _topk(rows, scores, k)
+        kth = scores[:, k - 1]
+        certified = (kth > outside) | np.isneginf(outside)
+        return KernelResult(rows=rows, scores=scores, certified=certified, visits=visits)

@@ -1,0 +1,170 @@
+"""The compiled branch and bound (latentsearch/engine/kernels.py), forced onto explicitly.
+
+References are the independent float64 numpy brute forces of tests/reference.py (ties broken by
+ascending row) and a hand-computed case.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from reference import SIGMA_REGIMES, log_q, make_bank, top_k
+
+from latentsearch.data.banks import query_families, vae_like_posteriors
+from latentsearch.engine import EngineConfig, SearchEngine
+from latentsearch.engine.kernels import KernelIndex, kernel_log_prob, warm
+from latentsearch.engine.strategy import StrategyCosts
+from latentsearch.posterior import DiagonalGaussian
+
+KERNEL = EngineConfig(
+    exact_strategy="kernel", approx_strategy="kernel", approx_certify=True, typicality_samples=0
+)
+
+
+def _engine(
+    mu: np.ndarray, log_sigma: np.ndarray, labels: np.ndarray | None = None, *, nlist: int
+) -> SearchEngine:
+    config = dataclasses.replace(KERNEL, approx_nlist=nlist)
+    return SearchEngine.build(mu, log_sigma=log_sigma, labels=labels, config=config, build_approx=True)
+
+
+def _check_exact(engine: SearchEngine, mu: np.ndarray, log_sigma: np.ndarray, z: np.ndarray, k: int,
+                 allowed: np.ndarray | None = None, labels: list[int] | None = None) -> None:  # fmt: skip
+    want = top_k(log_q(z, mu, log_sigma), k, allowed)
+    batch = engine.search_batch_arrays(z, k, mode="exact", labels=labels)
+    singles = [engine.search(z[b], k, mode="exact", labels=labels) for b in range(z.shape[0])]
+    for b in range(z.shape[0]):
+        rows = batch.rows[b][batch.rows[b] >= 0]
+        np.testing.assert_array_equal(rows, want[b], err_msg=f"batched query {b}")
+        np.testing.assert_array_equal(singles[b].rows, want[b], err_msg=f"single query {b}")
+        assert batch.certified[b] and singles[b].certified
+        ref = log_q(z[b : b + 1], mu[rows], log_sigma[rows])[0]
+        np.testing.assert_allclose(batch.scores[b][: rows.size], ref, rtol=1e-12, atol=1e-9)
+
+
+@pytest.fixture(scope="module")
+def vae_bank() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    b = vae_like_posteriors(20_000, 10, seed=3)
+    log_sigma = b.log_sigma.copy()
+    log_sigma[:4] = np.log(2e-4)  # tiny-sigma outliers: a scale group outside the partitions
+    assert b.labels is not None
+    return b.mu, log_sigma, b.labels
+
+
+@pytest.fixture(scope="module")
+def vae_engine(vae_bank) -> SearchEngine:
+    mu, log_sigma, labels = vae_bank
+    return _engine(mu, log_sigma, labels, nlist=300)
+
+
+def test_kernel_score_is_the_posterior_log_prob() -> None:
+    rng = np.random.default_rng(0)
+    for regime in SIGMA_REGIMES:
+        mu, log_sigma = make_bank(500, 7, regime, rng)
+        index = KernelIndex(mu, log_sigma, np.full(500, -1, np.int32), 0, *(np.zeros((0, 7)),) * 4)
+        z = rng.uniform(-5, 5, size=7)
+        got = kernel_log_prob(index, z)  # position order: rows index.rows
+        want = DiagonalGaussian(mu[index.rows], log_sigma=log_sigma[index.rows]).log_prob(z)
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=0, err_msg=regime)
+
+
+def test_hand_computed_case() -> None:
+    # d = 1: items N(0, 1), N(2, 0.5^2), N(-1, 2^2), N(2, 0.5^2) (a duplicate: the tie goes to row 1).
+    mu = np.array([[0.0], [2.0], [-1.0], [2.0]])
+    log_sigma = np.log(np.array([[1.0], [0.5], [2.0], [0.5]]))
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=KERNEL, build_approx=True)
+    res = engine.search(np.array([1.5]), 4, mode="exact")
+    # log q(1.5) = -(1.5 - mu)^2 / (2 sigma^2) - log sigma - log(2 pi) / 2
+    c = 0.5 * math.log(2 * math.pi)
+    want = {
+        0: -1.125 - c,
+        1: -0.5 + math.log(2.0) - c,
+        2: -(2.5**2) / 8 - math.log(2.0) - c,
+    }
+    assert res.rows.tolist() == [1, 3, 0, 2]
+    np.testing.assert_allclose(res.scores, [want[1], want[1], want[0], want[2]], rtol=1e-14)
+
+
+@pytest.mark.parametrize("k", [1, 10, 57])
+def test_exact_kernel_equals_brute_force(vae_bank, vae_engine: SearchEngine, k: int) -> None:
+    mu, log_sigma, _ = vae_bank
+    fam = query_families((mu, log_sigma), 12, seed=5)
+    fam["outlier"] = mu[:4] + 1e-5  # the top-1 is a tiny-sigma item outside the partitions
+    for z in fam.values():
+        _check_exact(vae_engine, mu, log_sigma, z, k)
+
+
+def test_exact_kernel_with_label_filters(vae_bank, vae_engine: SearchEngine) -> None:
+    mu, log_sigma, labels = vae_bank
+    z = query_families((mu, log_sigma), 8, seed=6)["prior"]
+    for wanted in ([0], [3, 7], [int(labels[0])]):
+        allowed = np.isin(labels, wanted)
+        _check_exact(vae_engine, mu, log_sigma, z, 10, allowed, wanted)
+
+
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
+@pytest.mark.parametrize("d", [1, 10, 32])
+def test_exact_kernel_on_random_banks(regime: str, d: int) -> None:
+    rng = np.random.default_rng(d * 31 + len(regime))
+    mu, log_sigma = make_bank(3000, d, regime, rng)
+    mu[100:110], log_sigma[100:110] = mu[5], log_sigma[5]  # exact ties across partitions
+    engine = _engine(mu, log_sigma, nlist=40)
+    z = np.concatenate([rng.uniform(-5, 5, size=(5, d)), mu[[5, 7, 2000]] + 1e-3])
+    _check_exact(engine, mu, log_sigma, z, 12)
+
+
+def test_k_beyond_the_bank_and_the_filter() -> None:
+    rng = np.random.default_rng(4)
+    mu, log_sigma = make_bank(300, 4, "moderate", rng)
+    labels = np.arange(300) % 3
+    engine = _engine(mu, log_sigma, labels, nlist=10)
+    z = rng.uniform(-4, 4, size=(3, 4))
+    _check_exact(engine, mu, log_sigma, z, 500)  # k > N: the whole bank, in order
+    _check_exact(engine, mu, log_sigma, z, 150, labels == 2, [2])  # k > the 100 selected items
+
+
+def test_approx_kernel_recall_and_certified_answers(vae_bank, vae_engine: SearchEngine) -> None:
+    mu, log_sigma, _ = vae_bank
+    for family, z in query_families((mu, log_sigma), 32, seed=8).items():
+        want = top_k(log_q(z, mu, log_sigma), 10)
+        got = vae_engine.search_batch_arrays(z, 10, mode="approx")
+        recall = np.mean([len(set(got.rows[b]) & set(want[b])) / 10 for b in range(len(z))])
+        assert recall >= 0.6, family  # 0.77-0.99 on this bank (prior lowest)
+        assert vae_engine.approx is not None
+        every = vae_engine.search_batch_arrays(z, 10, mode="approx", nprobe=vae_engine.approx.nlist)
+        np.testing.assert_array_equal(every.rows, want)  # every partition scanned: exact
+        assert every.certified.all()
+        for b in np.flatnonzero(got.certified):  # certified: the bound stopped the search
+            np.testing.assert_array_equal(got.rows[b], want[b])
+        one = vae_engine.search_batch_arrays(z, 10, mode="approx", nprobe=1)  # one partition each
+        assert not one.certified.all()
+
+
+def test_kernel_index_without_rescore_and_threads(vae_bank, vae_engine: SearchEngine) -> None:
+    mu, log_sigma, _ = vae_bank
+    z = query_families((mu, log_sigma), 20, seed=9)["posterior"]
+    index = vae_engine.kernel_index()
+    one = index.search(z, 10, threads=1)
+    two = index.search(z, 10, threads=2)
+    want = top_k(log_q(z, mu, log_sigma), 10)
+    np.testing.assert_array_equal(one.rows, want)
+    np.testing.assert_array_equal(two.rows, one.rows)
+    np.testing.assert_array_equal(two.scores, one.scores)
+    assert one.certified.all() and (one.visits < index.offsets.size - 1).all()  # pruned some
+
+
+def test_warm_is_once_per_process() -> None:
+    warm()
+    assert warm() == 0.0
+
+
+def test_cost_model_takes_the_kernel_when_measured_cheaper() -> None:
+    base = {"partitions": (1e-3, 20e-3), "flat": (4e-3, 8e-3)}
+    with_kernel = StrategyCosts(batch_sizes=(1, 64), seconds={**base, "kernel": (0.5e-3, 30e-3)})
+    assert with_kernel.choose(1) == "kernel"
+    assert with_kernel.choose(64) == "flat"
+    old = StrategyCosts.from_dict({"batch_sizes": [1, 64], "seconds": {k: list(v) for k, v in base.items()}})
+    assert old.choose(1) == "partitions"  # costs saved before the kernel: the two measured paths
