@@ -1,7 +1,7 @@
 """Model benchmark: train with ``latentsearch train``'s defaults; quality per run, encode throughput.
 
     python -m bench.bench_model [--data NAME|PATH] [--out bench/results] [--seeds 0,1] [--with-old-defaults]
-                                [--variant NAME:FIELD=VALUE,...]... [--time-limit S]
+                                [--variant NAME:FIELD=VALUE,...]... [--time-limit S] [--folds K] [--stem S]
 
 Each run trains on the Fashion-MNIST sample shipped with the package (``--data`` default) with the
 defaults of :class:`TrainConfig` (what ``latentsearch train`` uses without flags); its seed also
@@ -20,10 +20,21 @@ the held-out images:
 * the same agreement for the mu-L2 nearest neighbour of the same model (Euclidean distance between
   posterior means, no sigma) and for the raw-pixel nearest neighbour (Euclidean on pixels).
 
+``--folds K`` cross-validates instead: per seed, the items are dealt into K folds by a seeded
+permutation, each fold is held out once (its images are the queries and the validation split) and
+each configuration trains on the other K - 1 folds, so every image is a query once per seed. The
+summary pools the queries of all folds: per rule the mean top-1 / top-k agreement with its
+standard error over queries, and the paired differences log q - mu-L2 and log q - pixels (the
+same model and queries: per-query differences averaged over seeds, their mean and standard error,
+and the McNemar counts of top-1 wins and losses), plus each variant's log q against the default's
+on the same queries. Without ``--folds`` each seed holds out its seeded ``val_fraction`` split.
+
 ``--with-old-defaults`` adds, per seed, a run with the defaults before issue 18 (``OLD_DEFAULTS``)
-in the same process, so training time and quality compare under the same machine load. Encode
+in the same process (with ``--folds``: on the first fold only, as the training-time reference), so
+training time and quality compare under the same machine load. Encode
 throughput (median of several runs) vs a bare forward pass of the same network is measured on the
-first run's model. Writes ``<out>/model-<date>.json`` and ``.md`` (:func:`bench.results_io.write_results`).
+first run's model. Writes ``<out>/<stem>.json`` and ``.md`` (default stem ``model-<date>``;
+:func:`bench.results_io.write_results`), with the command line and the load averages.
 """
 
 from __future__ import annotations
@@ -32,11 +43,14 @@ import argparse
 import ast
 import dataclasses
 import datetime as dt
+import json
 import logging
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -97,14 +111,34 @@ def label_agreement(
 ) -> tuple[float, float]:
     """``(top-1, top-k)`` agreement of ``(B, k)`` neighbour rows: the share of queries whose nearest
     item has the query's label, and the share of all ``B * k`` neighbours that have it."""
+    hit1, share = per_query_agreement(rows, bank_labels, query_labels)
+    return float(hit1.mean()), float(share.mean())
+
+
+def per_query_agreement(
+    rows: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query ``(B,)``: 1.0 when the nearest of its ``(B, k)`` neighbour rows has its label (else 0.0),
+    and the share of its k neighbours that have it."""
     same = bank_labels[rows] == query_labels[:, None]  # (B, k)
-    return float(same[:, 0].mean()), float(same.mean())
+    return same[:, 0].astype(np.float64), same.mean(1)
+
+
+def mean_se(values: np.ndarray) -> tuple[float, float]:
+    """Mean of ``values`` ``(n,)`` and its standard error ``sd / sqrt(n)`` (sample sd; 0 for n < 2)."""
+    v = np.asarray(values, dtype=np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return float(v.mean()), se
 
 
 def quality(
     model: LoadedModel, data: Dataset, train_rows: np.ndarray, val_rows: np.ndarray
 ) -> dict[str, Any]:
-    """Per-dimension KL, active dimensions and label agreements of one model on its held-out rows."""
+    """Per-dimension KL, active dimensions and label agreements of one model on its held-out rows.
+
+    With labels, ``per_query`` holds each rule's per-query top-1 hits and top-k shares ``(n_val,)``
+    (numpy arrays, in ``val_rows`` order) for the pooled statistics; the caller removes it before
+    writing the row."""
     x = data.to_array()
     mu, logvar = (a.astype(np.float64) for a in encode_batch(model, x))  # (n, d) each
     mu_v, lv_v = mu[val_rows], logvar[val_rows]
@@ -123,12 +157,16 @@ def quality(
         mu[train_rows], logvar=logvar[train_rows], labels=y_tr, config=EngineConfig(mode="exact")
     )
     by_logq = engine.search_batch_arrays(mu_v, k=TOP_K, mode="exact").rows  # (B, k)
+    per_query: dict[str, np.ndarray] = {}
     for name, rows in (
         ("logq", by_logq),
         ("mu_l2", l2_neighbours(mu_v, mu[train_rows], TOP_K)),
         ("raw_pixels", l2_neighbours(x[val_rows], x[train_rows], TOP_K)),
     ):
-        out[f"top1_{name}"], out[f"top{TOP_K}_{name}"] = label_agreement(rows, y_tr, y_va)
+        hit1, share = per_query_agreement(rows, y_tr, y_va)
+        out[f"top1_{name}"], out[f"top{TOP_K}_{name}"] = float(hit1.mean()), float(share.mean())
+        per_query[f"top1_{name}"], per_query[f"top{TOP_K}_{name}"] = hit1, share
+    out["per_query"] = per_query
     return out
 
 
@@ -151,34 +189,53 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
 
 
 def train_run(
-    data: Dataset, cfg: TrainConfig, vae_changes: dict[str, Any] | None = None
+    data: Dataset,
+    cfg: TrainConfig,
+    vae_changes: dict[str, Any] | None = None,
+    split: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[TrainResult, LoadedModel, float]:
     """Train ``cfg`` on ``data`` into a temporary folder: the result, the loaded best model, seconds.
 
     ``vae_changes``: fields replaced in the model :func:`default_vae_config` fits to the data.
+    ``split``: ``(train_rows, val_rows)`` (default: the seeded split of ``cfg``).
     """
+    tr, va = split or split_indices(len(data), cfg.val_fraction, cfg.seed)
     vae_config = None
     if vae_changes:
-        tr, _ = split_indices(len(data), cfg.val_fraction, cfg.seed)
         vae_config = default_vae_config(data, train_rows=tr).replace(**vae_changes)
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        res = train(data, Path(tmp) / "model", config=cfg, vae_config=vae_config)
+        res = train(data, Path(tmp) / "model", config=cfg, vae_config=vae_config, val_rows=va)
         seconds = time.perf_counter() - t0
         return res, load_model(Path(tmp) / "model"), seconds
 
 
 def run_report(
-    name: str, data: Dataset, cfg: TrainConfig, vae_changes: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], LoadedModel]:
-    """Train and evaluate one configuration: its report row and the model."""
+    name: str,
+    data: Dataset,
+    cfg: TrainConfig,
+    vae_changes: dict[str, Any] | None = None,
+    fold: tuple[int, np.ndarray, np.ndarray] | None = None,
+) -> tuple[dict[str, Any], LoadedModel, dict[str, np.ndarray]]:
+    """Train and evaluate one configuration: its report row, the model, and the per-query outcomes
+    (:func:`quality`'s ``per_query``, with ``rows``: the held-out rows they belong to).
+
+    ``fold``: ``(index, train_rows, val_rows)`` of a cross-validation fold (default: the seeded split).
+    """
     load_before = os.getloadavg()[0]
-    res, model, seconds = train_run(data, cfg, vae_changes)
-    tr, va = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    if fold is None:
+        fold_index = None
+        tr, va = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    else:
+        fold_index, tr, va = fold
+    res, model, seconds = train_run(data, cfg, vae_changes, (tr, va))
     best = min(res.history, key=lambda h: h["val_neg_elbo"])
+    q = quality(model, data, tr, va)
+    per_query = {"rows": va, **q.pop("per_query", {})}
     row = {
         "config": name,
         "seed": cfg.seed,
+        "fold": fold_index,
         "train_seconds": round(seconds, 1),
         "load_average_1min_before": round(load_before, 2),
         "epochs_run": res.epochs_run,
@@ -189,13 +246,13 @@ def run_report(
         "val_kl": round(best["val_kl"], 2),
         "n_train": len(tr),
         "n_val": len(va),
-        **quality(model, data, tr, va),
+        **q,
         "model_hash": res.model_hash,
         "train_config": cfg.to_dict(),
         "vae_changes": {k: list(v) if isinstance(v, tuple) else v for k, v in (vae_changes or {}).items()},
     }
     log.info("%s seed %d: %s", name, cfg.seed, {k: v for k, v in row.items() if k != "train_config"})
-    return row, model
+    return row, model, per_query
 
 
 def _throughput(
@@ -247,30 +304,121 @@ def _mean(rows: Sequence[dict[str, Any]], key: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def summarize(rows: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per configuration: the mean over its seeds of each reported number."""
+def outcome_matrix(outcomes: Sequence[dict[str, Any]], key: str, seeds: Sequence[int], n: int) -> np.ndarray:
+    """``(len(seeds), n)`` per-query values of ``key`` by seed and item row, NaN where a seed's runs
+    held no query for that item. Each outcome is a :func:`run_report` ``per_query`` dict plus its ``seed``."""
+    m = np.full((len(seeds), n), np.nan)
+    for o in outcomes:
+        if key in o:
+            m[list(seeds).index(o["seed"]), o["rows"]] = o[key]
+    return m
+
+
+def seed_mean(m: np.ndarray) -> np.ndarray:
+    """Per item, the mean over seeds of ``m`` ``(S, n)``, for the items some seed covered ``(n',)``."""
+    cols = ~np.isnan(m).all(0)
+    if not cols.any():
+        return np.zeros(0)
+    return np.nanmean(m[:, cols], axis=0)
+
+
+def paired(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """Paired comparison of per-query outcomes ``a`` and ``b``, each ``(S, n)`` by seed and item (NaN:
+    no query), on the pairs both have: the mean over items of the seed-averaged difference ``a - b``
+    with its standard error over items, and the counts over all (seed, item) pairs of ``wins``
+    (a > b; for 0/1 top-1 hits: a right, b wrong, McNemar's b) and ``losses`` (a < b)."""
+    d = a - b  # NaN where either is missing
+    diff, se = mean_se(seed_mean(d)) if (~np.isnan(d)).any() else (float("nan"), float("nan"))
+    covered = ~np.isnan(d).all(0)
+    return {
+        "diff": round(diff, 5),
+        "se": round(se, 5),
+        "wins": int((d > 0).sum()),
+        "losses": int((d < 0).sum()),
+        "n_queries": int(covered.sum()),
+    }
+
+
+def _time_ratio(
+    mine: Sequence[dict[str, Any]], by_run: dict[tuple[Any, Any, Any], dict[str, Any]], ref: str
+) -> float | None:
+    """Mean over ``mine`` of train seconds / those of config ``ref``'s run on the same seed and fold."""
+    ratios = [r["train_seconds"] / d["train_seconds"] for r in mine
+              if (d := by_run.get((ref, r["seed"], r.get("fold")))) is not None]  # fmt: skip
+    return float(np.mean(ratios)) if ratios else None
+
+
+RULES = ("logq", "mu_l2", "raw_pixels")
+# (name in the summary, per-query key of a, rule of a, rule of b): the paired comparisons within one model.
+PAIRS = (("logq_minus_mu_l2", "logq", "mu_l2"), ("logq_minus_raw_pixels", "logq", "raw_pixels"))
+
+
+def summarize(
+    rows: Sequence[dict[str, Any]], outcomes: Sequence[dict[str, Any]] = (), n_items: int = 0
+) -> dict[str, dict[str, Any]]:
+    """Per configuration: the mean over its runs of each reported number and, from the per-query
+    ``outcomes`` (each tagged with its ``config`` and ``seed``), the pooled agreements with standard
+    errors and the paired differences (within the model, and its log q against the default's)."""
     keys = ("train_seconds", "val_neg_elbo", "kl_min", "active_dims", "top1_logq", f"top{TOP_K}_logq",
             "top1_mu_l2", f"top{TOP_K}_mu_l2", "top1_raw_pixels", f"top{TOP_K}_raw_pixels")  # fmt: skip
+    seeds = sorted({int(r["seed"]) for r in rows})
+    by_run = {(r["config"], r["seed"], r.get("fold")): r for r in rows}
     out: dict[str, dict[str, Any]] = {}
     for name in dict.fromkeys(r["config"] for r in rows):
         mine = [r for r in rows if r["config"] == name]
-        out[name] = {"runs": len(mine), **{k: _mean(mine, k) for k in keys}}
+        m = out[name] = {"runs": len(mine), **{k: _mean(mine, k) for k in keys}}
+        m["kl_min"] = min(r["kl_min"] for r in mine)
+        m["all_dims_active"] = all(r["active_dims"] == r["latent_dim"] for r in mine)
+        m["folds"] = sorted({r["fold"] for r in mine if r.get("fold") is not None})
+        # Training time against the default's and the old defaults' runs on the same seed and fold.
+        m["train_seconds_x_default"] = _time_ratio(mine, by_run, "default")
+        m["train_seconds_x_old_defaults"] = _time_ratio(mine, by_run, "old defaults")
+        mats = {
+            f"top{k}_{rule}": outcome_matrix([o for o in outcomes if o["config"] == name], f"top{k}_{rule}",
+                                             seeds, n_items)
+            for k in (1, TOP_K) for rule in RULES
+        }  # fmt: skip
+        if not outcomes or np.isnan(mats["top1_logq"]).all():
+            continue
+        m["n_queries"] = int((~np.isnan(mats["top1_logq"]).all(0)).sum())
+        pooled: dict[str, Any] = {}
+        for key, mat in mats.items():
+            mean, se = mean_se(seed_mean(mat))
+            pooled[key] = {"mean": round(mean, 5), "se": round(se, 5)}
+        m["pooled"] = pooled
+        m["paired"] = {
+            f"top{k}_{pname}": paired(mats[f"top{k}_{a}"], mats[f"top{k}_{b}"])
+            for k in (1, TOP_K) for pname, a, b in PAIRS
+        }  # fmt: skip
+        if name != "default" and any(o["config"] == "default" for o in outcomes):
+            ref = [o for o in outcomes if o["config"] == "default"]
+            m["paired"].update({
+                f"top{k}_logq_minus_default": paired(
+                    mats[f"top{k}_logq"], outcome_matrix(ref, f"top{k}_logq", seeds, n_items))
+                for k in (1, TOP_K)
+            })  # fmt: skip
     return out
 
 
-def check_targets(rows: Sequence[dict[str, Any]], old_seconds: float | None) -> dict[str, bool | None]:
-    """Each of issue 18's targets for the default configuration, on the mean over its seeds."""
-    mine = [r for r in rows if r["config"] == "default"]
-    mean = summarize(mine)["default"]
-    t1, mu = mean["top1_logq"], mean["top1_mu_l2"]
+def check_targets(summary: dict[str, dict[str, Any]], name: str = "default") -> dict[str, bool | None]:
+    """Each of issue 18's targets for configuration ``name`` (pooled over its runs when there are
+    per-query outcomes, else the mean over its runs); training time against the old defaults' runs
+    on the same seeds and folds."""
+    mean = summary[name]
+    pooled = mean.get("pooled")
+    t1 = pooled["top1_logq"]["mean"] if pooled else mean["top1_logq"]
+    mu = pooled["top1_mu_l2"]["mean"] if pooled else mean["top1_mu_l2"]
+    old = summary.get("old defaults")
+    diff = mean.get("paired", {}).get("top1_logq_minus_mu_l2", {})
     return {
-        "all_dims_active": all(r["active_dims"] == r["latent_dim"] for r in mine),
+        "all_dims_active": mean["all_dims_active"],
         "top1_logq_ge_0.77": None if t1 is None else t1 >= TARGETS["top1_logq_ge"],
         "top1_logq_gt_mu_l2": None if t1 is None or mu is None else t1 > mu,
+        "top1_logq_gt_mu_l2_by_2se": None if not pooled else diff["diff"] > 2 * diff["se"],
         "val_neg_elbo_le_257": mean["val_neg_elbo"] <= TARGETS["val_neg_elbo_le"],
         "train_seconds_le_2x_old": None
-        if old_seconds is None
-        else mean["train_seconds"] <= TARGETS["train_seconds_le_x_old_defaults"] * old_seconds,
+        if old is None or mean["train_seconds_x_old_defaults"] is None
+        else mean["train_seconds_x_old_defaults"] <= TARGETS["train_seconds_le_x_old_defaults"],
     }
 
 
@@ -282,14 +430,41 @@ def _verdict(ok: bool | None) -> str:
     return "n/a" if ok is None else "met" if ok else "NOT met"
 
 
+def _pm(stat: dict[str, Any] | None, signed: bool = False) -> str:
+    """``mean ± se`` of a pooled or paired statistic (``n/a`` when absent)."""
+    if not stat:
+        return "n/a"
+    value = stat["diff"] if "diff" in stat else stat["mean"]
+    return f"{value:{'+.3f' if signed else '.3f'}} ± {stat['se']:.3f}"
+
+
+def _wl(stat: dict[str, Any] | None) -> str:
+    return "n/a" if not stat else f"{stat['wins']}/{stat['losses']}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The Markdown summary of a report."""
     k = TOP_K
+    folds = report.get("folds") or 0
+    split = (
+        f"{folds}-fold cross-validation per seed (each image held out once per seed; each fold trains on "
+        "the other folds and validates on its own)"
+        if folds
+        else f"{report['n_train']} train / {report['n_val']} held out, split by seed"
+    )
     lines = [
         f"# Model benchmark ({report['date']})",
         "",
-        f"Data: `{report['data']}` ({report['n_items']} items; {report['n_train']} train / {report['n_val']} "
-        f"held out, split by seed). CPU threads: {report['threads']}, torch {report['torch']}.",
+        *([report["note"], ""] if report.get("note") else []),
+        f"Command: `{report['command']}`",
+        "",
+        *[f"Merged from `{m['file']}` ({m['runs']} runs): `{m['command']}`" for m in report["merged"]],
+        *([""] if report.get("merged") else []),
+        f"Data: `{report['data']}` ({report['n_items']} items; {split}). Seeds: "
+        f"{', '.join(map(str, report['seeds']))}. CPU threads: {report['threads']}, torch {report['torch']}. "
+        f"1-min load average before each run: {report['load_average_runs']['min']:.1f}-"
+        f"{report['load_average_runs']['max']:.1f} (mean {report['load_average_runs']['mean']:.1f}); "
+        f"{report['started']} to {report['date']}.",
         f"Default training: `latentsearch train` defaults ({report['default_train_summary']}).",
         *[f"Variant `{name}`: the defaults with {changes}." for name, changes in report["variants"].items()],
         f"Agreement: the share of the top-1 / top-{k} neighbours of each held-out image (query: its "
@@ -297,33 +472,56 @@ def markdown(report: dict[str, Any]) -> str:
         "engine; mu-L2: Euclidean on posterior means; pixels: Euclidean on raw pixels. Active: "
         f"dimensions with mean KL >= {ACTIVE_KL} nats over held-out images.",
         "",
-        "| config | seed | -ELBO | KL min | active | top-1 log q | top-1 mu-L2 | top-1 pixels "
+        "| config | seed | fold | -ELBO | KL min | active | top-1 log q | top-1 mu-L2 | top-1 pixels "
         f"| top-{k} log q | top-{k} mu-L2 | top-{k} pixels | best/run epochs | train s | load |",
-        "|" + " --- |" * 14,
+        "|" + " --- |" * 15,
     ]
     for r in report["runs"]:
-        cells = [r["config"], r["seed"], f"{r['val_neg_elbo']:.2f}", f"{r['kl_min']:.3f}"]
+        fold = "-" if r.get("fold") is None else r["fold"]
+        cells = [r["config"], r["seed"], fold, f"{r['val_neg_elbo']:.2f}", f"{r['kl_min']:.3f}"]
         cells.append(f"{r['active_dims']}/{r['latent_dim']}")
-        cells += [_fmt(r.get(f"top{n}_{rule}")) for n in (1, k) for rule in ("logq", "mu_l2", "raw_pixels")]
+        cells += [_fmt(r.get(f"top{n}_{rule}")) for n in (1, k) for rule in RULES]
         cut = " (time limit)" if r["time_limited"] else ""
         cells += [f"{r['best_epoch']}/{r['epochs_run']}{cut}", f"{r['train_seconds']:.0f}"]
         cells.append(f"{r['load_average_1min_before']:.1f}")
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     lines += ["", "Per-dimension KL (nats, mean over held-out images):", ""]
-    lines += [f"- {r['config']} seed {r['seed']}: {', '.join(f'{v:.2f}' for v in r['kl_per_dim'])}"
-              for r in report["runs"]]  # fmt: skip
-    lines += ["", "| config | runs | -ELBO | active | top-1 log q | top-1 mu-L2 | top-1 pixels | train s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]  # fmt: skip
+    for r in report["runs"]:
+        where = "" if r.get("fold") is None else f" fold {r['fold']}"
+        kl = ", ".join(f"{v:.2f}" for v in r["kl_per_dim"])
+        lines.append(f"- {r['config']} seed {r['seed']}{where}: {kl}")
+    lines += [
+        "",
+        "Pooled over every held-out query of each configuration (mean ± standard error over queries; "
+        "with several seeds each query's outcomes are averaged over seeds first). Paired differences "
+        "compare two rankings on the same queries (log q and mu-L2 / pixels: the same model; vs default: "
+        "the default's log q on the same queries and folds); W/L: top-1 wins/losses (McNemar counts, "
+        "over every seed's queries).",
+        "",
+        "| config | runs | queries | -ELBO | all active | top-1 log q | top-1 mu-L2 | top-1 pixels "
+        f"| top-{k} log q | top-1 log q - mu-L2 | W/L | top-1 log q - pixels | W/L | top-{k} log q - mu-L2 "
+        "| top-1 log q - default | train s | x default | x old defaults |",
+        "|" + " --- |" * 18,
+    ]
     for name, m in report["summary"].items():
-        lines.append(
-            f"| {name} (mean) | {m['runs']} | {m['val_neg_elbo']:.2f} | {m['active_dims']:.1f} | "
-            f"{_fmt(m['top1_logq'])} | {_fmt(m['top1_mu_l2'])} | {_fmt(m['top1_raw_pixels'])} | "
-            f"{m['train_seconds']:.0f} |"
-        )
+        pooled, pair = m.get("pooled") or {}, m.get("paired") or {}
+        lines.append("| " + " | ".join(str(c) for c in [
+            name, m["runs"], m.get("n_queries", "n/a"), f"{m['val_neg_elbo']:.2f}",
+            "yes" if m["all_dims_active"] else "no", _pm(pooled.get("top1_logq")),
+            _pm(pooled.get("top1_mu_l2")),
+            _pm(pooled.get("top1_raw_pixels")), _pm(pooled.get(f"top{k}_logq")),
+            _pm(pair.get("top1_logq_minus_mu_l2"), True), _wl(pair.get("top1_logq_minus_mu_l2")),
+            _pm(pair.get("top1_logq_minus_raw_pixels"), True), _wl(pair.get("top1_logq_minus_raw_pixels")),
+            _pm(pair.get(f"top{k}_logq_minus_mu_l2"), True), _pm(pair.get("top1_logq_minus_default"), True),
+            f"{m['train_seconds']:.0f}", _fmt(m.get("train_seconds_x_default"), ".2f"),
+            _fmt(m.get("train_seconds_x_old_defaults"), ".2f"),
+        ]) + " |")  # fmt: skip
     tp = report["throughput_runs"]
     lines += [
         "",
-        "Targets (issue 18; default configuration, mean over its seeds): "
+        f"Targets (issue 18; configuration `{report.get('targets_for', 'default')}`"
+        + (", pooled over its queries" if folds else ", mean over its seeds")
+        + "): "
         + ", ".join(f"{name} {_verdict(ok)}" for name, ok in report["targets_met"].items())
         + ".",
         "",
@@ -338,6 +536,38 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def encode_outcome(o: dict[str, Any]) -> dict[str, Any]:
+    """A per-query outcome (config, seed, ``rows`` and per-rule arrays) in compact JSON form: rows
+    as one space-separated string, top-1 hits as a string of 0/1, top-k shares as the digit
+    ``k * share`` per query. :func:`decode_outcome` inverts it."""
+    out: dict[str, Any] = {"config": o["config"], "seed": o["seed"], "rows": " ".join(map(str, o["rows"]))}
+    for rule in RULES:
+        if f"top1_{rule}" in o:
+            out[f"top1_{rule}"] = "".join(str(int(v)) for v in o[f"top1_{rule}"])
+            out[f"top{TOP_K}_{rule}"] = "".join(str(round(v * TOP_K)) for v in o[f"top{TOP_K}_{rule}"])
+    return out
+
+
+def decode_outcome(o: dict[str, Any]) -> dict[str, Any]:
+    """The inverse of :func:`encode_outcome`."""
+    out: dict[str, Any] = {"config": o["config"], "seed": int(o["seed"])}
+    out["rows"] = np.array([int(v) for v in o["rows"].split()], dtype=np.int64)
+    for rule in RULES:
+        if f"top1_{rule}" in o:
+            out[f"top1_{rule}"] = np.array([int(c) for c in o[f"top1_{rule}"]], dtype=np.float64)
+            out[f"top{TOP_K}_{rule}"] = np.array([int(c) for c in o[f"top{TOP_K}_{rule}"]]) / TOP_K
+    return out
+
+
+def cv_folds(n: int, folds: int, seed: int) -> list[tuple[int, np.ndarray, np.ndarray]]:
+    """``folds`` folds of ``n`` items dealt by a permutation seeded by ``seed``: per fold ``(index,
+    train_rows, val_rows)``, both sorted; every item is in exactly one ``val_rows``."""
+    if not 2 <= folds <= n:
+        raise SystemExit(f"--folds must be in [2, {n}], got {folds}")
+    parts = np.array_split(np.random.default_rng(seed).permutation(n), folds)
+    return [(i, np.setdiff1d(np.arange(n), p), np.sort(p)) for i, p in enumerate(parts)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument(
@@ -346,9 +576,32 @@ def main(argv: list[str] | None = None) -> int:
         help="a built-in dataset name or a path (default: the packaged Fashion-MNIST sample)",
     )
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--stem", default=None, help="results file name, no extension (default model-DATE)")
+    parser.add_argument("--note", default="", help="a line for the top of the Markdown summary")
     parser.add_argument("--seeds", default="0", help="comma-separated training seeds (one run each)")
     parser.add_argument(
-        "--with-old-defaults", action="store_true", help="also train OLD_DEFAULTS per seed (for comparison)"
+        "--folds",
+        type=int,
+        default=0,
+        help="K-fold cross-validation per seed (0: the seeded val_fraction split instead)",
+    )
+    parser.add_argument(
+        "--only-folds",
+        default="",
+        help="with --folds: run only these comma-separated fold indices (merge the rest with --merge)",
+    )
+    parser.add_argument(
+        "--merge",
+        action="append",
+        default=[],
+        metavar="REPORT.json",
+        help="include the runs and per-query outcomes of an earlier report of this bench (same data, "
+        "folds and seeds; repeatable): runs of one configuration can come from several processes",
+    )
+    parser.add_argument(
+        "--with-old-defaults",
+        action="store_true",
+        help="also train OLD_DEFAULTS per seed (with --folds: on the first fold only, for training time)",
     )
     parser.add_argument(
         "--variant",
@@ -364,11 +617,18 @@ def main(argv: list[str] | None = None) -> int:
         help="train only the variants (CPU training is bit-reproducible per seed and thread count, so a "
         "default run of an earlier report gives the same quality figures; only its time differs)",
     )
+    parser.add_argument(
+        "--targets-for", default="default", help="the configuration whose targets are checked"
+    )
     parser.add_argument("--time-limit", type=float, default=900.0, help="training wall-clock cap per run (s)")
     parser.add_argument("--batch", type=int, default=1024, help="encode batch size")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = dt.datetime.now().isoformat(timespec="seconds")
+    stem = args.stem or f"model-{dt.date.today().isoformat()}"
+    env = " ".join(f"{k}={os.environ[k]}" for k in ("LATENTSEARCH_CPU_THREADS",) if k in os.environ)
+    command = " ".join(filter(None, [env, "python -m bench.bench_model", shlex.join(sys.argv[1:])]))
     threads = configure_cpu_threads()
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
@@ -381,49 +641,88 @@ def main(argv: list[str] | None = None) -> int:
     if args.with_old_defaults:
         variants.append(("old defaults", OLD_DEFAULTS, {}))
     variants += [parse_variant(v) for v in args.variant]
-    plans = [(name, base.replace(seed=s, **tc), vc) for s in seeds for name, tc, vc in variants]
+    plans: list[tuple[str, TrainConfig, dict[str, Any], tuple[int, np.ndarray, np.ndarray] | None]] = []
+    for s in seeds:
+        splits = cv_folds(len(data), args.folds, s) if args.folds else [None]
+        only = {int(f) for f in args.only_folds.split(",") if f.strip()}
+        for fold in splits:
+            if only and fold is not None and fold[0] not in only:
+                continue
+            for name, tc, vc in variants:
+                if name == "old defaults" and fold is not None and fold[0] > 0:
+                    continue  # the training-time reference: one fold per seed
+                plans.append((name, base.replace(seed=s, **tc), vc, fold))
     rows: list[dict[str, Any]] = []
+    outcomes: list[dict[str, Any]] = []
+    merged = []
+    for path in args.merge:
+        earlier = json.loads(Path(path).read_text())
+        rows += earlier["runs"]
+        outcomes += [decode_outcome(o) for o in earlier["per_query"]]
+        merged.append({"file": path, "command": earlier.get("command"), "runs": len(earlier["runs"])})
+    n_merged = len(rows)
     first_model: LoadedModel | None = None
-    for name, cfg, vae_changes in plans:
-        row, model = run_report(name, data, cfg, vae_changes)
+    for i, (name, cfg, vae_changes, fold) in enumerate(plans):
+        log.info("run %d of %d: %s seed %d fold %s", i + 1, len(plans), name, cfg.seed, fold and fold[0])
+        row, model, per_query = run_report(name, data, cfg, vae_changes, fold)
         rows.append(row)
+        outcomes.append({**per_query, "config": name, "seed": cfg.seed})
         first_model = first_model or model
+        # What is done so far, for --merge should this process be stopped before the end.
+        own = slice(n_merged, None)
+        partial = {"command": command, "runs": rows[own]}
+        partial["per_query"] = [encode_outcome(o) for o in outcomes[own]]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / f"{stem}.partial.json").write_text(json.dumps(partial, default=str) + "\n")
 
-    assert first_model is not None
     load_before = os.getloadavg()[0]
-    tp = encode_throughput(first_model, data.to_array(), args.batch, args.repeats)
-    summary = summarize(rows)
-    old = summary.get("old defaults")
+    if first_model is not None:
+        tp = encode_throughput(first_model, data.to_array(), args.batch, args.repeats)
+    elif args.merge:  # a merge of earlier reports only: their first one's throughput figures
+        earlier = json.loads(Path(args.merge[0]).read_text())
+        tp, load_before = earlier["throughput_runs"], earlier["load_average_1min_before_throughput"]
+    else:
+        raise SystemExit("nothing to run: give a configuration, or reports to --merge")
+    summary = summarize(rows, outcomes, len(data))
     changed = {
         f.name: getattr(base, f.name)
         for f in dataclasses.fields(TrainConfig)
-        if f.name in ("epochs", "batch_size", "lr", "beta", "kl_warmup_epochs", "free_bits", "augment_shift")
-    }
+        if f.name in ("epochs", "batch_size", "lr", "beta", "kl_warmup_epochs", "free_bits", "augment_shift",
+                      "consistency_weight")
+    }  # fmt: skip
+    loads = [r["load_average_1min_before"] for r in rows]
     report = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "started": started,
+        "command": command,
+        "note": args.note,
         "data": data_desc,
         "n_items": len(data),
         "n_train": rows[0]["n_train"],
         "n_val": rows[0]["n_val"],
+        "folds": args.folds,
+        "seeds": seeds,
         "default_train_summary": ", ".join(f"{k} {v}" for k, v in changed.items()),
         "variants": {name: {**tc, **{f"vae.{k}": v for k, v in vc.items()}} for name, tc, vc in variants
                      if name != "default"},
+        "merged": merged,
         "runs": rows,
         "summary": summary,
         "targets": TARGETS,
-        "targets_met": {}
-        if args.skip_default
-        else check_targets(rows, None if old is None else old["train_seconds"]),
+        "targets_for": args.targets_for,
+        "targets_met": check_targets(summary, args.targets_for) if args.targets_for in summary else {},
         "encode_batch": args.batch,
         "encode_images_per_s": round(tp["encode_batch"]["median"]),
         "bare_forward_images_per_s": round(tp["bare_forward"]["median"]),
         "throughput_runs": tp,
+        "load_average_runs": {"min": min(loads), "max": max(loads), "mean": round(float(np.mean(loads)), 2)},
         "load_average_1min_before_throughput": round(load_before, 2),
         "threads": threads,
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
+        "per_query": [encode_outcome(o) for o in outcomes],
     }
-    write_results(args.out, f"model-{dt.date.today().isoformat()}", report, markdown(report))
+    write_results(args.out, stem, report, markdown(report))
     return 0
 
 

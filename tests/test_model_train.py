@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from typing import Any
 
 import numpy as np
@@ -21,8 +22,15 @@ from latentsearch.model.augment import random_shift
 from latentsearch.model.checkpoint import WEIGHTS_FILE, load_checkpoint
 from latentsearch.model.config import TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads
-from latentsearch.model.objective import kl_penalty
-from latentsearch.model.train import TRAIN_STATE, default_vae_config, split_indices, train, training_done
+from latentsearch.model.objective import consistency_nll, kl_penalty
+from latentsearch.model.train import (
+    TRAIN_STATE,
+    default_vae_config,
+    evaluate,
+    split_indices,
+    train,
+    training_done,
+)
 
 TINY = VAEConfig(input_shape=(12, 10, 1), latent_dim=2, channels=(4, 8), hidden=16)
 
@@ -138,6 +146,8 @@ def test_cli_train_defaults_are_the_configs() -> None:
         "kl_warmup": "kl_warmup_epochs",
         "free_bits": "free_bits",
         "augment_shift": "augment_shift",
+        "consistency_weight": "consistency_weight",
+        "consistency_shift": "consistency_shift",
         "patience": "patience",
         "val_fraction": "val_fraction",
         "device": "device",
@@ -275,3 +285,56 @@ def test_cpu_threads_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> No
                 configure_cpu_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_explicit_val_rows_are_held_out(data, tmp_path) -> None:
+    val = np.array([5, 0, 17, 33, 79])  # any order; the rest (75 items) are trained on
+    res = train(data, tmp_path / "m", config=_cfg(epochs=1), vae_config=TINY, val_rows=val)
+    ck = load_checkpoint(tmp_path / "m")
+    assert ck.config["data"]["n_val"] == 5 and ck.config["data"]["n_train"] == 75
+    assert ck.config["data"]["split"] == "explicit val_rows"
+    # The validation -ELBO is that of exactly these items: recompute it with the saved model.
+    x = torch.from_numpy(data.to_array()[np.sort(val)].copy())
+    again = evaluate(ck.model, x, seed=0, device=torch.device("cpu"))
+    assert res.history[0]["val_neg_elbo"] == pytest.approx(again["neg_elbo"], rel=1e-6)
+    for bad in ([], [0, 0, 1], [80], [-1], list(range(80))):
+        with pytest.raises(InvalidArgumentError) as err:
+            train(data, tmp_path / "bad", config=_cfg(epochs=1), vae_config=TINY, val_rows=np.array(bad))
+        assert err.value.field == "val_rows"
+
+
+def test_consistency_nll_by_hand() -> None:
+    mu = torch.tensor([[0.0, 1.0]], dtype=torch.float64, requires_grad=True)
+    logvar = torch.tensor([[0.0, math.log(4.0)]], dtype=torch.float64, requires_grad=True)
+    target = torch.tensor([[1.0, 3.0]], dtype=torch.float64)
+    # -log N(1; 0, 1) - log N(3; 1, 4) = 0.5 (1 + log 2pi) + 0.5 (4 / 4 + log 4 + log 2pi)
+    expected = 0.5 * (1.0 + math.log(2 * math.pi)) + 0.5 * (1.0 + math.log(4.0) + math.log(2 * math.pi))
+    nll = consistency_nll(mu, logvar, target)
+    assert nll.shape == (1,) and float(nll.detach()) == pytest.approx(expected, abs=1e-12)
+    (g_mu, g_lv) = torch.autograd.grad(nll.sum(), (mu, logvar))
+    # d/dmu = (mu - t) / var; d/dlogvar = 0.5 (1 - (t - mu)^2 / var)
+    torch.testing.assert_close(g_mu, torch.tensor([[-1.0, -0.5]], dtype=torch.float64))
+    torch.testing.assert_close(g_lv, torch.tensor([[0.0, 0.0]], dtype=torch.float64))
+
+
+def test_consistency_term_enters_the_training_loss_only(tmp_path) -> None:
+    # Black images: a shifted copy is the image itself, so the target is mu(x) and the term is
+    # 0.5 * sum_j (logvar_j + log 2 pi). One step at a negligible learning rate leaves the model as
+    # it started; with free bits of 100 nats (d = 2, beta 1) the KL term is exactly 200.
+    black = ArrayDataset(np.zeros((40, 12, 10, 1), dtype=np.uint8))
+    cfg = _cfg(epochs=1, batch_size=64, lr=1e-12, beta=1.0, free_bits=100.0, consistency_weight=0.5)
+    res = train(black, tmp_path / "c", config=cfg, vae_config=TINY)
+    plain = train(black, tmp_path / "p", config=cfg.replace(consistency_weight=0.0), vae_config=TINY)
+    model = load_checkpoint(tmp_path / "c").model
+    with torch.no_grad():
+        _, logvar = model.encode_params(torch.zeros(1, 12, 10, 1))
+    term = 0.5 * float((logvar.double() + math.log(2 * math.pi)).sum())
+    h, p = res.history[0], plain.history[0]
+    assert h["loss"] - h["recon"] - 200.0 == pytest.approx(0.5 * term, abs=1e-3)
+    assert p["loss"] - p["recon"] - 200.0 == pytest.approx(0.0, abs=1e-3)
+    assert h["val_neg_elbo"] == pytest.approx(p["val_neg_elbo"], rel=1e-6)  # validation: the plain -ELBO
+    bad = (("consistency_weight", -1.0), ("consistency_weight", math.inf), ("consistency_shift", 0))
+    for field, value in bad:
+        with pytest.raises(InvalidArgumentError) as err:
+            TrainConfig().replace(**{field: value})
+        assert err.value.field == field

@@ -62,6 +62,22 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
         "shift training images by up to this many pixels at random (0: off)",
         type=int,
     )
+    add_config_argument(
+        p,
+        "--consistency-weight",
+        TrainConfig,
+        "consistency_weight",
+        "weight of the posterior-consistency term, -log q(mu(shifted x) | x) (0: off)",
+        type=float,
+    )
+    add_config_argument(
+        p,
+        "--consistency-shift",
+        TrainConfig,
+        "consistency_shift",
+        "largest shift in pixels of the posterior-consistency copies",
+        type=int,
+    )
     add_config_argument(p, "--patience", TrainConfig, "patience", "early-stop patience in epochs", type=int)
     add_config_argument(p, "--val-fraction", TrainConfig, "val_fraction", "held-out fraction", type=float)
     add_config_argument(p, "--device", TrainConfig, "device", "device", choices=["auto", "cpu", "cuda"])
@@ -92,6 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         kl_warmup_epochs=args.kl_warmup,
         free_bits=args.free_bits,
         augment_shift=args.augment_shift,
+        consistency_weight=args.consistency_weight,
+        consistency_shift=args.consistency_shift,
         patience=args.patience,
         val_fraction=args.val_fraction,
         device=args.device,

@@ -1,4 +1,4 @@
-"""The KL term of the training loss: per-dimension free bits (KL thresholds).
+"""Terms of the training loss: per-dimension free bits (KL thresholds) and posterior consistency.
 
 With a 10-dimensional latent and the standard ELBO, some dimensions collapse to the prior
 (``q(z_j|x) = N(0, 1)`` for every ``x``): the optimiser finds that the KL they cost early in
@@ -10,13 +10,20 @@ towards the prior (its KL term has zero gradient) while the reconstruction term 
 
 Only the training loss changes: validation, checkpoint selection and every reported -ELBO use
 the true KL.
+
+Posterior consistency (:func:`consistency_nll`, off by default) is a training option aimed at the
+search: a query is ranked against item ``x`` by ``log q(z|x)``, so it adds to the loss the negative
+log density that ``q(z|x)`` gives to the posterior mean of a slightly shifted copy of ``x``, which
+asks each posterior's sigma to cover where near-copies of its image land.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["kl_penalty"]
+__all__ = ["consistency_nll", "kl_penalty"]
 
 
 def kl_penalty(kl_dims: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
@@ -35,3 +42,14 @@ def kl_penalty(kl_dims: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
     if free_bits <= 0.0:
         return per_dim.sum()
     return torch.clamp(per_dim, min=free_bits).sum()
+
+
+def consistency_nll(mu: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-item ``-log q(target_n | x_n)`` in nats, ``(N,)``, for ``q(z|x_n) = N(mu_n, diag(exp(logvar_n)))``.
+
+    ``mu``, ``logvar`` and ``target`` are ``(N, d)``; per item
+    ``0.5 * sum_j ((target_j - mu_j)^2 / exp(logvar_j) + logvar_j + log(2 pi))``. The caller passes
+    ``target`` without gradient (the posterior means of augmented copies), so only ``q(z|x)`` moves.
+    """
+    sq = (target - mu).square() * torch.exp(-logvar)
+    return 0.5 * (sq + logvar + math.log(2.0 * math.pi)).sum(-1)

@@ -27,8 +27,8 @@ from latentsearch.model.augment import random_shift
 from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads, resolve_device
-from latentsearch.model.objective import kl_penalty
-from latentsearch.model.vae import VAE
+from latentsearch.model.objective import consistency_nll, kl_penalty
+from latentsearch.model.vae import VAE, ElboTerms
 from latentsearch.progress import Progress
 
 __all__ = ["TRAIN_STATE", "TrainResult", "default_vae_config", "split_indices", "train", "training_done"]
@@ -206,6 +206,7 @@ def train(
     latent_dim: int = VAEConfig.latent_dim,
     resume: bool = False,
     overwrite: bool = False,
+    val_rows: np.ndarray | None = None,
 ) -> TrainResult:
     """Train a VAE on ``data`` and write the best (lowest validation -ELBO) model to ``out_dir``.
 
@@ -217,6 +218,9 @@ def train(
         latent_dim: d, when ``vae_config`` is not given.
         resume: continue from ``out_dir/training/last.pt``.
         overwrite: replace a model already in ``out_dir``.
+        val_rows: the rows of ``data`` to hold out for validation (e.g. one fold of a
+            cross-validation); the rest are trained on. Default: the seeded split by
+            ``config.val_fraction`` (:func:`split_indices`).
     """
     cfg = config or TrainConfig()
     out = Path(out_dir)
@@ -227,7 +231,7 @@ def train(
     if dev.type == "cpu":
         configure_cpu_threads()
     state = _prepare_out(out, resume=resume, overwrite=overwrite)
-    vae_config, split = _split_data(data, cfg, vae_config, latent_dim, dev)
+    vae_config, split = _split_data(data, cfg, vae_config, latent_dim, dev, val_rows)
     torch.manual_seed(cfg.seed)
     model = VAE(vae_config).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -280,10 +284,20 @@ def training_done(out_dir: str | Path) -> bool | None:
 
 
 def _split_data(
-    data: Dataset, cfg: TrainConfig, vae_config: VAEConfig | None, latent_dim: int, dev: torch.device
+    data: Dataset,
+    cfg: TrainConfig,
+    vae_config: VAEConfig | None,
+    latent_dim: int,
+    dev: torch.device,
+    val_rows: np.ndarray | None = None,
 ) -> tuple[VAEConfig, _Split]:
-    """The seeded train/validation split of ``data`` and the model config (fitted to it when not given)."""
-    train_rows, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    """The train/validation split of ``data`` (``val_rows`` held out, else the seeded split) and the
+    model config (fitted to the training rows when not given)."""
+    explicit = val_rows is not None
+    if val_rows is None:
+        train_rows, val_rows = split_indices(len(data), cfg.val_fraction, cfg.seed)
+    else:
+        train_rows, val_rows = _explicit_split(len(data), val_rows)
     if vae_config is None:
         vae_config = default_vae_config(data, latent_dim=latent_dim, train_rows=train_rows)
     if tuple(vae_config.input_shape) != data.item_shape:
@@ -307,7 +321,21 @@ def _split_data(
         "n_val": len(val_rows),
         "split_seed": cfg.seed,
     }
+    if explicit:
+        info["split"] = "explicit val_rows"
+        del info["split_seed"]
     return vae_config, _Split(x_train, x_val, fingerprint, info)
+
+
+def _explicit_split(n: int, val_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(train_rows, val_rows)``, both sorted, from the held-out rows of ``n`` items (distinct,
+    in range, at least one held out and one left to train on)."""
+    val = np.unique(np.asarray(val_rows, dtype=np.int64))
+    if len(val) != len(np.asarray(val_rows)) or len(val) == 0 or val[0] < 0 or val[-1] >= n or len(val) >= n:
+        raise InvalidArgumentError(
+            f"val_rows must be distinct rows in [0, {n}), at least one and fewer than {n}", field="val_rows"
+        )
+    return np.setdiff1d(np.arange(n), val), val
 
 
 def _restore(run: _Run, state: dict[str, Any]) -> _Progress:
@@ -344,6 +372,7 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch)
     eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + epoch)
+    cons_gen = torch.Generator().manual_seed(cfg.seed * 1_000_039 + epoch)
     shift = cfg.augment_shift if x_train.ndim == 4 else 0  # images (N, H, W, C) only
     order = torch.randperm(n_train, generator=gen).to(x_train.device)
     sums = np.zeros(3)
@@ -359,6 +388,8 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
         recon, kl = terms.recon.mean(), terms.kl.mean()
         # The KL term the optimiser sees (free bits per dimension); `kl` is the true mean KL.
         loss = recon + _kl_weight(cfg, epoch, s, steps) * kl_penalty(terms.kl_dims, cfg.free_bits)
+        if cfg.consistency_weight > 0 and x_train.ndim == 4:
+            loss = loss + cfg.consistency_weight * _consistency(run, xb, terms, cons_gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -376,6 +407,15 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
             )
     bar.close()
     return sums / steps
+
+
+def _consistency(run: _Run, xb: torch.Tensor, terms: ElboTerms, gen: torch.Generator) -> torch.Tensor:
+    """The batch mean of ``-log q(mu(x') | x)`` (:func:`model.objective.consistency_nll`), ``x'`` each
+    image of ``xb`` ``(N, H, W, C)`` shifted at random by up to ``consistency_shift`` pixels."""
+    assert terms.mu is not None and terms.logvar is not None
+    with torch.no_grad(), _autocast(run.dev, run.cfg.amp):
+        target, _ = run.model.encode_params(random_shift(xb, run.cfg.consistency_shift, gen))
+    return consistency_nll(terms.mu, terms.logvar, target.float()).mean()
 
 
 def _epoch_row(

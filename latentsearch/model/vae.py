@@ -27,11 +27,14 @@ class ElboTerms:
 
     ``recon`` ``(N,)`` is ``-log p(x|z)`` for one posterior sample; ``kl_dims`` ``(N, d)`` is each
     latent dimension's ``KL(q(z_j|x) || N(0, 1))``, and :attr:`kl` ``(N,)`` their sum,
-    ``KL(q(z|x) || N(0, I))``.
+    ``KL(q(z|x) || N(0, I))``. ``mu`` and ``logvar`` ``(N, d)`` are the posterior's parameters (with
+    gradient), for loss terms beyond the ELBO.
     """
 
     recon: torch.Tensor
     kl_dims: torch.Tensor
+    mu: torch.Tensor | None = None
+    logvar: torch.Tensor | None = None
 
     @property
     def kl(self) -> torch.Tensor:
@@ -203,7 +206,7 @@ class VAE(nn.Module):
             recon = -DiagonalGaussian(out.flatten(1), log_sigma=obs_ls.flatten(1)).log_prob(target.flatten(1))
         # KL(q || N(0, I)) of a diagonal Gaussian separates over dimensions: (N, d).
         kl_dims = 0.5 * (q.mean * q.mean + q.var - 1.0 - q.logvar)
-        return ElboTerms(recon=recon, kl_dims=kl_dims)
+        return ElboTerms(recon=recon, kl_dims=kl_dims, mu=q.mean, logvar=q.logvar)
 
 
 def build_vae(config: VAEConfig | None = None, **overrides: object) -> VAE:
