@@ -2,6 +2,7 @@
 
     python -m bench.bench_model [--data NAME|PATH] [--out bench/results] [--seeds 0,1] [--with-old-defaults]
                                 [--variant NAME:FIELD=VALUE,...]... [--time-limit S] [--folds K] [--stem S]
+                                [--diagnose]
 
 Each run trains on the Fashion-MNIST sample shipped with the package (``--data`` default) with the
 defaults of :class:`TrainConfig` (what ``latentsearch train`` uses without flags); its seed also
@@ -29,6 +30,10 @@ same model and queries: per-query differences averaged over seeds, their mean an
 and the McNemar counts of top-1 wins and losses), plus each variant's log q against the default's
 on the same queries. Without ``--folds`` each seed holds out its seeded ``val_fraction`` split.
 
+``--diagnose`` adds, per run, why log q ranks as it does against mu-L2 (:func:`diagnose`: the spread of
+sigma per dimension, top-1 disagreements and which rule is right, hubness, the Mahalanobis part of
+log q alone), as a section per run of the Markdown summary.
+
 ``--with-old-defaults`` adds, per seed, a run with the defaults before issue 18 (``OLD_DEFAULTS``)
 in the same process (with ``--folds``: on the first fold only, as the training-time reference), so
 training time and quality compare under the same machine load. Encode
@@ -45,6 +50,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import platform
 import re
@@ -68,6 +74,7 @@ from latentsearch.model.config import TrainConfig
 from latentsearch.model.device import configure_cpu_threads
 from latentsearch.model.loader import LoadedModel, encode_batch, load_model
 from latentsearch.model.train import TrainResult, default_vae_config, split_indices, train
+from latentsearch.posterior import LOG_2PI
 
 log = logging.getLogger("bench.bench_model")
 
@@ -170,6 +177,221 @@ def quality(
     return out
 
 
+# --diagnose: neighbours per query for the k-occurrence (hubness) figures, and the share of the bank
+# counted as its most frequent neighbours ("hubs").
+HUB_K = 10
+HUB_SHARE = 0.01
+# --diagnose: the rankings compared, all from the same model's posteriors (the queries' posterior
+# means against the bank's posteriors). "mahalanobis" and "mean_sigma" are diagnostics only.
+DIAG_RULES = ("logq", "mahalanobis", "mean_sigma", "mu_l2")
+
+
+def posterior_scores(
+    query_mu: np.ndarray, bank_mu: np.ndarray, bank_logvar: np.ndarray, chunk: int = 64
+) -> dict[str, np.ndarray]:
+    """Scores (higher: nearer) of every bank item for every query, each ``(B, N)`` float64.
+
+    ``query_mu`` ``(B, d)``; ``bank_mu``, ``bank_logvar`` ``(N, d)``. ``logq``: log N(z; mu_i,
+    sigma_i^2), the engine's rule; ``mahalanobis``: its ``-1/2 sum(((z - mu_i) / sigma_i)^2)`` part
+    alone (``logq`` without the ``-sum log sigma_i`` term and the constant); ``mean_sigma``: that part
+    with every item's sigma replaced by the bank's per-dimension root-mean-square sigma (a fixed
+    per-dimension scaling, no per-item width); ``mu_l2``: ``-|z - mu_i|^2``.
+    """
+    z = np.asarray(query_mu, dtype=np.float64)
+    mu = np.asarray(bank_mu, dtype=np.float64)
+    inv_sd = np.exp(-0.5 * np.asarray(bank_logvar, dtype=np.float64))  # (N, d)
+    inv_sd_bar = 1.0 / np.sqrt(np.exp(np.asarray(bank_logvar, dtype=np.float64)).mean(0))  # (d,)
+    normaliser = -0.5 * np.asarray(bank_logvar, dtype=np.float64).sum(1) - 0.5 * mu.shape[1] * LOG_2PI  # (N,)
+    parts: dict[str, list[np.ndarray]] = {rule: [] for rule in DIAG_RULES}
+    for i in range(0, len(z), chunk):
+        diff = z[i : i + chunk, None, :] - mu[None, :, :]  # (c, N, d)
+        maha = -0.5 * ((diff * inv_sd) ** 2).sum(-1)
+        parts["mahalanobis"].append(maha)
+        parts["logq"].append(maha + normaliser)
+        parts["mean_sigma"].append(-0.5 * ((diff * inv_sd_bar) ** 2).sum(-1))
+        parts["mu_l2"].append(-(diff * diff).sum(-1))
+    return {rule: np.concatenate(p) for rule, p in parts.items()}
+
+
+def top_rows(scores: np.ndarray, k: int) -> np.ndarray:
+    """Rows of the ``k`` highest of ``scores`` ``(B, N)`` per query, highest first, ties to the lower row:
+    ``(B, k)`` int64."""
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int64)
+
+
+def skewness(values: np.ndarray) -> float:
+    """The population skewness ``E[(x - m)^3] / sd^3`` of ``values`` ``(n,)`` (0 when they are all equal)."""
+    x = np.asarray(values, dtype=np.float64)
+    sd = x.std()
+    return 0.0 if sd == 0 else float(((x - x.mean()) ** 3).mean() / sd**3)
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values`` ``(n,)``, ties sharing the mean of their ranks."""
+    x = np.asarray(values)
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), dtype=np.float64)
+    ranks[order] = np.arange(1, len(x) + 1)
+    _, inverse = np.unique(x, return_inverse=True)
+    sums = np.bincount(inverse, weights=ranks)
+    return (sums / np.bincount(inverse))[inverse]
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation of ``a`` and ``b`` ``(n,)`` (average ranks for ties; 0 if either is
+    constant)."""
+    ra, rb = average_ranks(a) - (len(a) + 1) / 2, average_ranks(b) - (len(b) + 1) / 2
+    den = float(np.sqrt((ra * ra).sum() * (rb * rb).sum()))
+    return 0.0 if den == 0 else float((ra * rb).sum() / den)
+
+
+def hubness(rows: np.ndarray, n_bank: int) -> dict[str, Any]:
+    """k-occurrence of ``(B, k)`` neighbour rows over a bank of ``n_bank`` items: per item, the number of
+    queries whose top-k holds it ``(n_bank,)`` (``counts``), its skewness and maximum, the share of items
+    in no query's top-k, and the share of the ``B * k`` slots taken by the ``HUB_SHARE`` most frequent
+    items."""
+    counts = np.bincount(rows.ravel(), minlength=n_bank)
+    n_hubs = max(1, round(HUB_SHARE * n_bank))
+    return {
+        "counts": counts,
+        "skew": round(skewness(counts), 3),
+        "max": int(counts.max()),
+        "never": round(float((counts == 0).mean()), 4),
+        "hub_slots": round(float(np.sort(counts)[::-1][:n_hubs].sum() / rows.size), 4),
+    }
+
+
+def disagreement(
+    a_top1: np.ndarray, b_top1: np.ndarray, bank_labels: np.ndarray, query_labels: np.ndarray
+) -> dict[str, int]:
+    """Queries ``(B,)`` whose top-1 bank rows under two rules differ, split by which rule's item carries the
+    query's label: ``a_only``, ``b_only``, ``both`` (two items of the right label), ``neither``."""
+    differ = a_top1 != b_top1
+    a_ok, b_ok = bank_labels[a_top1] == query_labels, bank_labels[b_top1] == query_labels
+    return {
+        "queries": len(a_top1),
+        "differ": int(differ.sum()),
+        "a_only": int((differ & a_ok & ~b_ok).sum()),
+        "b_only": int((differ & ~a_ok & b_ok).sum()),
+        "both": int((differ & a_ok & b_ok).sum()),
+        "neither": int((differ & ~a_ok & ~b_ok).sum()),
+    }
+
+
+def diagnose(
+    model: LoadedModel, data: Dataset, train_rows: np.ndarray, val_rows: np.ndarray
+) -> dict[str, Any]:
+    """Why the log q ranking does (or does not) beat mu-L2 on one model: the held-out images' posterior
+    means are the queries, the training split's posteriors the bank (as in :func:`quality`).
+
+    * per dimension over the bank: the sd of mu, the geometric-mean sigma, the sd of log sigma and
+      the ratio of the 90th to the 10th percentile of sigma (how much item widths differ);
+    * the ``-sum log sigma`` term: its sd over the bank, against the median over queries of the spread
+      of the Mahalanobis part over each query's top-``HUB_K`` log q items (nats); and how many of its
+      own sigmas (RMS over dimensions) a query lies from its log q top-1 item (median over queries);
+    * per rule of :data:`DIAG_RULES`: top-1 label agreement, the share of queries whose top-1 item is
+      log q's, the hubness of its top-1 and top-``HUB_K`` lists, and the Spearman correlation of each
+      item's top-``HUB_K`` occurrence with its ``sum log sigma`` (do hubs have wide posteriors?);
+    * log q against mu-L2 and against its own Mahalanobis part: how often the top-1 items differ and
+      which one carries the query's label when they do;
+    * the share of queries where the numpy log q top-1 is the engine's (a check of the scores).
+    """
+    if data.labels is None:
+        raise SystemExit("--diagnose needs labelled data")
+    x = data.to_array()
+    mu, logvar = (a.astype(np.float64) for a in encode_batch(model, x))  # (n, d) each
+    labels = np.asarray(data.labels)
+    y_tr, y_va = labels[train_rows], labels[val_rows]
+    bank_mu, bank_lv, q_mu = mu[train_rows], logvar[train_rows], mu[val_rows]
+    log_sigma = 0.5 * bank_lv  # (N, d)
+    p10, p90 = np.percentile(log_sigma, [10, 90], axis=0)
+    scores = posterior_scores(q_mu, bank_mu, bank_lv)
+    tops = {rule: top_rows(s, HUB_K) for rule, s in scores.items()}  # (B, HUB_K) each
+    sum_log_sigma = log_sigma.sum(1)  # (N,)
+    maha_top = np.take_along_axis(scores["mahalanobis"], tops["logq"], axis=1)  # (B, HUB_K)
+    engine = SearchEngine.build(bank_mu, logvar=bank_lv, config=EngineConfig(mode="exact"))
+    engine_top1 = engine.search_batch_arrays(q_mu, k=1, mode="exact").rows[:, 0]
+    rules: dict[str, Any] = {}
+    for rule, rows in tops.items():
+        h1, hk = hubness(rows[:, :1], len(bank_mu)), hubness(rows, len(bank_mu))
+        rules[rule] = {
+            "top1": round(float((y_tr[rows[:, 0]] == y_va).mean()), 4),
+            "same_top1_as_logq": round(float((rows[:, 0] == tops["logq"][:, 0]).mean()), 4),
+            "skew_top1": h1["skew"],
+            f"skew_top{HUB_K}": hk["skew"],
+            f"max_top{HUB_K}": hk["max"],
+            f"never_top{HUB_K}": hk["never"],
+            f"hub_slots_top{HUB_K}": hk["hub_slots"],
+            "spearman_occurrence_sum_log_sigma": round(spearman(hk["counts"], sum_log_sigma), 3),
+        }
+    return {
+        "n_bank": len(bank_mu),
+        "n_queries": len(q_mu),
+        "sd_mu": [round(float(v), 4) for v in bank_mu.std(0)],
+        "geo_mean_sigma": [round(float(v), 4) for v in np.exp(log_sigma.mean(0))],
+        "sd_log_sigma": [round(float(v), 4) for v in log_sigma.std(0)],
+        "sigma_p90_over_p10": [round(float(v), 3) for v in np.exp(p90 - p10)],
+        "sd_sum_log_sigma": round(float(sum_log_sigma.std()), 3),
+        f"median_maha_spread_top{HUB_K}": round(float(np.median(maha_top.max(1) - maha_top.min(1))), 3),
+        # How far a query lies from its log q top-1 item, in that item's sigmas (root mean square over
+        # dimensions): ~1 would mean the query falls inside the posterior, >> 1 in its far tail.
+        "median_top1_sigmas": round(float(np.median(np.sqrt(-2.0 * maha_top[:, 0] / mu.shape[1]))), 3),
+        "rules": rules,
+        "logq_vs_mu_l2": disagreement(tops["logq"][:, 0], tops["mu_l2"][:, 0], y_tr, y_va),
+        "logq_vs_mahalanobis": disagreement(tops["logq"][:, 0], tops["mahalanobis"][:, 0], y_tr, y_va),
+        "engine_top1_match": round(float((engine_top1 == tops["logq"][:, 0]).mean()), 4),
+    }
+
+
+def diagnosis_markdown(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The Markdown lines of the ``diagnosis`` of each run that has one (none: no lines)."""
+    lines: list[str] = []
+    for r in runs:
+        g = r.get("diagnosis")
+        if not g:
+            continue
+        where = "" if r.get("fold") is None else f" fold {r['fold']}"
+        lines += [
+            "",
+            f"### Diagnosis: {r['config']} seed {r['seed']}{where} ({g['n_queries']} queries, bank "
+            f"{g['n_bank']})",
+            "",
+            "| dim | KL | sd mu | geo-mean sigma | sd log sigma | sigma p90/p10 |",
+            "|" + " --- |" * 6,
+        ]
+        for j, kl in enumerate(r.get("kl_per_dim") or [math.nan] * len(g["sd_mu"])):
+            lines.append(f"| {j} | {kl:.2f} | {g['sd_mu'][j]:.3f} | {g['geo_mean_sigma'][j]:.3f} | "
+                         f"{g['sd_log_sigma'][j]:.3f} | {g['sigma_p90_over_p10'][j]:.2f} |")  # fmt: skip
+        lines += [
+            "",
+            f"-sum log sigma over the bank: sd {g['sd_sum_log_sigma']:.2f} nats; the Mahalanobis part "
+            f"over each query's top-{HUB_K} log q items spans {g[f'median_maha_spread_top{HUB_K}']:.2f} "
+            f"nats (median over queries); a query lies {g['median_top1_sigmas']:.2f} sigmas (RMS over "
+            "dimensions, median over queries) from its log q top-1 item. numpy log q top-1 = engine "
+            f"top-1 for {g['engine_top1_match']:.1%} of queries.",
+            "",
+            f"| rule | top-1 | same top-1 as log q | skew N1 | skew N{HUB_K} | max N{HUB_K} | never in a "
+            f"top-{HUB_K} | top-{HUB_K} slots of the {HUB_SHARE:.0%} hubs | Spearman(N{HUB_K}, "
+            "sum log sigma) |",
+            "|" + " --- |" * 9,
+        ]
+        for rule, s in g["rules"].items():
+            lines.append("| " + " | ".join(str(c) for c in [
+                rule, f"{s['top1']:.3f}", f"{s['same_top1_as_logq']:.3f}", f"{s['skew_top1']:.2f}",
+                f"{s[f'skew_top{HUB_K}']:.2f}", s[f"max_top{HUB_K}"], f"{s[f'never_top{HUB_K}']:.3f}",
+                f"{s[f'hub_slots_top{HUB_K}']:.3f}", f"{s['spearman_occurrence_sum_log_sigma']:+.3f}",
+            ]) + " |")  # fmt: skip
+        lines.append("")
+        for key, other in (("logq_vs_mu_l2", "mu-L2"), ("logq_vs_mahalanobis", "Mahalanobis part")):
+            d = g[key]
+            lines.append(
+                f"- log q vs {other}: top-1 items differ on {d['differ']} of {d['queries']} queries; "
+                f"there log q right only {d['a_only']}, {other} right only {d['b_only']}, both right "
+                f"{d['both']}, neither {d['neither']}."
+            )
+    return lines
+
+
 def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``NAME:field=value,field=value`` -> (name, TrainConfig changes, VAEConfig changes).
 
@@ -216,11 +438,13 @@ def run_report(
     cfg: TrainConfig,
     vae_changes: dict[str, Any] | None = None,
     fold: tuple[int, np.ndarray, np.ndarray] | None = None,
+    with_diagnosis: bool = False,
 ) -> tuple[dict[str, Any], LoadedModel, dict[str, np.ndarray]]:
     """Train and evaluate one configuration: its report row, the model, and the per-query outcomes
     (:func:`quality`'s ``per_query``, with ``rows``: the held-out rows they belong to).
 
     ``fold``: ``(index, train_rows, val_rows)`` of a cross-validation fold (default: the seeded split).
+    ``with_diagnosis``: add :func:`diagnose`'s figures as the row's ``diagnosis``.
     """
     load_before = os.getloadavg()[0]
     if fold is None:
@@ -251,7 +475,10 @@ def run_report(
         "train_config": cfg.to_dict(),
         "vae_changes": {k: list(v) if isinstance(v, tuple) else v for k, v in (vae_changes or {}).items()},
     }
-    log.info("%s seed %d: %s", name, cfg.seed, {k: v for k, v in row.items() if k != "train_config"})
+    if with_diagnosis:
+        row["diagnosis"] = diagnose(model, data, tr, va)
+    log.info("%s seed %d: %s", name, cfg.seed, {k: v for k, v in row.items() if k not in ("train_config",
+             "diagnosis")})
     return row, model, per_query
 
 
@@ -531,6 +758,7 @@ def markdown(report: dict[str, Any]) -> str:
         "interleaved runs; 1-min load average before measuring "
         f"{report['load_average_1min_before_throughput']:.2f} on a machine shared with other jobs, so "
         "times are noisy).",
+        *diagnosis_markdown(report["runs"]),
         "",
     ]
     return "\n".join(lines)
@@ -620,6 +848,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--targets-for", default="default", help="the configuration whose targets are checked"
     )
+    parser.add_argument(
+        "--diagnose",
+        action="store_true",
+        help="per run, also why log q ranks as it does against mu-L2: sigma spread per dimension, top-1 "
+        "disagreements, hubness, the Mahalanobis part alone (see diagnose)",
+    )
     parser.add_argument("--time-limit", type=float, default=900.0, help="training wall-clock cap per run (s)")
     parser.add_argument("--batch", type=int, default=1024, help="encode batch size")
     parser.add_argument("--repeats", type=int, default=7)
@@ -664,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
     first_model: LoadedModel | None = None
     for i, (name, cfg, vae_changes, fold) in enumerate(plans):
         log.info("run %d of %d: %s seed %d fold %s", i + 1, len(plans), name, cfg.seed, fold and fold[0])
-        row, model, per_query = run_report(name, data, cfg, vae_changes, fold)
+        row, model, per_query = run_report(name, data, cfg, vae_changes, fold, args.diagnose)
         rows.append(row)
         outcomes.append({**per_query, "config": name, "seed": cfg.seed})
         first_model = first_model or model

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 
 import numpy as np
 import pytest
@@ -15,7 +16,8 @@ from reference import SIGMA_REGIMES, log_q, make_bank, top_k
 
 from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
-from latentsearch.engine.kernels import KernelIndex, kernel_log_prob, warm
+from latentsearch.engine.exact import _topk
+from latentsearch.engine.kernels import KernelIndex, _in_order, kernel_log_prob, warm
 from latentsearch.engine.strategy import StrategyCosts
 from latentsearch.posterior import DiagonalGaussian
 
@@ -168,3 +170,45 @@ def test_cost_model_takes_the_kernel_when_measured_cheaper() -> None:
     assert with_kernel.choose(64) == "flat"
     old = StrategyCosts.from_dict({"batch_sizes": [1, 64], "seconds": {k: list(v) for k, v in base.items()}})
     assert old.choose(1) == "partitions"  # costs saved before the kernel: the two measured paths
+
+
+def test_in_order_agrees_with_the_sort() -> None:
+    # the fast path that skips re-sorting the rescored top-k: only where the sort changes nothing
+    rng = np.random.default_rng(11)
+    for _ in range(200):
+        k = int(rng.integers(1, 6))
+        scores = np.round(rng.normal(size=(3, k)), 1)  # rounding makes ties
+        rows = rng.permutation(50)[: 3 * k].reshape(3, k).astype(np.int64)
+        pad = rng.random((3, k)) < 0.2
+        rows[pad], scores[pad] = -1, -np.inf
+        sorted_rows, sorted_scores = _topk(rows, scores, k)
+        same = np.array_equal(sorted_rows, rows) and np.array_equal(sorted_scores, scores)
+        assert _in_order(rows, scores) == same
+        assert _in_order(sorted_rows, sorted_scores)
+
+
+def test_load_builds_the_kernel_index_in_the_background(vae_bank, vae_engine: SearchEngine, tmp_path) -> None:
+    mu, log_sigma, _ = vae_bank
+    loaded = SearchEngine.load(vae_engine.save(tmp_path / "engine"))
+    for thread in threading.enumerate():
+        if thread.name == "latentsearch-kernel-index":
+            thread.join(timeout=60)
+    assert loaded._kernel is not None  # made by the load's thread, before any query
+    z = query_families((mu, log_sigma), 6, seed=12)["box"]
+    _check_exact(loaded, mu, log_sigma, z, 10)
+    flat = dataclasses.replace(vae_engine.config, exact_strategy="flat", approx_strategy="scan")
+    assert SearchEngine(loaded.bank, flat, exact=loaded.exact, approx=loaded.approx).prepare_kernel() is None
+
+
+def test_partitions_from_partition_min_items_with_exact_auto_mode() -> None:
+    rng = np.random.default_rng(13)
+    mu, log_sigma = make_bank(2000, 6, "moderate", rng)
+    config = EngineConfig(partition_min_items=1500, approx_min_items=5000, typicality_samples=0)
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=config)
+    assert engine.approx is not None and engine.costs is not None  # the partitions, measured
+    z = rng.uniform(-4, 4, size=(5, 6))
+    res = engine.search(z[0], 10)
+    assert res.mode == "exact"  # below approx_min_items "auto" still answers exactly
+    _check_exact(engine, mu, log_sigma, z, 10)
+    small = SearchEngine.build(mu[:1000], log_sigma=log_sigma[:1000], config=config)
+    assert small.approx is None

@@ -152,6 +152,144 @@ def test_calibrate_stops_after_the_round_that_spends_the_budget(monkeypatch: pyt
         np.testing.assert_allclose(secs, [0.1, 0.1, 0.1], rtol=1e-9)
 
 
+# Per family (ms per call at B = 1, 16, 64), the shape measured at 1M items: the kernel fastest on
+# average and on box and posterior queries, but 3x slower than the flat screen on prior ones at B = 64.
+MS = {
+    "box": {"partitions": (30, 450, 1300), "flat": (110, 300, 640), "kernel": (14, 200, 530)},
+    "prior": {"partitions": (50, 700, 2500), "flat": (80, 260, 550), "kernel": (30, 500, 1800)},
+    "posterior": {"partitions": (29, 400, 1580), "flat": (70, 260, 750), "kernel": (10, 150, 470)},
+}
+BY_FAMILY = StrategyCosts.of_families(
+    (1, 16, 64), {f: {p: tuple(x * 1e-3 for x in v) for p, v in t.items()} for f, t in MS.items()}
+)
+
+
+def test_choice_is_minimax_over_the_families() -> None:
+    c = BY_FAMILY
+    # seconds holds the families' mean (hand-computed for the kernel at B = 64).
+    assert c.seconds["kernel"][2] == pytest.approx((530 + 1800 + 470) / 3 * 1e-3)
+    assert c.predict("flat", 64, "prior") == pytest.approx(0.55)
+    # B = 1: the kernel is the best for every family (worst ratio 1).
+    assert c.worst_ratio("kernel", 1) == pytest.approx(1.0) and c.choose(1) == "kernel"
+    # B = 64: kernel worst 1800/550 = 3.27 (prior), flat worst 750/470 = 1.60 (posterior),
+    # partitions worst 1580/470: hand-computed ratios.
+    assert c.worst_ratio("kernel", 64) == pytest.approx(1800 / 550)
+    assert c.worst_ratio("flat", 64) == pytest.approx(750 / 470)
+    assert c.choose(64) == "flat"
+    # B = 16: kernel worst 500/260 = 1.92 (prior), flat worst 300/200 = 1.5 (box) -> flat.
+    assert c.choose(16) == "flat"
+    assert c.choose(640) == "flat"  # per query beyond the probes: the B = 64 ratios
+
+
+def test_minimax_differs_from_the_cheapest_on_average() -> None:
+    # ms per call at B = 1: path "kernel" is cheapest on average (12.0 vs 13.3) but 4x the best on
+    # prior queries; "flat" is never more than 1.25x the best: minimax takes it.
+    ms: dict[str, dict[str, tuple[float, ...]]] = {
+        "box": {"partitions": (30.0,), "flat": (10.0,), "kernel": (8.0,)},
+        "prior": {"partitions": (30.0,), "flat": (20.0,), "kernel": (80.0,)},
+        "posterior": {"partitions": (30.0,), "flat": (10.0,), "kernel": (8.0,)},
+    }
+    mean_kernel = StrategyCosts(
+        batch_sizes=(1,), seconds={"partitions": (30.0,), "flat": (13.3,), "kernel": (12.0,)}
+    )
+    assert mean_kernel.choose(1) == "kernel"  # no families: the cheapest on average
+    c = StrategyCosts.of_families((1,), ms)
+    assert c.worst_ratio("flat", 1) == pytest.approx(1.25)
+    assert c.worst_ratio("kernel", 1) == pytest.approx(4.0)
+    assert c.choose(1) == "flat"
+    # A tie on the worst ratio goes to the cheaper on average, then to the kernel.
+    tie = StrategyCosts.of_families(
+        (1,),
+        {
+            "a": {"partitions": (2.0,), "flat": (1.0,), "kernel": (1.0,)},
+            "b": {"partitions": (4.0,), "flat": (2.0,), "kernel": (2.0,)},
+        },
+    )
+    assert tie.choose(1) == "kernel"
+
+
+def test_family_tables_round_trip_and_old_tables_load() -> None:
+    assert StrategyCosts.from_dict(json.loads(json.dumps(BY_FAMILY.to_dict()))) == BY_FAMILY
+    # A table saved before families (and before the kernel) loads, with the old choice.
+    old = {
+        "batch_sizes": [1, 16, 64],
+        "seconds": {"partitions": [1e-3, 20e-3, 80e-3], "flat": [4e-3, 8e-3, 20e-3]},
+    }
+    loaded = StrategyCosts.from_dict(old)
+    assert loaded.families is None and loaded == CROSSING and loaded.to_dict() == old
+    assert [loaded.choose(b) for b in (1, 4, 5, 64)] == ["partitions", "partitions", "flat", "flat"]
+    bad: list[Any] = [
+        {**BY_FAMILY.to_dict(), "families": {"box": {"partitions": [1.0, 2.0, 3.0], "flat": [1, 2, 3]}}},
+        {**BY_FAMILY.to_dict(), "families": {}},
+        {**BY_FAMILY.to_dict(), "families": {"box": {**MS["box"], "flat": [1.0]}}},
+    ]
+    for data in bad:
+        with pytest.raises(CorruptIndexError):
+            StrategyCosts.from_dict(data)
+    with pytest.raises(InvalidArgumentError):
+        BY_FAMILY.predict("flat", 1, "uniform")
+
+
+def test_calibrate_by_family_times_each_family_and_bounds_the_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock: a call of B queries of a family takes B x (that family's per-query ms of the
+    # path); the flat screen costs 0.3 s a call whatever B (a large bank, one pass for a batch).
+    now = [0.0]
+    per_query = {"box": {"partitions": 8e-3, "kernel": 2e-3}, "prior": {"partitions": 20e-3, "kernel": 12e-3}}
+    seen: dict[tuple[str, str, int], int] = {}
+
+    def run(path: str, points: np.ndarray) -> None:
+        fam = "box" if points[0, 0] == 0 else "prior"
+        key = (fam, path, len(points))
+        seen[key] = seen.get(key, 0) + 1
+        now[0] += 0.3 if path == "flat" else len(points) * per_query[fam][path]
+
+    monkeypatch.setattr(strategy.time, "perf_counter", lambda: now[0])
+    probes = {"box": np.zeros((128, 3)), "prior": np.ones((128, 3))}
+    costs = strategy.calibrate(
+        run, probes, batch_sizes=(1, 16, 64), rounds=3, budget_s=float("inf"), paths=strategy.PATHS
+    )
+    assert costs.families is not None and set(costs.families) == {"box", "prior"}
+    # Flat: each family's 4 single-query calls stop after the first (over PROBE_CELL_BUDGET_S).
+    assert seen[("box", "flat", 1)] == 1 + 3  # the warm-up, then one call a round
+    # ... on every family (its calls under LONG_CALL_S), the least holding for all.
+    assert seen[("prior", "flat", 1)] == 3
+    assert seen[("prior", "kernel", 1)] == 3 * 4
+    # Partitions >= 1.5x the kernel on both families at B = 1: not timed at 16 or 64, costed per
+    # query from B = 1 (a 16-query call: 16 x 8 ms on box).
+    assert ("box", "partitions", 16) not in seen and ("prior", "partitions", 64) not in seen
+    np.testing.assert_allclose(costs.families["box"]["partitions"], [8e-3, 16 * 8e-3, 64 * 8e-3])
+    np.testing.assert_allclose(costs.families["prior"]["kernel"], [12e-3, 16 * 12e-3, 64 * 12e-3])
+    np.testing.assert_allclose(costs.families["prior"]["flat"], [0.3, 0.3, 0.3])
+    np.testing.assert_allclose(costs.seconds["kernel"], [7e-3, 16 * 7e-3, 64 * 7e-3])
+    # B = 16: the kernel is the best on both families. B = 64: kernel 768 / 300 ms on prior (2.56x),
+    # flat 300 / 128 ms on box (2.34x): minimax takes the flat screen.
+    assert [costs.choose(b) for b in (1, 16, 64)] == ["kernel", "kernel", "flat"]
+    # A per-query path whose call took over LONG_CALL_S (the kernel on 16 prior queries: 192 ms)
+    # is not timed at larger sizes, and costed per query from there.
+    monkeypatch.setattr(strategy, "LONG_CALL_S", 0.1)
+    seen.clear()
+    again = strategy.calibrate(run, probes, batch_sizes=(1, 16, 64), rounds=1, paths=strategy.PATHS)
+    assert ("box", "kernel", 16) in seen and ("box", "kernel", 64) not in seen
+    assert again.families is not None
+    np.testing.assert_allclose(again.families["box"]["kernel"], [2e-3, 16 * 2e-3, 64 * 2e-3])
+    # The flat screen's 0.3 s calls, over a LONG_CALL_S of 0.2: timed on the first family only.
+    monkeypatch.setattr(strategy, "LONG_CALL_S", 0.2)
+    seen.clear()
+    strategy.calibrate(run, probes, batch_sizes=(1, 16, 64), rounds=3, budget_s=float("inf"))
+    assert not any(f == "prior" and p == "flat" for f, p, _ in seen) and seen[("box", "flat", 64)] == 3
+
+
+def test_family_probes_are_the_interleaved_probes() -> None:
+    mu, log_sigma = make_bank(300, 3, "moderate", np.random.default_rng(4))
+    fam = strategy.family_probes(mu, log_sigma, 9, seed=2)
+    assert list(fam) == list(strategy.FAMILIES)
+    p = probe_queries(mu, log_sigma, 9, seed=2)
+    np.testing.assert_array_equal(p[0::3], fam["box"][:3])
+    np.testing.assert_array_equal(p[1::3], fam["prior"][:3])
+    np.testing.assert_array_equal(p[2::3], fam["posterior"][:3])
+    np.testing.assert_array_equal(fam["prior"], strategy.family_probes(mu, log_sigma, 9, seed=2)["prior"])
+
+
 def test_config_accepts_auto_and_rejects_other_strategies() -> None:
     assert EngineConfig().exact_strategy == "auto"
     with pytest.raises(InvalidArgumentError) as err:

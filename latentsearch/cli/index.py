@@ -163,10 +163,10 @@ def _cmd_index(args: argparse.Namespace) -> int:
             # imports ray: only for --ray. One Ray session for the job: encode, then the build's
             # every-item k-means assignment as Ray tasks (indexer.ray_build).
             from latentsearch.indexer.ray_build import ray_assigner
-            from latentsearch.indexer.ray_encode import ray_encode, ray_session
+            from latentsearch.indexer.ray_encode import ray_encode, ray_payloads, ray_session
 
             with ray_session(config.ray_address):
-                result = run_index_job(config, encode=ray_encode, assign=ray_assigner)
+                result = run_index_job(config, encode=ray_encode, assign=ray_assigner, payloads=ray_payloads)
         else:
             result = run_index_job(config)
     except InvalidArgumentError as exc:

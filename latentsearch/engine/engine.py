@@ -6,6 +6,7 @@ import dataclasses
 import logging
 import math
 import threading
+import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
@@ -32,7 +33,7 @@ from latentsearch.engine.strategy import (
     ExactPath,
     StrategyCosts,
     calibrate,
-    probe_queries,
+    family_probes,
 )
 from latentsearch.engine.typicality import TypicalityReference, reference_points
 from latentsearch.errors import InvalidArgumentError
@@ -120,7 +121,7 @@ class SearchEngine:
         self.costs = costs
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
         self._lock = threading.Lock()
-        self._kernel: KernelIndex | None = None  # the bank by partition, made on first use
+        self._kernel: KernelIndex | None = None  # the bank by partition (see prepare_kernel)
         if approx is not None:
             warm()  # compile (or load) the kernel now, not in the first query
 
@@ -145,8 +146,9 @@ class SearchEngine:
             mu: ``(N, d)`` means; give exactly one of ``log_sigma``, ``logvar`` or ``sigma`` (N, d).
             ids: ``(N,)`` unique external ids (strings or integers); default the row number.
             labels: ``(N,)`` integer labels for filtered search.
-            build_approx: build the approximate index; default when N >= ``config.approx_min_items``
-                or ``config.mode == "approx"``.
+            build_approx: build the approximate index (the partitions); default when N >=
+                ``min(config.partition_min_items, config.approx_min_items)`` or ``config.mode ==
+                "approx"``.
             assign_rows: the approximate build's assignment of every item to its k-means centroid,
                 done elsewhere (:data:`latentsearch.engine.approx.AssignRows`, e.g. Ray tasks,
                 indexer/ray_build.py); None: in this process.
@@ -169,7 +171,8 @@ class SearchEngine:
         """The engine over ``bank`` (arguments as :meth:`build`)."""
         config = config or EngineConfig()
         if build_approx is None:
-            build_approx = len(bank) >= config.approx_min_items or config.mode == "approx"
+            least = min(config.partition_min_items, config.approx_min_items)
+            build_approx = len(bank) >= least or config.mode == "approx"
         engine = cls(bank, config)
         if build_approx:
             engine.approx = ApproxIndex.build(
@@ -208,23 +211,31 @@ class SearchEngine:
         return TypicalityReference(log_qz=np.sort(norm.log_qz + shift))
 
     def calibrate_exact(self, *, seed: int = 0) -> StrategyCosts | None:
-        """Measure both exact paths on this host (see :mod:`latentsearch.engine.strategy`): the
-        seconds of exact calls of probe queries at each of ``PROBE_BATCH_SIZES``, on the partitions
-        and on the flat screen. ``None`` (nothing to choose) without an approximate index.
+        """Measure the exact paths on this host (see :mod:`latentsearch.engine.strategy`): the
+        seconds of exact calls at each of ``PROBE_BATCH_SIZES`` on the partitions, the flat screen
+        and the compiled kernel, for probe queries of each family (box, prior, posterior; a fixed
+        ``seed``: the same probes every time). ``None`` (nothing to choose) without an approximate
+        index.
 
         :meth:`from_bank` calls it once the approximate index is built, and the result is saved with
         the engine; call it again (and assign ``engine.costs``) to re-measure on another host.
         """
         if self.approx is None:
             return None
-        probes = probe_queries(self.bank.mu, self.bank.log_sigma, 2 * max(PROBE_BATCH_SIZES), seed=seed)
+        probes = family_probes(self.bank.mu, self.bank.log_sigma, 2 * max(PROBE_BATCH_SIZES), seed=seed)
         k = min(10, len(self.bank))
 
         def run(path: ExactPath, points: np.ndarray) -> object:
             return self._search_arrays(points, None, k, "exact", None, None, strategy=path)
 
+        started = time.perf_counter()
         costs = calibrate(run, probes, paths=PATHS)
-        log.info("exact strategy costs (s per call at B = %s): %s", costs.batch_sizes, costs.seconds)
+        log.info(
+            "exact strategy costs in %.2f s (s per call at B = %s, per family): %s",
+            time.perf_counter() - started,
+            costs.batch_sizes,
+            costs.families,
+        )
         return costs
 
     # -- properties ---------------------------------------------------------------------------
@@ -745,7 +756,7 @@ class SearchEngine:
         ``device`` picks where the exact flat screens run on this host (see ``EngineConfig.device``).
         """
         parts = load_engine(Path(path), mmap=mmap, verify=verify, device=device)
-        return cls(
+        engine = cls(
             parts.bank,
             parts.config,
             exact=parts.exact,
@@ -753,6 +764,36 @@ class SearchEngine:
             typicality=parts.typicality,
             costs=parts.costs,
         )
+        engine.prepare_kernel(background=True)
+        return engine
+
+    def prepare_kernel(self, *, background: bool = False) -> threading.Thread | None:
+        """Make the compiled kernel's copy of the bank (:meth:`kernel_index`) now rather than in the
+        first query that needs it, when this engine's config can take the kernel at all.
+
+        :meth:`load` calls it with ``background=True``: a daemon thread builds the copy (at 1M items
+        d = 10 about 1-2 s and 176 MiB; ~10x both at 10M) while the load returns at once; a query
+        arriving before it is done waits for it (the same lock). Returns that thread (None when run
+        inline or when nothing is to be made). Errors in the thread are logged; the first query
+        that needs the kernel then raises them itself.
+        """
+        cfg = self.config
+        uses_kernel = cfg.exact_strategy in ("auto", "kernel") or cfg.approx_strategy != "scan"
+        if self.approx is None or not uses_kernel:
+            return None
+        if not background:
+            self.kernel_index()
+            return None
+
+        def build() -> None:
+            try:
+                self.kernel_index()
+            except Exception:  # the query path raises it again, where a caller sees it
+                log.exception("building the kernel index in the background failed")
+
+        thread = threading.Thread(target=build, name="latentsearch-kernel-index", daemon=True)
+        thread.start()
+        return thread
 
 
 def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Which exact path answers a batch: a cost model of the two strategies, calibrated by measurement.
+"""Which exact path answers a batch: a cost model of the exact strategies, calibrated by measurement.
 
 Exact mode has two certified paths once a bank has an approximate index: ``"partitions"`` (branch
 and bound over the partitions, scanning a few % of the bank) and ``"flat"`` (the certified float32
@@ -8,26 +8,31 @@ large banks with few queries (measured on 2 cores: flat faster at every batch si
 partitions 3x faster at B = 1 but slower from B = 64 at 1M).
 
 :class:`StrategyCosts` holds what :func:`calibrate` measured: the seconds of one exact call on each
-path at a few batch sizes (:data:`PROBE_BATCH_SIZES`), timed on the built index with probe queries
-of the benchmark's three families (:func:`probe_queries`: box, prior and posterior samples,
-interleaved). :data:`PROBE_ROUNDS` rounds each time every size on both paths (a round of single
-queries makes several calls), so both paths see the same machine load, after one warm-up call
-each; the minimum over rounds is kept per size and path (noise only ever adds time). At 200k items
-this takes about 0.8 s on 2 idle cores; from about 1M items one round exceeds
-:data:`PROBE_BUDGET_S` and is the only one (about 1.2 s at 1M).
+path at a few batch sizes (:data:`PROBE_BATCH_SIZES`), timed on the built index for each of the
+benchmark's three query families (:func:`family_probes`: box, prior and posterior samples), since
+the best path differs by family (1M items, B = 64, 1 thread: the kernel 1.2-1.6x faster than the
+flat screen on box and posterior queries and 3.3x slower on prior ones). :data:`PROBE_ROUNDS`
+rounds each time every size on every path, so all paths see the same machine load, after one
+warm-up call each; the minimum over rounds is kept per family, size and path (noise only ever adds
+time). Rounds stop once :data:`PROBE_BUDGET_S` is spent (the first always runs). The first round's
+work is bounded too: a family's single-query calls stop after :data:`PROBE_CELL_BUDGET_S`, and the
+interpreted branch and bound stops being timed at larger sizes once it is :data:`SKIP_FACTOR` times
+slower than the compiled one (they do the same work per query) on every family, a per-query path
+stops being timed at larger sizes after a call over :data:`LONG_CALL_S` (costed per query from
+there), and the flat screen, whose cost does not depend on the queries, is timed on one family
+once a call takes over :data:`LONG_CALL_S` (else on each, keeping the least).
 
 When: ``SearchEngine.from_bank`` measures once the approximate index is built, and the costs are
 saved in the manifest; an engine saved without them loads with ``costs=None`` and keeps the old
 rule (partitions whenever an approximate index exists). ``SearchEngine.calibrate_exact`` measures
-again on demand (another host). :meth:`StrategyCosts.choose` predicts a call of B queries by
-linear interpolation between the probed sizes (beyond the largest: the same cost per query) and
-picks the cheaper path, partitions on a tie. An explicit ``EngineConfig.exact_strategy`` always
-wins over the model.
-
-A third path, ``"kernel"`` (the compiled branch and bound of :mod:`latentsearch.engine.kernels`), is
-measured beside them when the engine can run it; costs saved before it existed hold only the first
-two, and the model then chooses between those. Where measured, the kernel is taken when it is
-predicted no slower than the better of the other two.
+again on demand (another host). :meth:`StrategyCosts.predict` predicts a call of B queries by
+linear interpolation between the probed sizes (beyond the largest: the same cost per query).
+:meth:`StrategyCosts.choose` is minimax over the families: the path whose worst ratio to the best
+path of a family is least (the default must stay near the best for every family; the mean time
+let one family be 1.6x off at 1M), then the cheaper on average, then the kernel, the partitions,
+the flat screen. Tables saved before families hold only the interleaved mean and choose the
+cheapest on it; tables saved before the kernel hold only the first two paths. An explicit
+``EngineConfig.exact_strategy`` always wins over the model.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from __future__ import annotations
 import bisect
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -45,12 +50,14 @@ from latentsearch.errors import CorruptIndexError, InvalidArgumentError
 
 __all__ = [
     "BASE_PATHS",
+    "FAMILIES",
     "PATHS",
     "PROBE_BATCH_SIZES",
     "PROBE_ROUNDS",
     "ExactPath",
     "StrategyCosts",
     "calibrate",
+    "family_probes",
     "probe_queries",
 ]
 
@@ -71,6 +78,30 @@ PROBE_BUDGET_S = 1.0
 # A round of a small batch size makes several calls, this many queries in all (single queries'
 # costs differ by family: one call would measure one query).
 PROBE_MIN_QUERIES = 8
+# The probe query families (the benchmark's): calibration times each separately, since the best
+# path differs by family (1M items, B = 64: the kernel 1.2-1.6x faster than the flat screen on box
+# and posterior queries, 3.3x slower on prior ones).
+FAMILIES = ("box", "prior", "posterior")
+# With families, a size's calls of one family stop once they took this long (after the first): at
+# 10M items one flat call of a single query takes about a second.
+PROBE_CELL_BUDGET_S = 0.25
+# Branch and bound over the partitions does the kernel's work, interpreted: from the first size at
+# which it is this many times slower than the kernel on every family, it is not timed at larger
+# sizes (their cost: its cost per query at the last size timed, which only overstates it).
+SKIP_FACTOR = 1.5
+SKIPPABLE: dict[ExactPath, ExactPath] = {"partitions": "kernel"}
+# Paths whose cost per query hardly depends on the batch size (each query is searched on its own);
+# one whose call took longer than LONG_CALL_S at a size is not timed at larger sizes either (10M
+# items: one call of 64 single-threaded kernel queries takes about 10 s).
+PER_QUERY_PATHS: tuple[ExactPath, ...] = ("partitions", "kernel")
+LONG_CALL_S = 1.0
+# The flat screen reads the whole bank once per call, whatever the queries (at 1M items its times
+# for the three families agreed within 1%): with families, its cost at a size is the least over
+# the families timed (more samples against bursts of load), the next family not timed once a call
+# took over LONG_CALL_S, and holds for all.
+# The order ties are broken in (the compiled kernel first).
+_PREFERENCE: tuple[ExactPath, ...] = ("kernel", "partitions", "flat")
+_CHOICE_CACHE = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,32 +110,45 @@ class StrategyCosts:
 
     # Ascending probed batch sizes (B), each >= 1.
     batch_sizes: tuple[int, ...]
-    # Seconds of one call of B queries per path, one entry per batch size.
+    # Seconds of one call of B queries per path, one entry per batch size (with ``families``: the
+    # mean over them).
     seconds: dict[str, tuple[float, ...]]
+    # The same per query family (``{family: {path: per-size seconds}}``, families of
+    # :data:`FAMILIES`); None: a table measured on interleaved probes (saved before families were).
+    families: dict[str, dict[str, tuple[float, ...]]] | None = None
+    # choose()'s answers by batch size (it runs on every exact call): not part of the value.
+    _chosen: dict[int, ExactPath] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         sizes = self.batch_sizes
+        tables = [self.seconds, *(self.families or {}).values()]
         ok = (
             len(sizes) >= 1
             and all(isinstance(b, int) and b >= 1 for b in sizes)
             and list(sizes) == sorted(set(sizes))
-            and set(BASE_PATHS) <= set(self.seconds) <= set(PATHS)
+            and (self.families is None or len(self.families) >= 1)
             and all(
-                len(v) == len(sizes) and all(np.isfinite(s) and s >= 0 for s in v)
-                for v in self.seconds.values()
+                set(BASE_PATHS) <= set(t) <= set(PATHS)
+                and set(t) == set(self.seconds)
+                and all(
+                    len(v) == len(sizes) and all(np.isfinite(s) and s >= 0 for s in v) for v in t.values()
+                )
+                for t in tables
             )
         )
         if not ok:
             raise InvalidArgumentError(
                 f"strategy costs need ascending batch sizes >= 1 and, for each of {BASE_PATHS} (and "
-                f"optionally {PATHS[2:]}), one finite "
-                f"time >= 0 per size; got {self.batch_sizes!r}, {self.seconds!r}",
+                f"optionally {PATHS[2:]}), one finite time >= 0 per size, the same paths in every "
+                f"family; got {self.batch_sizes!r}, {self.seconds!r}, {self.families!r}",
                 field="costs",
             )
 
-    def predict(self, path: ExactPath, nq: int) -> float:
-        """Predicted seconds of one call of ``nq`` queries on ``path``."""
-        sizes, secs = self.batch_sizes, self.seconds[path]
+    def predict(self, path: ExactPath, nq: int, family: str | None = None) -> float:
+        """Predicted seconds of one call of ``nq`` queries on ``path`` (of ``family``'s queries
+        when given, else the mean over families)."""
+        sizes = self.batch_sizes
+        secs = self.seconds[path] if family is None else self._family(family)[path]
         if nq >= sizes[-1]:
             return secs[-1] * nq / sizes[-1]
         i = bisect.bisect_right(sizes, nq)  # plain Python: np.interp took 3 us a call, per query
@@ -113,44 +157,94 @@ class StrategyCosts:
         b0, b1 = sizes[i - 1], sizes[i]
         return secs[i - 1] + (secs[i] - secs[i - 1]) * (nq - b0) / (b1 - b0)
 
+    def _family(self, family: str) -> dict[str, tuple[float, ...]]:
+        if self.families is None or family not in self.families:
+            raise InvalidArgumentError(f"no costs measured for family {family!r}", field="family")
+        return self.families[family]
+
+    def worst_ratio(self, path: ExactPath, nq: int) -> float:
+        """The largest, over the measured families, of ``path``'s predicted time over the best
+        path's for that family (1.0: the best for every family); without families, over the mean."""
+        families: list[str | None] = list(self.families) if self.families else [None]
+        worst = 1.0
+        for f in families:
+            best = min(self.predict(p, nq, f) for p in self.seconds)  # type: ignore[arg-type]
+            mine = self.predict(path, nq, f)
+            worst = max(worst, mine / best if best > 0 else (1.0 if mine == 0 else np.inf))
+        return worst
+
     def choose(self, nq: int) -> ExactPath:
-        """The cheaper path for a call of ``nq`` queries (partitions on a tie with flat, the kernel
-        on a tie with either)."""
-        flat = self.predict("flat", nq) < self.predict("partitions", nq)
-        best: ExactPath = "flat" if flat else "partitions"
-        if "kernel" in self.seconds and self.predict("kernel", nq) <= self.predict(best, nq):
-            return "kernel"
-        return best
+        """The path for a call of ``nq`` queries: the least worst ratio to the best path over the
+        query families (minimax: the default must stay near the best for every family, and a
+        path fast on average can be several times too slow for one), then the least mean time;
+        on a tie the kernel, then the partitions, then the flat screen. A table without families
+        (interleaved probes) has one ratio, so the cheapest on average wins."""
+        if nq in self._chosen:
+            return self._chosen[nq]
+        paths = [p for p in _PREFERENCE if p in self.seconds]
+        found = min(paths, key=lambda p: (round(self.worst_ratio(p, nq), 9), self.predict(p, nq)))
+        if len(self._chosen) < _CHOICE_CACHE:
+            self._chosen[nq] = found
+        return found
 
     def to_dict(self) -> dict[str, Any]:
-        seconds = {k: list(v) for k, v in self.seconds.items()}
-        return {"batch_sizes": list(self.batch_sizes), "seconds": seconds}
+        out: dict[str, Any] = {
+            "batch_sizes": list(self.batch_sizes),
+            "seconds": {k: list(v) for k, v in self.seconds.items()},
+        }
+        if self.families is not None:
+            out["families"] = {f: {k: list(v) for k, v in t.items()} for f, t in self.families.items()}
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> StrategyCosts:
-        """Rebuild from :meth:`to_dict` output; CorruptIndexError when it is not one."""
+        """Rebuild from :meth:`to_dict` output (with or without ``families``); CorruptIndexError when
+        it is not one."""
         try:
+            families = data.get("families")
             return cls(
                 batch_sizes=tuple(int(b) for b in data["batch_sizes"]),
-                seconds={str(k): tuple(float(s) for s in v) for k, v in data["seconds"].items()},
+                seconds=_table(data["seconds"]),
+                families=None if families is None else {str(f): _table(t) for f, t in families.items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, InvalidArgumentError) as exc:
             raise CorruptIndexError(f"bad exact strategy costs {data!r}: {exc}") from exc
 
+    @classmethod
+    def of_families(
+        cls, batch_sizes: tuple[int, ...], families: dict[str, dict[str, tuple[float, ...]]]
+    ) -> StrategyCosts:
+        """The table of per-family measurements, ``seconds`` their mean."""
+        tables = list(families.values())
+        mean = {p: tuple(np.mean([t[p] for t in tables], axis=0).tolist()) for p in tables[0]}
+        return cls(batch_sizes=batch_sizes, seconds=mean, families=families)
 
-def probe_queries(mu: np.ndarray, log_sigma: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
-    """``(n, d)`` probe points, row by row in turn: z uniform in [-5, 5]^d (a person's sliders),
-    z ~ N(0, I) (the prior) and z ~ q(z|x) of a random item (the benchmark's query families)."""
+
+def _table(data: Any) -> dict[str, tuple[float, ...]]:
+    return {str(k): tuple(float(s) for s in v) for k, v in data.items()}
+
+
+def family_probes(mu: np.ndarray, log_sigma: np.ndarray, n: int, *, seed: int = 0) -> dict[str, np.ndarray]:
+    """``n`` probe points ``(n, d)`` of each of :data:`FAMILIES`: z uniform in [-5, 5]^d (a
+    person's sliders), z ~ N(0, I) (the prior) and z ~ q(z|x) of a random item (the benchmark's
+    query families); deterministic for a seed."""
     rng = np.random.default_rng(seed)
     d = mu.shape[1]
     _, posterior = reference_points(mu, log_sigma, n, seed + 1)
-    families = np.stack([rng.uniform(-5.0, 5.0, size=(n, d)), rng.standard_normal((n, d)), posterior])
-    return families.transpose(1, 0, 2).reshape(3 * n, d)[:n]  # (3, n, d) -> interleaved (n, d)
+    box, prior = rng.uniform(-5.0, 5.0, size=(n, d)), rng.standard_normal((n, d))
+    return {"box": box, "prior": prior, "posterior": posterior}
+
+
+def probe_queries(mu: np.ndarray, log_sigma: np.ndarray, n: int, *, seed: int = 0) -> np.ndarray:
+    """``(n, d)`` probe points, the :func:`family_probes` interleaved row by row (box, prior,
+    posterior, box, ...)."""
+    families = np.stack(list(family_probes(mu, log_sigma, n, seed=seed).values()))
+    return families.transpose(1, 0, 2).reshape(3 * n, -1)[:n]  # (3, n, d) -> interleaved (n, d)
 
 
 def calibrate(
     run: Callable[[ExactPath, np.ndarray], object],
-    probes: np.ndarray,
+    probes: np.ndarray | dict[str, np.ndarray],
     *,
     batch_sizes: tuple[int, ...] = PROBE_BATCH_SIZES,
     rounds: int = PROBE_ROUNDS,
@@ -159,30 +253,77 @@ def calibrate(
 ) -> StrategyCosts:
     """Time ``run(path, points)`` (one exact call of ``points (B, d)`` on ``path``) on each path.
 
-    ``probes`` is ``(P, d)``, the query families interleaved row by row; a call of B queries takes B
-    consecutive probes, the next ones for the next call or size (wrapping around). Size B makes
-    ``max(1, PROBE_MIN_QUERIES // B)`` calls, the same ones every round, and counts their mean.
-    Rounds stop early once ``budget_s`` seconds have gone (after the first). ``paths`` are those
-    timed (``BASE_PATHS`` and optionally the kernel).
+    ``probes``: ``{family: (P, d)}`` (:func:`family_probes`), each family timed on its own and the
+    table keeping them (:attr:`StrategyCosts.families`); or one ``(P, d)`` array, the families
+    interleaved (the older table without families). A call of B queries takes B consecutive probes,
+    the next ones for the next call or size (wrapping around). Size B makes
+    ``max(1, PROBE_MIN_QUERIES // B)`` calls (with families: that many over the families, at least
+    one each, a family's stopping after ``PROBE_CELL_BUDGET_S``), the same ones every round, and
+    counts their mean. Rounds stop early once ``budget_s`` seconds have gone (after the first).
+    ``paths`` are those timed (``BASE_PATHS`` and optionally the kernel). With families, a path of
+    :data:`SKIPPABLE` :data:`SKIP_FACTOR` times slower than its compiled twin on every family, or
+    one of :data:`PER_QUERY_PATHS` whose call took over :data:`LONG_CALL_S`, stops being timed at
+    larger sizes (costed per query from the last size timed); the flat screen's cost is the least
+    over the families, the first only once a call took over :data:`LONG_CALL_S`.
     """
-    best: dict[ExactPath, list[float]] = {p: [np.inf] * len(batch_sizes) for p in paths}
+    by_family = isinstance(probes, dict)
+    sets = probes if isinstance(probes, dict) else {"all": probes}
+    share = len(sets) if by_family else 1
+    cell_budget = PROBE_CELL_BUDGET_S if by_family else np.inf
+    best: dict[str, dict[str, list[float]]] = {
+        f: {p: [np.inf] * len(batch_sizes) for p in paths} for f in sets
+    }
     started = time.perf_counter()
+    first = next(iter(sets.values()))
     for path in paths:  # warm-up: first-call allocations and page-ins are not the path's cost
-        run(path, probes[:1])
-    work: list[list[np.ndarray]] = []  # per size: the calls of every round (the same work each round)
-    start = 0
-    for b in batch_sizes:
-        calls = max(1, PROBE_MIN_QUERIES // b)  # small calls: several, over different probes
-        rows = np.arange(start, start + calls * b).reshape(calls, b) % len(probes)
-        work.append([probes[r] for r in rows])
-        start += calls * b
+        run(path, first[:1])
+    work: dict[str, list[list[np.ndarray]]] = {}  # per family, per size: the calls of every round
+    for f, pts in sets.items():
+        work[f], start = [], 0
+        for b in batch_sizes:
+            calls = max(1, PROBE_MIN_QUERIES // (b * share))  # small calls: several, over different probes
+            rows = np.arange(start, start + calls * b).reshape(calls, b) % len(pts)
+            work[f].append([pts[r] for r in rows])
+            start += calls * b
+    skipped: dict[ExactPath, int] = {}  # path -> the last size index timed
+    shared = next(iter(sets))
     for r in range(rounds):  # each round visits every size and path: a burst of load spoils one round
         if r and time.perf_counter() - started > budget_s:
             break
-        for i, calls_i in enumerate(work):
+        for i in range(len(batch_sizes)):
             for path in paths:
-                t = time.perf_counter()
-                for points in calls_i:
-                    run(path, points)
-                best[path][i] = min(best[path][i], (time.perf_counter() - t) / len(calls_i))
-    return StrategyCosts(batch_sizes=tuple(batch_sizes), seconds={p: tuple(v) for p, v in best.items()})
+                if path in skipped:
+                    continue
+                for f in sets:
+                    if path not in PER_QUERY_PATHS and f != shared and best[shared][path][i] > LONG_CALL_S:
+                        break  # one family's timing of the flat screen is enough for a long call
+                    t = time.perf_counter()
+                    done = 0
+                    for points in work[f][i]:
+                        run(path, points)
+                        done += 1
+                        if time.perf_counter() - t > cell_budget:
+                            break
+                    best[f][path][i] = min(best[f][path][i], (time.perf_counter() - t) / done)
+            if r == 0 and by_family:
+                for path in paths:
+                    fast = SKIPPABLE.get(path)
+                    dominated = fast in paths and all(
+                        best[f][path][i] >= SKIP_FACTOR * best[f][fast][i] for f in sets
+                    )
+                    long = path in PER_QUERY_PATHS and max(best[f][path][i] for f in sets) > LONG_CALL_S
+                    if path not in skipped and (dominated or long):
+                        skipped[path] = i
+    for path, last in skipped.items():  # its cost per query at the last size timed
+        for f in sets:
+            for i in range(last + 1, len(batch_sizes)):
+                best[f][path][i] = best[f][path][last] * batch_sizes[i] / batch_sizes[last]
+    for path in paths:
+        if by_family and path not in PER_QUERY_PATHS:
+            least = [min(best[f][path][i] for f in sets) for i in range(len(batch_sizes))]
+            for f in sets:
+                best[f][path] = list(least)
+    tables = {f: {p: tuple(v) for p, v in t.items()} for f, t in best.items()}
+    if by_family:
+        return StrategyCosts.of_families(tuple(batch_sizes), tables)
+    return StrategyCosts(batch_sizes=tuple(batch_sizes), seconds=tables["all"])

@@ -43,9 +43,15 @@ __all__ = [
     "MAX_THUMBNAIL_VALUES",
     "Catalogue",
     "CatalogueInfo",
+    "ItemPayloads",
+    "PayloadPlan",
+    "PayloadWriter",
+    "StagedPayloads",
     "catalogue_bytes",
     "check_label_names",
+    "item_payloads",
     "load_catalogue",
+    "payload_plan",
     "read_catalogue_info",
     "read_catalogue_json",
     "write_catalogue",
@@ -151,6 +157,187 @@ def _thumbnail_plan(dataset: Dataset | None) -> tuple[tuple[int, int, int], tupl
     return (h, w, c), stored
 
 
+@dataclass(frozen=True)
+class PayloadPlan:
+    """Which per-item payload files a dataset's catalogue gets (:func:`payload_plan`)."""
+
+    # (h, w, C) of the stored thumbnails and (H, W, C) of the items; both None: no thumbnails
+    thumbnail_shape: tuple[int, int, int] | None
+    source_shape: tuple[int, int, int] | None
+    metadata: bool  # whether the dataset keeps a metadata record per item
+
+    @property
+    def files(self) -> tuple[str, ...]:
+        """The catalogue files the plan writes (names under the catalogue directory)."""
+        return ((THUMBNAILS,) if self.thumbnail_shape is not None else ()) + (
+            (METADATA, METADATA_OFFSETS) if self.metadata else ()
+        )
+
+
+def payload_plan(dataset: Dataset | None, *, thumbnails: bool = True) -> PayloadPlan:
+    """The payload files :func:`write_catalogue` writes for ``dataset`` (``thumbnails=False``: none
+    of thumbnails); reads no item, only the first row's metadata record."""
+    plan = _thumbnail_plan(dataset) if thumbnails else None
+    metadata = dataset is not None and dataset.item_metadata(0, 1) is not None
+    return PayloadPlan(
+        thumbnail_shape=None if plan is None else plan[1],
+        source_shape=None if plan is None else plan[0],
+        metadata=metadata,
+    )
+
+
+@dataclass(frozen=True)
+class ItemPayloads:
+    """The catalogue payloads of ``k`` consecutive rows (:func:`item_payloads`).
+
+    Attributes:
+        thumbnails: ``(k, h, w, C)`` uint8, or ``None`` (the plan has no thumbnails).
+        records: the rows' metadata lines, each newline-terminated UTF-8 JSON, concatenated
+            (``b""`` without metadata); ``lengths``: ``(k,)`` int64 bytes of each line (all 0 without).
+    """
+
+    thumbnails: np.ndarray | None
+    records: bytes
+    lengths: np.ndarray
+
+
+def item_payloads(
+    dataset: Dataset | None, start: int, stop: int, plan: PayloadPlan, items: np.ndarray | None = None
+) -> ItemPayloads:
+    """The payloads of rows ``[start, stop)`` of ``dataset`` under ``plan``: thumbnails from
+    ``items`` (those rows, ``(k, *item_shape)``; ``None``: read here when the plan has thumbnails),
+    metadata records from :meth:`Dataset.item_metadata`. The one formula of the local job's catalogue
+    and of a Ray actor's shard (``dataset`` may be ``None`` for a plan without metadata when
+    ``items`` are given).
+
+    Raises:
+        InvalidArgumentError: the dataset gave another number of records, or a record is over
+            MAX_METADATA_BYTES bytes (``field="metadata"``).
+    """
+    thumbs = None
+    if plan.thumbnail_shape is not None:
+        if items is None:
+            assert dataset is not None
+            items = dataset.read(start, stop)  # (k, H, W, C) uint8
+        thumbs = _thumbnails(items, plan.thumbnail_shape)
+    lengths = np.zeros(stop - start, dtype=np.int64)
+    if not plan.metadata:
+        return ItemPayloads(thumbs, b"", lengths)
+    assert dataset is not None
+    records = dataset.item_metadata(start, stop) or []
+    if len(records) != stop - start:
+        raise InvalidArgumentError(
+            f"the dataset gave {len(records)} metadata records for rows {start}..{stop - 1}",
+            field="metadata",
+        )
+    lines = []
+    for i, record in enumerate(records):
+        line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
+        if len(line) > MAX_METADATA_BYTES:
+            raise InvalidArgumentError(
+                f"item {start + i}'s metadata record has {len(line)} bytes; at most {MAX_METADATA_BYTES}",
+                field="metadata",
+            )
+        lines.append(line + b"\n")
+        lengths[i] = len(line) + 1
+    return ItemPayloads(thumbs, b"".join(lines), lengths)
+
+
+def _thumbnails(batch: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """``(k, h, w, C)`` uint8 thumbnails of ``batch`` (``(k, H, W, C)`` uint8): the pixels
+    themselves, or each downscaled (:func:`latentsearch.data.images.resize_pixels`)."""
+    if batch.shape[1:] == shape:
+        return np.asarray(batch, dtype=np.uint8)
+    out = np.empty((len(batch), *shape), dtype=np.uint8)
+    for i, pixels in enumerate(batch):
+        out[i] = resize_pixels(pixels, shape)
+    return out
+
+
+class PayloadWriter:
+    """Writes a catalogue's payload files (``plan.files``) into ``directory``, rows appended in
+    order (:meth:`append`); a context manager whose clean exit fsyncs them and checks that all
+    ``n`` rows came (an exit on an error only closes the files)."""
+
+    def __init__(self, directory: Path, n: int, plan: PayloadPlan) -> None:
+        self.directory, self.n, self.plan = Path(directory), n, plan
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.row = 0
+        self._thumbs = None
+        if plan.thumbnail_shape is not None:
+            self._thumbs = np.lib.format.open_memmap(
+                self.directory / THUMBNAILS, mode="w+", dtype=np.uint8, shape=(n, *plan.thumbnail_shape)
+            )
+        self._offsets = np.zeros(n + 1, dtype=np.int64)  # (N + 1,) byte offsets of the records
+        self._blob = open(self.directory / METADATA, "wb") if plan.metadata else None  # noqa: SIM115
+
+    def append(self, payloads: ItemPayloads) -> None:
+        """The payloads of the next ``k`` rows."""
+        k = len(payloads.lengths)
+        if self.row + k > self.n:
+            raise CorruptIndexError(f"{self.directory}: payloads for more than {self.n} rows")
+        if self._thumbs is not None:
+            if payloads.thumbnails is None or payloads.thumbnails.shape != (k, *self._thumbs.shape[1:]):
+                got = None if payloads.thumbnails is None else payloads.thumbnails.shape
+                raise CorruptIndexError(f"{self.directory}: thumbnails of {got} for {k} rows")
+            self._thumbs[self.row : self.row + k] = payloads.thumbnails
+        if self._blob is not None:
+            if int(payloads.lengths.sum()) != len(payloads.records):
+                raise CorruptIndexError(f"{self.directory}: metadata lengths do not add up to the records")
+            self._blob.write(payloads.records)
+            ends = self._offsets[self.row] + np.cumsum(payloads.lengths)
+            self._offsets[self.row + 1 : self.row + k + 1] = ends
+        self.row += k
+
+    def __enter__(self) -> PayloadWriter:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self._finish()
+        elif self._blob is not None:
+            self._blob.close()
+            self._blob = None
+
+    def _finish(self) -> None:
+        """Flush and fsync the files (the metadata offsets written last)."""
+        try:
+            if self._blob is not None:
+                self._blob.flush()
+                os.fsync(self._blob.fileno())
+        finally:
+            if self._blob is not None:
+                self._blob.close()
+                self._blob = None
+        if self.row != self.n:
+            raise CorruptIndexError(f"{self.directory}: payloads for {self.row} of {self.n} rows")
+        if self._thumbs is not None:
+            self._thumbs.flush()
+            self._thumbs = None
+            _fsync_file(self.directory / THUMBNAILS)
+        if self.plan.metadata:
+            _durable_npy(self.directory / METADATA_OFFSETS, self._offsets)
+
+
+@dataclass(frozen=True)
+class StagedPayloads:
+    """Every item's payloads, computed where the items were read (the actors of ``index --ray``)
+    and merged in row order: the catalogue files of ``plan`` already written in ``directory`` (by a
+    :class:`PayloadWriter`), the content hashes, labels and ids. ``write_catalogue(staged=...)``
+    moves the files into the catalogue, so the job reads no item itself.
+
+    Attributes:
+        hashes: ``(N, 16)`` uint8 content hashes (``indexer.incremental.item_hashes``).
+        labels: ``(N,)`` int64, or ``None``; ids: ``(N,)`` str.
+    """
+
+    directory: Path
+    plan: PayloadPlan
+    hashes: np.ndarray
+    labels: np.ndarray | None
+    ids: np.ndarray
+
+
 def catalogue_bytes(items: int, dataset: Dataset | None, *, thumbnails: bool = True) -> int:
     """About how many bytes :func:`write_catalogue` writes (an upper bound for the thumbnails;
     metadata records counted at 256 bytes each when the dataset has them)."""
@@ -180,6 +367,7 @@ def write_catalogue(
     dataset: Dataset | None = None,
     thumbnails: bool = True,
     field: str = "label_names",
+    staged: StagedPayloads | None = None,
 ) -> LatentDiagnostics:
     """Write the catalogue of ``bank`` (a version's posteriors) to ``directory`` (created).
 
@@ -189,6 +377,9 @@ def write_catalogue(
         dataset: the items the bank was encoded from, row for row: thumbnails (uint8 images) and
             metadata records (:meth:`Dataset.item_metadata`) come from it; ``None`` (posteriors): none.
         thumbnails: ``False``: store no thumbnails even for image data.
+        staged: the dataset's payload files, already computed where its items were read
+            (``index --ray``): moved into the catalogue; the dataset is then not read (its ids and
+            labels are still checked against the bank's).
 
     Returns:
         The latent diagnostics, computed from the bank's means and scales.
@@ -197,11 +388,15 @@ def write_catalogue(
     names = check_label_names(label_names, bank.labels, field=field)
     n = len(bank)
     if dataset is not None:
-        same_ids = bank.ids is None or np.array_equal(np.asarray(bank.ids), dataset.ids)
-        same_labels = bank.labels is None or (
-            dataset.labels is not None and np.array_equal(np.asarray(bank.labels), dataset.labels)
+        # the items' ids and labels: as the actors read them when staged, else the dataset's
+        item_ids, item_labels = (
+            (dataset.ids, dataset.labels) if staged is None else (staged.ids, staged.labels)
         )
-        if len(dataset) != n or not (same_ids and same_labels):
+        same_ids = bank.ids is None or np.array_equal(np.asarray(bank.ids), item_ids)
+        same_labels = bank.labels is None or (
+            item_labels is not None and np.array_equal(np.asarray(bank.labels), item_labels)
+        )
+        if len(dataset) != n or len(item_ids) != n or not (same_ids and same_labels):
             raise InvalidArgumentError(
                 f"the dataset ({len(dataset)} items) is not the one the index ({n} items) was encoded "
                 "from: its ids or labels differ",
@@ -209,10 +404,14 @@ def write_catalogue(
             )
     out.mkdir(parents=True, exist_ok=True)
     diagnostics = latent_diagnostics(bank.mu, bank.log_sigma)
-    plan = _thumbnail_plan(dataset) if thumbnails else None
-    has_metadata = dataset is not None and dataset.item_metadata(0, 1) is not None
-    if dataset is not None and (plan is not None or has_metadata):
-        _write_items(out, dataset, None if plan is None else plan[1], has_metadata)
+    payloads = payload_plan(dataset, thumbnails=thumbnails) if staged is None else staged.plan
+    thumb_shape, source_shape = payloads.thumbnail_shape, payloads.source_shape
+    plan = None if thumb_shape is None or source_shape is None else (source_shape, thumb_shape)
+    has_metadata = payloads.metadata
+    if staged is not None:
+        _move_staged(out, staged)
+    elif dataset is not None and (plan is not None or has_metadata):
+        _write_items(out, dataset, payloads)
     info = {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
@@ -240,57 +439,18 @@ def write_catalogue(
     return diagnostics
 
 
-def _write_items(
-    out: Path, dataset: Dataset, thumb_shape: tuple[int, int, int] | None, metadata: bool
-) -> None:
+def _write_items(out: Path, dataset: Dataset, plan: PayloadPlan) -> None:
     """One pass over ``dataset``: thumbnails into a uint8 memory map, metadata records into the blob."""
     n = len(dataset)
-    thumbs = None
-    if thumb_shape is not None:
-        thumbs = np.lib.format.open_memmap(
-            out / THUMBNAILS, mode="w+", dtype=np.uint8, shape=(n, *thumb_shape)
-        )
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    blob = open(out / METADATA, "wb") if metadata else None  # noqa: SIM115 - closed below
-    try:
+    with PayloadWriter(out, n, plan) as writer:
         for start in range(0, n, _BATCH):
-            stop = min(start + _BATCH, n)
-            if thumbs is not None and thumb_shape is not None:
-                batch = dataset.read(start, stop)  # (B, H, W, C) uint8
-                if batch.shape[1:] == thumb_shape:
-                    thumbs[start:stop] = batch
-                else:
-                    for i, pixels in enumerate(batch):
-                        thumbs[start + i] = resize_pixels(pixels, thumb_shape)
-            if blob is not None:
-                records = dataset.item_metadata(start, stop) or []
-                if len(records) != stop - start:
-                    raise InvalidArgumentError(
-                        f"the dataset gave {len(records)} metadata records for rows {start}..{stop - 1}",
-                        field="metadata",
-                    )
-                for i, record in enumerate(records):
-                    line = json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8")
-                    if len(line) > MAX_METADATA_BYTES:
-                        raise InvalidArgumentError(
-                            f"item {start + i}'s metadata record has {len(line)} bytes; at most "
-                            f"{MAX_METADATA_BYTES}",
-                            field="metadata",
-                        )
-                    blob.write(line + b"\n")
-                    offsets[start + i + 1] = offsets[start + i] + len(line) + 1
-        if blob is not None:
-            blob.flush()
-            os.fsync(blob.fileno())
-    finally:
-        if blob is not None:
-            blob.close()
-    if thumbs is not None:
-        thumbs.flush()
-        del thumbs
-        _fsync_file(out / THUMBNAILS)
-    if metadata:
-        _durable_npy(out / METADATA_OFFSETS, offsets)
+            writer.append(item_payloads(dataset, start, min(start + _BATCH, n), plan))
+
+
+def _move_staged(out: Path, staged: StagedPayloads) -> None:
+    """Rename the files of ``staged`` (written by a PayloadWriter) into the catalogue ``out``."""
+    for name in staged.plan.files:
+        os.replace(staged.directory / name, out / name)
 
 
 # -- reading --------------------------------------------------------------------------------------

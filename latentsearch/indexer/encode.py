@@ -27,6 +27,7 @@ import torch
 
 from latentsearch.data.readers import Dataset
 from latentsearch.errors import InvalidArgumentError
+from latentsearch.indexer.catalogue import StagedPayloads
 from latentsearch.model.device import configure_cpu_threads
 from latentsearch.model.loader import LoadedModel, encode_batch
 from latentsearch.progress import Progress
@@ -71,12 +72,15 @@ class EncodedPosteriors:
     Attributes:
         mu, logvar: ``(N, d)`` float32, memory-mapped read-only from ``directory``.
         seconds: wall time of the encoding loop.
+        payloads: the items' catalogue payloads and content hashes when the encode step computed them
+            where it read the items (``index --ray``); ``None`` (a local encode): the job reads them.
     """
 
     directory: Path
     mu: np.ndarray
     logvar: np.ndarray
     seconds: float
+    payloads: StagedPayloads | None = None
 
     def __len__(self) -> int:
         return int(self.mu.shape[0])

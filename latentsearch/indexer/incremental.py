@@ -7,7 +7,9 @@ listed with its size and sha256 in the version manifest like every other file, s
 covers it). A model job with ``IndexJobConfig.reuse`` on (the default; ``index --full`` turns it
 off):
 
-1. hashes every item of the new dataset (one read of the data);
+1. hashes every item of the new dataset (one read of the data; under ``--ray`` the actors hash their
+   rows with :func:`item_hashes`, in a model-free payload pass before the encode pass when a version
+   may be reused, else in the encode pass itself);
 2. opens the current version (:func:`open_previous`) when it was encoded with the same model hash,
    input rule and bf16 setting, from items of the same shape and dtype, and has content hashes;
    otherwise every item is encoded and the log says why (INFO; WARNING when the current version
@@ -60,10 +62,12 @@ __all__ = [
     "Previous",
     "Reuse",
     "ReusePlan",
+    "content_fingerprint",
     "content_hashes",
     "content_metadata",
     "encode_with_reuse",
     "full_plan",
+    "item_hashes",
     "open_previous",
     "plan_reuse",
     "write_hashes",
@@ -85,27 +89,50 @@ _COPY_ROWS = 65536  # posterior rows gathered / scattered per step
 # -- content hashes -------------------------------------------------------------------------------
 def content_hashes(dataset: Dataset, *, progress: bool = False) -> np.ndarray:
     """``(N, 16)`` uint8: each item's BLAKE2b-128 over ``repr((item_shape, dtype.str))`` then its raw
-    bytes in C order, so the same values of another shape or dtype hash differently."""
+    bytes in C order, so the same values of another shape or dtype hash differently
+    (:func:`item_hashes` over the dataset's batches)."""
     n = len(dataset)
-    base = hashlib.blake2b(repr((dataset.item_shape, dataset.dtype.str)).encode(), digest_size=HASH_BYTES)
     out = np.empty((n, HASH_BYTES), dtype=np.uint8)
     bar = Progress(n, desc="hash", unit="item", enabled=progress, logger=log, unit_scale=True)
     try:
         for row, batch in dataset.iter_batches(_HASH_BATCH):
-            raw = np.ascontiguousarray(batch).reshape(-1).view(np.uint8).data  # (B * item bytes,)
-            step = raw.nbytes // len(batch)  # bytes per item
-            digests = b"".join(_digest(base, raw[i * step : (i + 1) * step]) for i in range(len(batch)))
-            out[row : row + len(batch)] = np.frombuffer(digests, dtype=np.uint8).reshape(-1, HASH_BYTES)
+            out[row : row + len(batch)] = item_hashes(batch, dataset.item_shape, dataset.dtype)
             bar.update(len(batch))
     finally:
         bar.close()
     return out
 
 
+def item_hashes(items: np.ndarray, item_shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``(k, 16)`` uint8 content hashes of ``items`` (``(k, *item_shape)`` of the dataset's ``dtype``):
+    the one formula of :func:`content_hashes`, also run by the actors of ``index --ray`` on their rows."""
+    base = hashlib.blake2b(repr((tuple(item_shape), dtype.str)).encode(), digest_size=HASH_BYTES)
+    if not len(items):
+        return np.empty((0, HASH_BYTES), dtype=np.uint8)
+    raw = np.ascontiguousarray(items).reshape(-1).view(np.uint8).data  # (k * item bytes,)
+    step = raw.nbytes // len(items)  # bytes per item
+    digests = b"".join(_digest(base, raw[i * step : (i + 1) * step]) for i in range(len(items)))
+    return np.frombuffer(digests, dtype=np.uint8).reshape(-1, HASH_BYTES).copy()
+
+
 def _digest(base: Any, data: memoryview) -> bytes:
     h = base.copy()
     h.update(data)
     return bytes(h.digest())
+
+
+def content_fingerprint(hashes: np.ndarray, labels: np.ndarray | None, dataset: Dataset) -> str:
+    """``content-sha256:HEX``: sha256 over the data's shape and dtype, the items' content ``hashes``
+    (``(N, 16)`` uint8) and the labels: the dataset fingerprint of a job that never reads the items
+    itself (``index --ray``; the local job's :meth:`Dataset.fingerprint` hashes the items' bytes in
+    one sequential pass)."""
+    h = hashlib.sha256()
+    h.update(repr((dataset.shape, dataset.dtype.str, HASH_ALGORITHM)).encode())
+    h.update(np.ascontiguousarray(hashes, dtype=np.uint8).tobytes())
+    if labels is not None:
+        h.update(b"labels")
+        h.update(np.asarray(labels).astype("<i8").tobytes())
+    return f"content-sha256:{h.hexdigest()}"
 
 
 def content_metadata(dataset: Dataset) -> dict[str, Any]:

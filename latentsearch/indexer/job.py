@@ -24,13 +24,20 @@ from latentsearch.engine.approx import AssignRows, default_nlist
 from latentsearch.engine.engine import SearchEngine
 from latentsearch.engine.storage import file_digest, saved_bytes
 from latentsearch.errors import FailedPreconditionError
-from latentsearch.indexer.catalogue import catalogue_bytes, check_label_names, write_catalogue
+from latentsearch.indexer.catalogue import (
+    StagedPayloads,
+    catalogue_bytes,
+    check_label_names,
+    write_catalogue,
+)
 from latentsearch.indexer.config import IndexJobConfig
 from latentsearch.indexer.encode import EncodedPosteriors, check_encodable, encode_dataset
 from latentsearch.indexer.incremental import (
     HASH_BYTES,
+    Previous,
     Reuse,
     ReusePlan,
+    content_fingerprint,
     content_hashes,
     content_metadata,
     encode_with_reuse,
@@ -45,7 +52,7 @@ from latentsearch.indexer.root import IndexRoot, Staging, engine_bytes
 from latentsearch.model.loader import LoadedModel, default_input_rule, load_model
 from latentsearch.progress import Progress
 
-__all__ = ["AssignStep", "EncodeStep", "JobResult", "local_encode", "run_index_job"]
+__all__ = ["AssignStep", "EncodeStep", "JobResult", "PayloadStep", "local_encode", "run_index_job"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,12 @@ EncodeStep = Callable[[LoadedModel, Dataset, Path, IndexJobConfig], EncodedPoste
 # directory, holding mu.npy / logvar.npy, config) -> the build's assign_rows hook
 # (engine.approx.AssignRows); indexer.ray_build.ray_assigner runs it as Ray tasks. None: in process.
 AssignStep = Callable[[Path, IndexJobConfig], AssignRows]
+# The payload pass of an incremental ``--ray`` job, run before its encode step when a version may be
+# reused: (dataset, directory, config) -> every item's content hashes, ids, labels and catalogue
+# files, computed where the items are read (indexer.ray_encode.ray_payloads). A Ray encode step
+# returns the same payloads with the posteriors (EncodedPosteriors.payloads), so the driver of a
+# ``--ray`` job reads no item itself.
+PayloadStep = Callable[[Dataset, Path, IndexJobConfig], StagedPayloads]
 
 
 def local_encode(
@@ -130,7 +143,11 @@ class _Stages:
 
 
 def run_index_job(
-    config: IndexJobConfig, *, encode: EncodeStep | None = None, assign: AssignStep | None = None
+    config: IndexJobConfig,
+    *,
+    encode: EncodeStep | None = None,
+    assign: AssignStep | None = None,
+    payloads: PayloadStep | None = None,
 ) -> JobResult:
     """Run one indexing job end to end and publish a new current version under ``config.out``.
 
@@ -139,6 +156,10 @@ def run_index_job(
     ``indexer.ray_encode.ray_encode``, which the CLI passes for ``--ray``). ``assign``: where a model
     job's index build assigns every item to its k-means centroid (default: in this process; the CLI
     passes ``indexer.ray_build.ray_assigner`` for ``--ray``); the engine is the same either way.
+    ``payloads``: under ``config.ray``, the payload pass an incremental job runs first (the CLI passes
+    ``indexer.ray_encode.ray_payloads``; None: this process hashes the items of an incremental job).
+    Under ``config.ray`` the content hashes, ids, labels and catalogue payloads come from the encode
+    step's (or the payload pass's) ``payloads`` when it returns them: the same files, bit for bit.
 
     Raises:
         LatentSearchError subclasses: bad input (naming the file / npz key and row), missing model or
@@ -152,7 +173,7 @@ def run_index_job(
         )
     t_start = time.perf_counter()
     root = IndexRoot(config.out, create=True)
-    payloads = _catalogue_source(config)  # label names checked here, before any encoding
+    source = _catalogue_source(config)  # label names checked here, before any encoding
     reuse: Reuse | None = None
     with root.staging() as staging:
         if config.source_kind == "posteriors":
@@ -160,19 +181,20 @@ def run_index_job(
             try:
                 engine, metadata = _from_posteriors(config, stages)
                 version = _save_and_publish(
-                    root, staging, engine, metadata, config, stages, None, catalogue=payloads
+                    root, staging, engine, metadata, config, stages, None, catalogue=source
                 )
             finally:
                 stages.close()
         else:
-            assert payloads.dataset is not None
-            engine, metadata, stages, model_ref = _from_model(
-                config, root, staging, encode or local_encode, assign, payloads.dataset
+            assert source.dataset is not None
+            engine, metadata, stages, model_ref, staged = _from_model(
+                config, root, staging, encode or local_encode, assign, payloads, source.dataset
             )
             reuse = Reuse(**metadata["reuse"])
             try:
                 version = _save_and_publish(
-                    root, staging, engine, metadata, config, stages, model_ref, catalogue=payloads
+                    root, staging, engine, metadata, config, stages, model_ref,
+                    catalogue=source, staged=staged,
                 )
             finally:
                 stages.close()
@@ -202,6 +224,7 @@ def _save_and_publish(
     model_ref: ModelRef | None,
     *,
     catalogue: _CatalogueSource,
+    staged: StagedPayloads | None = None,
 ) -> str:
     stages.start("save")
     extra = catalogue_bytes(len(engine), catalogue.dataset, thumbnails=config.thumbnails)
@@ -215,6 +238,7 @@ def _save_and_publish(
             label_names=catalogue.names(),
             dataset=catalogue.dataset,
             thumbnails=config.thumbnails,
+            staged=staged,
         )
     metadata["active_dims"] = diagnostics.dim - len(diagnostics.collapsed)
     stages.start("publish")
@@ -266,7 +290,14 @@ def _reuse_plan(
     version's posteriors (see :mod:`indexer.incremental`)."""
     if not config.reuse:
         return full_plan(len(dataset), "reuse is off (--full)")
-    previous, why = open_previous(
+    return plan_reuse(hashes, *_open_previous(root, model, dataset, bf16))
+
+
+def _open_previous(
+    root: IndexRoot, model: LoadedModel, dataset: Dataset, bf16: bool
+) -> tuple[Previous | None, str | None]:
+    """The current version open for reuse by this job, or ``(None, why not)`` (:func:`open_previous`)."""
+    return open_previous(
         root,
         model_hash=model.model_hash,
         input_rule=model.input_rule,
@@ -274,7 +305,32 @@ def _reuse_plan(
         item_shape=dataset.item_shape,
         dtype=dataset.dtype,
     )
-    return plan_reuse(hashes, previous, why)
+
+
+def _ray_plan(
+    config: IndexJobConfig,
+    root: IndexRoot,
+    model: LoadedModel,
+    dataset: Dataset,
+    bf16: bool,
+    payloads: PayloadStep | None,
+    staging: Staging,
+) -> tuple[StagedPayloads | None, np.ndarray | None, ReusePlan]:
+    """The reuse plan of a ``--ray`` job, with the items' payloads and content hashes when they had
+    to come first. With no version to reuse every item is encoded and the encode pass computes them
+    (None, None here); with one, the hashes decide what is encoded, so the payload pass runs first
+    (``payloads``; None: this process hashes the items)."""
+    n = len(dataset)
+    if not config.reuse:
+        return None, None, full_plan(n, "reuse is off (--full)")
+    previous, why = _open_previous(root, model, dataset, bf16)
+    if previous is None:
+        return None, None, full_plan(n, why or "nothing to reuse")
+    if payloads is None:
+        hashes = content_hashes(dataset, progress=config.progress)
+        return None, hashes, plan_reuse(hashes, previous, why)
+    staged = payloads(dataset, staging.path / "payloads", config)
+    return staged, staged.hashes, plan_reuse(staged.hashes, previous, why)
 
 
 def _from_posteriors(config: IndexJobConfig, stages: _Stages) -> tuple[SearchEngine, dict[str, Any]]:
@@ -301,12 +357,14 @@ def _from_model(
     staging: Staging,
     encode: EncodeStep,
     assign: AssignStep | None,
+    payloads: PayloadStep | None,
     dataset: Dataset,
-) -> tuple[SearchEngine, dict[str, Any], _Stages, ModelRef]:
+) -> tuple[SearchEngine, dict[str, Any], _Stages, ModelRef, StagedPayloads | None]:
     """Encode ``dataset`` (the job's data, opened once by :func:`_catalogue_source`) with the model,
     reusing the current version's posteriors of unchanged items (:mod:`indexer.incremental`); the
-    engine, the version's metadata, the stages so far and the model's store entry (staged in
-    ``staging.model_dir``, stored by the publish)."""
+    engine, the version's metadata, the stages so far, the model's store entry (staged in
+    ``staging.model_dir``, stored by the publish) and, under ``--ray``, the items' payloads as the
+    actors computed them (None: the catalogue reads them from the dataset)."""
     assert config.model is not None
     t0 = time.perf_counter()
     # The input rule (model.loader) follows the data: what Encode takes is what the indexer fed.
@@ -324,10 +382,16 @@ def _from_model(
     root.require_space(needed)
     bf16 = bool(config.bf16 and model.device.type == "cuda")
     t0 = time.perf_counter()
-    hashes = content_hashes(dataset, progress=config.progress)
-    t1 = time.perf_counter()
+    staged: StagedPayloads | None = None
+    hashes: np.ndarray | None = None
+    if config.ray:  # hashes from the actors: a payload pass first only when a version may be reused
+        staged, hashes, plan = _ray_plan(config, root, model, dataset, bf16, payloads, staging)
+        t1 = time.perf_counter()
+    else:
+        hashes = content_hashes(dataset, progress=config.progress)
+        t1 = time.perf_counter()
+        plan = _reuse_plan(config, root, model, dataset, hashes, bf16)  # checks and opens the current version
     t_hash = t1 - t0
-    plan = _reuse_plan(config, root, model, dataset, hashes, bf16)  # checks and opens the current version
     todo = len(plan.encode_rows)
     if plan.previous is not None:
         log.info(
@@ -340,9 +404,11 @@ def _from_model(
     else:
         log.info("reuse: none, encoding all %d items: %s", n, plan.reason)
     with root.disk_errors(needed):
-        write_hashes(staging.content_dir, hashes)
+        if hashes is not None:
+            write_hashes(staging.content_dir, hashes)
         if plan.previous is None:
             encoded = encode(model, dataset, staging.path / "encode", config)
+            staged = staged or encoded.payloads  # a Ray encode step's: hashes, ids, labels, catalogue
         else:
 
             def encode_items(items: Dataset, where: Path) -> EncodedPosteriors:
@@ -352,6 +418,9 @@ def _from_model(
             encoded = encode_with_reuse(
                 plan, dataset, staging.path / "encode", d, encode_items, batch_size=config.batch_size
             )
+        if hashes is None:  # a --ray job without a version to reuse: hashed by the encode pass
+            hashes = content_hashes(dataset, progress=config.progress) if staged is None else staged.hashes
+            write_hashes(staging.content_dir, hashes)
     t_reuse = time.perf_counter() - t1 - encoded.seconds  # planning, copying, the hashes file
     reuse = plan.report()
     del plan  # closes the previous version's memory maps
@@ -362,8 +431,14 @@ def _from_model(
     stages.timings["encode"] = round(encoded.seconds, 3)
     try:
         stages.start("fingerprint")
-        fingerprint = dataset.fingerprint()
-        named = dataset.ids
+        # under --ray, from the actors' content hashes: this process reads no item
+        fingerprint = (
+            dataset.fingerprint()
+            if staged is None
+            else content_fingerprint(staged.hashes, staged.labels, dataset)
+        )
+        named = dataset.ids if staged is None else staged.ids
+        labels = dataset.labels if staged is None else staged.labels
         # row numbers are the engine's default: no ids file
         ids = None if np.array_equal(named, np.arange(n).astype(str)) else named
         stages.start("build")
@@ -371,7 +446,7 @@ def _from_model(
             encoded.mu,
             logvar=encoded.logvar,
             ids=ids,
-            labels=dataset.labels,
+            labels=labels,
             config=config.engine,
             assign_rows=None if assign is None else assign(encoded.directory, config),
         )
@@ -395,4 +470,4 @@ def _from_model(
         "reuse": reuse.to_dict(),
         "job": config.to_dict(),
     }
-    return engine, metadata, stages, model_ref
+    return engine, metadata, stages, model_ref, staged
