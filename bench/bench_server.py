@@ -11,6 +11,11 @@ the ratio to echo.
 
 Scenarios (names carry the item counts run, :func:`scenario_name`):
 
+Indexes are built as ``latentsearch index`` builds them (``SearchEngine.build`` defaults: the
+partitions and the compiled kernel from 50,000 items, so ``exact_70k`` runs the exact strategy the
+cost model picks per batch; until 2026-12-01 late it was built without partitions, the flat scan
+only), and ``approx_*`` with the approximate index forced.
+
 * ``echo``: a grpc.aio LatentSearch service whose Nearest returns a fixed 10-neighbour response
   without searching (same request/response messages, same server options): the ceiling;
 * ``exact_2k``, ``exact_70k``, ``approx_70k``, ``approx_1m_batched`` / ``approx_1m_unbatched``
@@ -438,7 +443,7 @@ def search_cost(
     return {"single_ms": 1e3 * float(np.median(singles)), "batch64_ms_per_query": 1e3 * min(batched)}
 
 
-def build_root(root: Path, n: int, d: int, *, approx: bool, seed: int) -> tuple[SearchEngine, float]:
+def build_root(root: Path, n: int, d: int, *, approx: bool | None, seed: int) -> tuple[SearchEngine, float]:
     bank = vae_like_posteriors(n, d, seed=seed)
     t = time.perf_counter()
     engine = SearchEngine.build(bank.mu, log_sigma=bank.log_sigma, labels=bank.labels, build_approx=approx)
@@ -577,10 +582,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         queries = np.concatenate(list(query_families(vae_like_posteriors(1000, d), 64, seed=7).values())[:2])
         roots: dict[str, Path] = {}
         indexes: dict[str, Any] = {}
-        # name, items, approximate index, seed, mode of the in-process search cost
-        builds: tuple[tuple[str, int, bool, int, SearchMode], ...] = (
-            ("tiny", args.n_tiny, False, 3, "exact"),
-            ("small", args.n_small, False, 1, "exact"),
+        # name, items, approximate index (None: as `latentsearch index` builds it, partitions from
+        # EngineConfig.partition_min_items), seed, mode of the in-process search cost
+        builds: tuple[tuple[str, int, bool | None, int, SearchMode], ...] = (
+            ("tiny", args.n_tiny, None, 3, "exact"),
+            ("small", args.n_small, None, 1, "exact"),
             ("small_approx", args.n_small, True, 1, "approx"),
             ("large", args.n_large, True, 2, "approx"),
         )

@@ -7,6 +7,7 @@ ascending row) and a hand-computed case.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import threading
 
@@ -17,8 +18,17 @@ from reference import SIGMA_REGIMES, log_q, make_bank, top_k
 from latentsearch.data.banks import query_families, vae_like_posteriors
 from latentsearch.engine import EngineConfig, SearchEngine
 from latentsearch.engine.exact import _topk
-from latentsearch.engine.kernels import KernelIndex, _in_order, kernel_log_prob, warm
+from latentsearch.engine.kernels import (
+    _BUCKETS,
+    KernelIndex,
+    _bucket_order,
+    _in_order,
+    _round_f32,
+    kernel_log_prob,
+    warm,
+)
 from latentsearch.engine.strategy import StrategyCosts
+from latentsearch.errors import CorruptIndexError
 from latentsearch.posterior import DiagonalGaussian
 
 KERNEL = EngineConfig(
@@ -187,17 +197,75 @@ def test_in_order_agrees_with_the_sort() -> None:
         assert _in_order(sorted_rows, sorted_scores)
 
 
-def test_load_builds_the_kernel_index_in_the_background(vae_bank, vae_engine: SearchEngine, tmp_path) -> None:
+KERNEL_FILES = ("kernel_rows.npy", "kernel_mu.npy", "kernel_inv_sigma.npy", "kernel_log_norm.npy")
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_saved_kernel_arrays_are_loaded_not_rebuilt(
+    vae_bank, vae_engine: SearchEngine, tmp_path, mmap: bool
+) -> None:
     mu, log_sigma, _ = vae_bank
-    loaded = SearchEngine.load(vae_engine.save(tmp_path / "engine"))
+    path = vae_engine.save(tmp_path / "engine")
+    assert all((path / name).is_file() for name in KERNEL_FILES)
+    loaded = SearchEngine.load(path, mmap=mmap)
+    assert loaded._kernel is not None  # no background thread: the saved copy
+    assert not any(t.name == "latentsearch-kernel-index" for t in threading.enumerate())
+    built = vae_engine.kernel_index()
+    for field in ("rows", "mu_b", "inv_b", "log_norm"):
+        got = getattr(loaded._kernel, field)
+        assert isinstance(got, np.memmap) == mmap, field
+        np.testing.assert_array_equal(got, getattr(built, field))
+    np.testing.assert_array_equal(loaded._kernel.box, built.box)
+    np.testing.assert_array_equal(loaded._kernel.offsets, built.offsets)
+    z = query_families((mu, log_sigma), 6, seed=12)["box"]
+    _check_exact(loaded, mu, log_sigma, z, 10)
+
+
+def test_engine_saved_without_kernel_arrays_builds_them_in_the_background(
+    vae_bank, vae_engine: SearchEngine, tmp_path
+) -> None:
+    mu, log_sigma, _ = vae_bank
+    path = vae_engine.save(tmp_path / "engine")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in KERNEL_FILES:  # an engine saved before the kernel's arrays were
+        (path / name).unlink()
+        del manifest["files"][name]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = SearchEngine.load(path)
     for thread in threading.enumerate():
         if thread.name == "latentsearch-kernel-index":
             thread.join(timeout=60)
     assert loaded._kernel is not None  # made by the load's thread, before any query
+    assert not isinstance(loaded._kernel.mu_b, np.memmap)
     z = query_families((mu, log_sigma), 6, seed=12)["box"]
     _check_exact(loaded, mu, log_sigma, z, 10)
     flat = dataclasses.replace(vae_engine.config, exact_strategy="flat", approx_strategy="scan")
     assert SearchEngine(loaded.bank, flat, exact=loaded.exact, approx=loaded.approx).prepare_kernel() is None
+
+
+def test_engine_that_never_takes_the_kernel_saves_no_kernel_arrays(vae_bank, tmp_path) -> None:
+    mu, log_sigma, _ = vae_bank
+    config = dataclasses.replace(KERNEL, exact_strategy="flat", approx_strategy="scan", approx_nlist=100)
+    engine = SearchEngine.build(mu[:3000], log_sigma=log_sigma[:3000], config=config, build_approx=True)
+    path = engine.save(tmp_path / "engine")
+    assert not any((path / name).exists() for name in KERNEL_FILES)
+    assert SearchEngine.load(path)._kernel is None
+
+
+@pytest.mark.parametrize("damage", ["duplicate", "order"])
+def test_damaged_kernel_rows_are_refused(vae_engine: SearchEngine, tmp_path, damage: str) -> None:
+    path = vae_engine.save(tmp_path / "engine")
+    rows = np.load(path / "kernel_rows.npy")
+    lists = np.load(path / "approx_lists.npy")
+    key = np.where(lists < 0, lists.max() + 1, lists)[rows]
+    if damage == "duplicate":
+        rows[1] = rows[0]
+    else:  # two rows of different partitions swapped: still a permutation, out of partition order
+        i = int(np.flatnonzero(np.diff(key) > 0)[0])
+        rows[i], rows[i + 1] = rows[i + 1], rows[i]
+    np.save(path / "kernel_rows.npy", rows)  # same size: only the content check can tell
+    with pytest.raises(CorruptIndexError, match=r"kernel_rows\.npy"):
+        SearchEngine.load(path)
 
 
 def test_partitions_from_partition_min_items_with_exact_auto_mode() -> None:
@@ -212,3 +280,47 @@ def test_partitions_from_partition_min_items_with_exact_auto_mode() -> None:
     _check_exact(engine, mu, log_sigma, z, 10)
     small = SearchEngine.build(mu[:1000], log_sigma=log_sigma[:1000], config=config)
     assert small.approx is None
+
+
+def test_float32_box_is_rounded_outward() -> None:
+    values = np.array([0.1, -1.0 / 3.0, 1.0, 2.0**-149 / 3.0, 1e300, -1e300, 3.4028235e38, np.inf, -np.inf])
+    down, up = _round_f32(values, down=True), _round_f32(values, down=False)
+    assert down.dtype == np.float32 and up.dtype == np.float32
+    wide = values.astype(np.float64)
+    assert np.all(down.astype(np.float64) <= wide) and np.all(up.astype(np.float64) >= wide)
+    # the nearest float32 on each side: one step further in would cross the value (or be exact)
+    with np.errstate(over="ignore"):
+        inner_down = np.nextafter(down, np.float32(np.inf)).astype(np.float64)
+        inner_up = np.nextafter(up, np.float32(-np.inf)).astype(np.float64)
+    exact = down.astype(np.float64) == wide
+    assert np.all(exact | (inner_down > wide)) and np.all((up.astype(np.float64) == wide) | (inner_up < wide))
+    assert down[4] == np.finfo(np.float32).max and up[4] == np.inf  # 1e300: past float32
+    assert down[5] == -np.inf and up[5] == -np.finfo(np.float32).max
+    assert np.isnan(_round_f32(np.array([np.nan]), down=True)[0])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bucket_order_is_by_bucket_of_the_bound(seed: int) -> None:
+    """Every partition not seen and above -inf once; buckets non-decreasing along the order, +inf in
+    bucket 0; each bucket's recorded maximum is its members' maximum and bounds every later bucket."""
+    rng = np.random.default_rng(seed)
+    n = 3000
+    bound = -np.abs(rng.standard_normal(n)) * 10.0 ** rng.uniform(-3, 6, n) + 5.0
+    bound[rng.choice(n, 40, replace=False)] = -np.inf
+    bound[rng.choice(n, 3, replace=False)] = np.inf
+    seen = np.zeros(n, dtype=np.bool_)
+    seen[rng.choice(n, 100, replace=False)] = True
+    order, key = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+    starts, bmax = np.empty(_BUCKETS + 1, dtype=np.int64), np.empty(_BUCKETS)
+    got = _bucket_order(bound, seen, order, key, starts, bmax)
+    want = np.flatnonzero(~seen & (bound > -np.inf))
+    assert got == want.size
+    np.testing.assert_array_equal(np.sort(order[:got]), want)
+    keys = key[order[:got]]
+    assert np.all(np.diff(keys) >= 0)
+    finite = np.isfinite(bound[order[:got]])
+    assert np.all(keys[~finite] == 0) and np.all(keys[finite] >= 1)
+    for c in np.unique(keys):
+        members = bound[order[:got]][keys == c]
+        assert bmax[c] == members.max()
+        assert np.all(bound[order[:got]][keys > c] <= members.min())

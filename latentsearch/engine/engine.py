@@ -105,6 +105,7 @@ class SearchEngine:
         approx: ApproxIndex | None = None,
         typicality: TypicalityReference | None = None,
         costs: StrategyCosts | None = None,
+        kernel: KernelIndex | None = None,
     ) -> None:
         self.bank = bank
         self.config = config or EngineConfig()
@@ -122,6 +123,9 @@ class SearchEngine:
         self._selections: OrderedDict[frozenset[int], Selection] = OrderedDict()
         self._lock = threading.Lock()
         self._kernel: KernelIndex | None = None  # the bank by partition (see prepare_kernel)
+        if kernel is not None and approx is not None:  # loaded with the engine
+            with _KERNELS_LOCK:
+                self._kernel = _KERNELS.setdefault(approx, kernel)
         if approx is not None:
             warm()  # compile (or load) the kernel now, not in the first query
 
@@ -425,7 +429,8 @@ class SearchEngine:
             raise InvalidArgumentError(f"nprobe must be a positive integer, got {nprobe!r}", field="nprobe")
         resolved = self._resolve_mode(mode)
         selection = self._selection(labels)
-        queries = lift_points(points) if std is None else lift_distributions(points, std)
+        # lifted (B, 2d + 1); the compiled kernel needs none (None: _run lifts where it needs them)
+        queries = None if rel_tol is None else _lift(points, std)
         rescore = self._rescorer(points, std)
         with _faiss_threads(self._threads_for(points.shape[0])):
             work = SearchWork() if rel_tol is not None else None
@@ -442,6 +447,7 @@ class SearchEngine:
         )
         if rel_tol is None:
             return batch
+        assert queries is not None
         with _faiss_threads(self._threads_for(points.shape[0])):
             norm = normalise(
                 self.exact, queries, rows, scores, rescore, selection, rel_tol=rel_tol, work=work
@@ -473,7 +479,7 @@ class SearchEngine:
         self,
         points: np.ndarray,
         std: np.ndarray | None,
-        queries: np.ndarray,
+        queries: np.ndarray | None,
         k_eff: int,
         resolved: str,
         selection: Selection | None,
@@ -497,7 +503,9 @@ class SearchEngine:
         )
         kernel = (resolved == "exact" and path == "kernel") or (resolved == "approx" and approx_kernel)
         if kernel and self.approx is not None and std is None:
-            return self._run_kernel(points, queries, k_eff, resolved, selection, rescore, nprobe)
+            return self._run_kernel(points, k_eff, resolved, selection, rescore, nprobe)
+        if queries is None:
+            queries = _lift(points, std)
         use_partitions = self.approx is not None and (resolved == "approx" or path != "flat")
         if use_partitions:
             assert self.approx is not None
@@ -536,20 +544,15 @@ class SearchEngine:
             with _KERNELS_LOCK:  # engines sharing one approximate index (and bank) share it too
                 found = _KERNELS.get(a)
                 if found is None:
-                    bank = self.bank
-                    centroids = a.ivf.quantizer.reconstruct_n(0, a.nlist).astype(np.float64)
-                    found = KernelIndex(
-                        bank.mu, bank.log_sigma, a.list_of_row, a.nlist, a.lo, a.hi, a.slo, a.shi, centroids
-                    )
+                    found = KernelIndex.of_approx(self.bank.mu, self.bank.log_sigma, a)
                     _KERNELS[a] = found
-                    log.debug("kernel index: %d items, %.0f MiB", len(bank), found.nbytes / 2**20)
+                    log.debug("kernel index: %d items, %.0f MiB", len(self.bank), found.nbytes / 2**20)
             self._kernel = found
         return self._kernel
 
     def _run_kernel(
         self,
         points: np.ndarray,
-        queries: np.ndarray,
         k_eff: int,
         resolved: str,
         selection: Selection | None,
@@ -588,7 +591,7 @@ class SearchEngine:
         if exact and bad.size:
             log.debug("kernel search: %d of %d queries fell back to the flat scan", bad.size, nq)
             rows[bad], scores[bad] = self.exact.search(
-                queries[bad],
+                lift_points(points[bad]),
                 k_eff,
                 extra=self.config.exact_extra,
                 rescore=lambda qi, r: rescore(bad[qi], r),
@@ -742,7 +745,13 @@ class SearchEngine:
         ``extra`` is JSON metadata kept in the manifest (model hash, dataset fingerprint, ...).
         """
         parts = EngineParts(
-            self.bank, self.config, self.exact, self.approx, typicality=self.typicality, costs=self.costs
+            self.bank,
+            self.config,
+            self.exact,
+            self.approx,
+            typicality=self.typicality,
+            costs=self.costs,
+            kernel=self.kernel_index() if self._uses_kernel() else None,
         )
         return save_engine(parts, Path(path), overwrite=overwrite, extra=extra)
 
@@ -763,23 +772,31 @@ class SearchEngine:
             approx=parts.approx,
             typicality=parts.typicality,
             costs=parts.costs,
+            kernel=parts.kernel,
         )
-        engine.prepare_kernel(background=True)
+        if parts.kernel is None:  # saved before the kernel's arrays were
+            engine.prepare_kernel(background=True)
         return engine
+
+    def _uses_kernel(self) -> bool:
+        """Whether this engine's config can take the compiled kernel (it has partitions and a
+        strategy that may choose it)."""
+        cfg = self.config
+        may = cfg.exact_strategy in ("auto", "kernel") or cfg.approx_strategy != "scan"
+        return self.approx is not None and may
 
     def prepare_kernel(self, *, background: bool = False) -> threading.Thread | None:
         """Make the compiled kernel's copy of the bank (:meth:`kernel_index`) now rather than in the
         first query that needs it, when this engine's config can take the kernel at all.
 
-        :meth:`load` calls it with ``background=True``: a daemon thread builds the copy (at 1M items
+        :meth:`load` calls it with ``background=True`` for an engine saved without the copy (before
+        2026-12-01 late; newer ones memory-map the saved one): a daemon thread builds the copy (at 1M items
         d = 10 about 1-2 s and 176 MiB; ~10x both at 10M) while the load returns at once; a query
         arriving before it is done waits for it (the same lock). Returns that thread (None when run
         inline or when nothing is to be made). Errors in the thread are logged; the first query
         that needs the kernel then raises them itself.
         """
-        cfg = self.config
-        uses_kernel = cfg.exact_strategy in ("auto", "kernel") or cfg.approx_strategy != "scan"
-        if self.approx is None or not uses_kernel:
+        if not self._uses_kernel():
             return None
         if not background:
             self.kernel_index()
@@ -794,6 +811,11 @@ class SearchEngine:
         thread = threading.Thread(target=build, name="latentsearch-kernel-index", daemon=True)
         thread.start()
         return thread
+
+
+def _lift(points: np.ndarray, std: np.ndarray | None) -> np.ndarray:
+    """Lifted queries ``(B, 2d + 1)``: points ``(B, d)``, or Gaussians with ``std`` ``(B, d)``."""
+    return lift_points(points) if std is None else lift_distributions(points, std)
 
 
 def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True) -> np.ndarray:

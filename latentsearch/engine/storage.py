@@ -19,6 +19,12 @@ Layout (``FORMAT_VERSION`` 1)::
     approx_centred_c.npy (L,) float64 max centred constant per partition (see approx.py)
     typicality.npy       (S,) float64 ascending log q(z) of the typicality reference sample (see
                          typicality.py); versions written without it load with no reference
+    kernel_rows.npy      (N,) int64 bank rows by partition, the compiled kernel's order (kernels.py),
+                         only with an approximate index whose engine may use the kernel
+    kernel_mu.npy        (N d,) float64 mu in per-partition (d, n_p) blocks, in that order
+    kernel_inv_sigma.npy (N d,) float64 1/sigma, the same blocks
+    kernel_log_norm.npy  (N,) float64 sum(log sigma) + d/2 log 2 pi, in that order; engines saved
+                         before these files build them at load, in a background thread
 
 Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
 exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
@@ -54,6 +60,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.gpu import Device, resolve_device
+from latentsearch.engine.kernels import KernelArrays, KernelIndex
 from latentsearch.engine.strategy import StrategyCosts
 from latentsearch.engine.typicality import TypicalityReference
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
@@ -78,6 +85,13 @@ FORMAT_NAME = "latentsearch.engine"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 TYPICALITY = "typicality.npy"
+# The compiled kernel's arrays: file name, KernelArrays field.
+_KERNEL_FILES = (
+    ("kernel_rows.npy", "rows"),
+    ("kernel_mu.npy", "mu_b"),
+    ("kernel_inv_sigma.npy", "inv_b"),
+    ("kernel_log_norm.npy", "log_norm"),
+)
 
 
 def file_digest(path: Path, chunk: int = 1 << 22) -> str:
@@ -132,6 +146,7 @@ def saved_bytes(
         total += n * (lifted * 4 + 8)  # IVF codes and ids
         total += nlist * (lifted * 4 + 16)  # quantizer and per-list headers
         total += n * 4 + nlist * 8 * (4 * d + 2 * lifted + 3 * d + 1) + 4 * d * 8  # lists, boxes, ...
+        total += n * (2 * d * 8 + 16)  # the compiled kernel's copy (kernel_*.npy)
     return total + (1 << 16)  # npy headers and manifests
 
 
@@ -148,6 +163,8 @@ class EngineParts:
     typicality: TypicalityReference | None = None
     # Measured cost of each exact path (strategy.py); None: not measured (the fixed rule applies).
     costs: StrategyCosts | None = None
+    # The bank in the compiled kernel's order (None: not saved, or made later from the bank).
+    kernel: KernelIndex | None = None
 
 
 def save_engine(
@@ -189,6 +206,10 @@ def save_engine(
             _save_npy(tmp, "approx_centred_c.npy", approx.centred_c)
         if engine.typicality is not None:
             _save_npy(tmp, TYPICALITY, engine.typicality.log_qz)
+        if engine.kernel is not None:
+            arrays = engine.kernel.arrays
+            for name, field in _KERNEL_FILES:
+                _save_npy(tmp, name, getattr(arrays, field))
         files = {p.name: {"bytes": p.stat().st_size, "sha256": file_digest(p)} for p in sorted(tmp.iterdir())}
         manifest = {
             "format": FORMAT_NAME,
@@ -393,6 +414,9 @@ def load_engine(
             typicality = TypicalityReference(log_qz=reference)
         except CorruptIndexError as exc:
             raise CorruptIndexError(f"{path / TYPICALITY}: {exc}") from exc
+    kernel = None
+    if approx is not None and _KERNEL_FILES[0][0] in manifest.get("files", {}):
+        kernel = _load_kernel(path, mu, log_sigma, approx, mmap)
     costs = None
     if manifest.get("exact_costs") is not None:  # engines saved before the cost model have none
         try:
@@ -401,8 +425,33 @@ def load_engine(
             raise CorruptIndexError(f"{path / MANIFEST}: {exc}") from exc
     log.info("loaded engine (%d items, d=%d) from %s", n, d, path)
     return EngineParts(
-        bank=bank, config=config, exact=exact, approx=approx, typicality=typicality, costs=costs
+        bank=bank,
+        config=config,
+        exact=exact,
+        approx=approx,
+        typicality=typicality,
+        costs=costs,
+        kernel=kernel,
     )
+
+
+def _load_kernel(
+    path: Path, mu: np.ndarray, log_sigma: np.ndarray, approx: ApproxIndex, mmap: bool
+) -> KernelIndex:
+    """The compiled kernel's index from its saved arrays (memory-mapped unless ``mmap`` is False),
+    checked in O(N): the rows are a permutation of the bank's, in partition order."""
+    n, d = mu.shape
+    shapes = {"rows": ((n,), np.int64), "mu_b": ((n * d,), np.float64), "inv_b": ((n * d,), np.float64)}
+    shapes["log_norm"] = ((n,), np.float64)
+    loaded = {field: _load_npy(path, name, mmap, *shapes[field][::-1]) for name, field in _KERNEL_FILES}
+    rows = loaded["rows"]
+    rpath = path / _KERNEL_FILES[0][0]
+    _check_range(rpath, rows, 0, n, "bank rows")
+    lists = approx.list_of_row
+    key = np.where(lists < 0, approx.nlist, lists)[rows]  # (N,) partition of each position
+    if n and (np.bincount(rows, minlength=n).max() != 1 or (np.diff(key) < 0).any()):
+        raise CorruptIndexError(f"{rpath} is not the bank's rows in the order of approx_lists.npy")
+    return KernelIndex.of_approx(mu, log_sigma, approx, arrays=KernelArrays(**loaded))
 
 
 def _load_approx(
