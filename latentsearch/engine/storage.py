@@ -26,7 +26,8 @@ Layout (``FORMAT_VERSION`` 1)::
     kernel_log_norm.npy  (N,) float64 sum(log sigma) + d/2 log 2 pi, in that order; engines saved
                          before these files build them at load, in a background thread
 
-Arrays are memory-mapped on load, so a 10M-item bank opens in seconds and pages in on demand. The
+Arrays, and the IVF index's codes, are memory-mapped on load, so a 10M-item bank opens in seconds
+and pages in on demand. The
 exact index is rebuilt from ``mu`` and ``log_sigma`` (a linear pass), so it can never disagree with
 them. The directory is written under a temporary name beside the target and renamed into place.
 
@@ -406,7 +407,7 @@ def load_engine(
     if [len(g) for g in exact.groups] != meta["scale_groups"]:
         raise CorruptIndexError(f"{path / 'exact_groups.npy'} does not match the manifest's scale groups")
     approx_meta = manifest.get("approx")
-    approx = None if approx_meta is None else _load_approx(path, n, d, approx_meta, groups, n_groups)
+    approx = None if approx_meta is None else _load_approx(path, n, d, approx_meta, groups, n_groups, mmap)
     typicality = None
     if TYPICALITY in manifest.get("files", {}):
         reference = _load_npy(path, TYPICALITY, False, np.float64, None)
@@ -455,10 +456,12 @@ def _load_kernel(
 
 
 def _load_approx(
-    path: Path, n: int, d: int, meta: dict[str, Any], group_of_row: np.ndarray, n_groups: int
+    path: Path, n: int, d: int, meta: dict[str, Any], group_of_row: np.ndarray, n_groups: int, mmap: bool
 ) -> ApproxIndex:
     """The approximate index, checked against the bank: ``group_of_row`` is the ``(N,)`` scale group
-    of every row (already range-checked), ``n_groups`` the number of scale groups."""
+    of every row (already range-checked), ``n_groups`` the number of scale groups. With ``mmap``
+    the IVF's codes stay in the file (``IO_FLAG_MMAP_IFC``: at 10M items 880 MiB not read at load,
+    0.02 s instead of seconds; pages come in as lists are scanned)."""
     fpath = path / "approx.faiss"
     try:
         nlist, nprobe, factory = int(meta["nlist"]), int(meta["nprobe"]), str(meta["factory"])
@@ -467,7 +470,7 @@ def _load_approx(
         raise CorruptIndexError(f"{path / MANIFEST} has a bad 'approx' section: {exc}") from exc
     _check_range(path / MANIFEST, np.array(exact_groups, dtype=np.int64), 0, n_groups, "exact_groups")
     try:
-        ivf = faiss.read_index(str(fpath))
+        ivf = faiss.read_index(str(fpath), faiss.IO_FLAG_MMAP_IFC if mmap else 0)
     except RuntimeError as exc:
         raise CorruptIndexError(f"{fpath} is unreadable: {exc}") from exc
     if not isinstance(ivf, faiss.IndexIVFFlat):
