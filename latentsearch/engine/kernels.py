@@ -17,12 +17,13 @@ One fused loop per query, no Python, numpy temporaries or FAISS heap in it:
 3. stop when the current bucket's largest bound is below the k-th score (exact; a partition of
    the current bucket below it is skipped), or after ``max_visits`` partitions (approximate).
 
-Measured (``/tmp``-style A/B in one process, 200k Fashion-MNIST VAE posteriors, d = 10, one core,
-the other core busy): the bucket order, the skipped partitions, the float32 box and an inlined
-item loop took the exact search from 790-1,690 us to 500-1,030 us per query (1.55-1.65x; box,
-prior, posterior and uniform [-5, 5] queries, the same partitions scanned and the same answers).
+Measured (the old and the new kernel side by side in one process, 200k Fashion-MNIST VAE
+posteriors, d = 10, one core, the other core busy): the bucket order, the skipped partitions, the
+float32 box and an inlined item loop took the exact search from 790-1,690 us to 500-1,030 us per
+query (1.55-1.65x; box, prior, posterior and uniform [-5, 5] queries, the same partitions scanned
+and the same answers).
 What it costs now, per query: the bounds (~11 ns per partition in L2, ~13-16 beyond), the
-bucket order (~5 ns per partition), then ~0.7-1.2 us per scanned partition (~37 items); exact
+bucket order (~9 ns per partition), then ~0.7-1.2 us per scanned partition (~37 items); exact
 search scans 6-17% of the partitions. The exact box bound with logarithms, once computed for each
 partition about to be scanned, pruned 1 of 785 scans and cost 10%: dropped.
 
