@@ -76,7 +76,7 @@ from latentsearch.engine.exact import (
     _rescore_padded,
     _topk,
 )
-from latentsearch.engine.lifting import lift_distributions, lift_items, lift_points
+from latentsearch.engine.lifting import lift_items, lift_queries
 from latentsearch.engine.partition import Assign, partition_items
 from latentsearch.posterior import LOG_2PI
 
@@ -453,7 +453,7 @@ class ApproxIndex:
             points: ``(B, d)`` query points or query means.
             std: ``(B, d)`` query standard deviations, or None for point queries.
         """
-        queries = lift_points(points) if std is None else lift_distributions(points, std)
+        queries = lift_queries(points, std)
         out = np.empty((points.shape[0], self.nlist))
         step = max(1, 2_000_000 // max(1, self.nlist * points.shape[1]))
         for s in range(0, points.shape[0], step):

@@ -23,7 +23,7 @@ from latentsearch.engine.config import EngineConfig, SearchMode
 from latentsearch.engine.exact import ExactIndex, Rescore, Selection
 from latentsearch.engine.gpu import Device, resolve_device
 from latentsearch.engine.kernels import KernelIndex, warm
-from latentsearch.engine.lifting import lift_distributions, lift_points
+from latentsearch.engine.lifting import lift_points, lift_queries
 from latentsearch.engine.probability import DEFAULT_REL_TOL, PARTITION_MAX_QUERIES, SearchWork, normalise
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
@@ -430,7 +430,7 @@ class SearchEngine:
         resolved = self._resolve_mode(mode)
         selection = self._selection(labels)
         # lifted (B, 2d + 1); the compiled kernel needs none (None: _run lifts where it needs them)
-        queries = None if rel_tol is None else _lift(points, std)
+        queries = None if rel_tol is None else lift_queries(points, std)
         rescore = self._rescorer(points, std)
         with _faiss_threads(self._threads_for(points.shape[0])):
             work = SearchWork() if rel_tol is not None else None
@@ -505,7 +505,7 @@ class SearchEngine:
         if kernel and self.approx is not None and std is None:
             return self._run_kernel(points, k_eff, resolved, selection, rescore, nprobe)
         if queries is None:
-            queries = _lift(points, std)
+            queries = lift_queries(points, std)
         use_partitions = self.approx is not None and (resolved == "approx" or path != "flat")
         if use_partitions:
             assert self.approx is not None
@@ -811,11 +811,6 @@ class SearchEngine:
         thread = threading.Thread(target=build, name="latentsearch-kernel-index", daemon=True)
         thread.start()
         return thread
-
-
-def _lift(points: np.ndarray, std: np.ndarray | None) -> np.ndarray:
-    """Lifted queries ``(B, 2d + 1)``: points ``(B, d)``, or Gaussians with ``std`` ``(B, d)``."""
-    return lift_points(points) if std is None else lift_distributions(points, std)
 
 
 def check_points(value: Any, dim: int, field: str = "z", *, single: bool = True) -> np.ndarray:

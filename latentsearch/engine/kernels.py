@@ -73,7 +73,15 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.exact import Rescore, Selection, _topk
 from latentsearch.posterior import LOG_2PI
 
-__all__ = ["SCORE_SLACK", "KernelArrays", "KernelIndex", "KernelResult", "kernel_log_prob", "warm"]
+__all__ = [
+    "SCORE_SLACK",
+    "KernelArrays",
+    "KernelIndex",
+    "KernelResult",
+    "kernel_log_prob",
+    "partition_key",
+    "warm",
+]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +168,14 @@ def _worse(s1: float, r1: int, s2: float, r2: int) -> bool:
 
 
 @njit(inline="always")
+def _swap(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, a: int, b: int) -> None:
+    """Exchange entries ``a`` and ``b`` of the top-k heap (score, position, row arrays)."""
+    ts[a], ts[b] = ts[b], ts[a]
+    tp[a], tp[b] = tp[b], tp[a]
+    tr[a], tr[b] = tr[b], tr[a]
+
+
+@njit(inline="always")
 def _top_sift_down(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, i: int, n: int) -> None:
     """Min-heap of the top-k (worst at the root) on (score, row): move entry ``i`` down."""
     while True:
@@ -172,9 +188,7 @@ def _top_sift_down(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, i: int, n: in
             w = right
         if not _worse(ts[w], tr[w], ts[i], tr[i]):
             return
-        ts[i], ts[w] = ts[w], ts[i]
-        tp[i], tp[w] = tp[w], tp[i]
-        tr[i], tr[w] = tr[w], tr[i]
+        _swap(ts, tp, tr, i, w)
         i = w
 
 
@@ -187,9 +201,7 @@ def _top_push(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, n: int, s: float, 
         parent = (c - 1) // 2
         if not _worse(ts[c], tr[c], ts[parent], tr[parent]):
             break
-        ts[c], ts[parent] = ts[parent], ts[c]
-        tp[c], tp[parent] = tp[parent], tp[c]
-        tr[c], tr[parent] = tr[parent], tr[c]
+        _swap(ts, tp, tr, c, parent)
         c = parent
 
 
@@ -588,6 +600,12 @@ class KernelArrays:
     log_norm: np.ndarray
 
 
+def partition_key(list_of_row: np.ndarray, nlist: int) -> np.ndarray:
+    """``(N,)`` int64 kernel partition of every row: its list, or ``nlist`` (the outliers' partition,
+    scanned always) for rows outside the partitions (``list_of_row`` -1)."""
+    return np.where(list_of_row < 0, nlist, list_of_row).astype(np.int64)
+
+
 def _round_f32(values: np.ndarray, *, down: bool) -> np.ndarray:
     """float64 ``values`` as float32 rounded down (or up): the nearest float32 not above (below)
     each value; out of range: +-inf or the largest finite float32 on the right side; NaN stays."""
@@ -636,7 +654,7 @@ class KernelIndex:
         arrays: KernelArrays | None = None,
     ) -> None:
         d = mu.shape[1]
-        key = np.where(list_of_row < 0, nlist, list_of_row).astype(np.int64)
+        key = partition_key(list_of_row, nlist)
         sizes = np.bincount(key, minlength=nlist + 1)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if arrays is None:

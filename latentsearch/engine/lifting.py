@@ -17,7 +17,14 @@ import numpy as np
 
 from latentsearch.posterior import LOG_2PI
 
-__all__ = ["FLOAT32_EPS", "error_coefficient", "lift_distributions", "lift_items", "lift_points"]
+__all__ = [
+    "FLOAT32_EPS",
+    "error_coefficient",
+    "lift_distributions",
+    "lift_items",
+    "lift_points",
+    "lift_queries",
+]
 
 FLOAT32_EPS = float(np.finfo(np.float32).eps) / 2.0  # unit roundoff u = 2^-24
 
@@ -53,6 +60,12 @@ def lift_distributions(mean: np.ndarray, std: np.ndarray) -> np.ndarray:
     mean = np.asarray(mean, dtype=np.float64)
     std = np.asarray(std, dtype=np.float64)
     return np.concatenate([mean * mean + std * std, mean, np.ones((mean.shape[0], 1))], axis=1)
+
+
+def lift_queries(points: np.ndarray, std: np.ndarray | None = None) -> np.ndarray:
+    """Lifted queries ``(B, 2d + 1)``: the points ``(B, d)`` (:func:`lift_points`), or the Gaussians
+    ``N(points, std^2)`` with ``std`` ``(B, d)`` (:func:`lift_distributions`)."""
+    return lift_points(points) if std is None else lift_distributions(points, std)
 
 
 def error_coefficient(n: int) -> float:

@@ -61,7 +61,7 @@ from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.config import EngineConfig
 from latentsearch.engine.exact import ExactIndex
 from latentsearch.engine.gpu import Device, resolve_device
-from latentsearch.engine.kernels import KernelArrays, KernelIndex
+from latentsearch.engine.kernels import KernelArrays, KernelIndex, partition_key
 from latentsearch.engine.strategy import StrategyCosts
 from latentsearch.engine.typicality import TypicalityReference
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError, NotFoundError
@@ -448,8 +448,7 @@ def _load_kernel(
     rows = loaded["rows"]
     rpath = path / _KERNEL_FILES[0][0]
     _check_range(rpath, rows, 0, n, "bank rows")
-    lists = approx.list_of_row
-    key = np.where(lists < 0, approx.nlist, lists)[rows]  # (N,) partition of each position
+    key = partition_key(approx.list_of_row, approx.nlist)[rows]  # (N,) partition of each position
     if n and (np.bincount(rows, minlength=n).max() != 1 or (np.diff(key) < 0).any()):
         raise CorruptIndexError(f"{rpath} is not the bank's rows in the order of approx_lists.npy")
     return KernelIndex.of_approx(mu, log_sigma, approx, arrays=KernelArrays(**loaded))
