@@ -7,6 +7,8 @@ ascending row) and a hand-computed case.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import itertools
 import json
 import math
 import threading
@@ -218,6 +220,34 @@ def test_saved_kernel_arrays_are_loaded_not_rebuilt(
     np.testing.assert_array_equal(loaded._kernel.box, built.box)
     np.testing.assert_array_equal(loaded._kernel.offsets, built.offsets)
     z = query_families((mu, log_sigma), 6, seed=12)["box"]
+    _check_exact(loaded, mu, log_sigma, z, 10)
+
+
+def test_kernel_arrays_in_the_older_block_layout_are_rebuilt_not_misread(
+    vae_bank, vae_engine: SearchEngine, tmp_path
+) -> None:
+    """Engines saved before the item-major rows hold mu and 1/sigma as ``(N d,)`` per-partition
+    ``(d, n_p)`` blocks: read as rows they would score garbage, so the load rebuilds them."""
+    mu, log_sigma, _ = vae_bank
+    path = vae_engine.save(tmp_path / "engine")
+    built = vae_engine.kernel_index()
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name, field in (("kernel_mu.npy", "mu_b"), ("kernel_inv_sigma.npy", "inv_b")):
+        rows = np.asarray(getattr(built, field))
+        blocks = np.concatenate([rows[a:b].T.ravel() for a, b in itertools.pairwise(built.offsets.tolist())])
+        np.save(path / name, blocks)
+        manifest["files"][name] = {
+            "bytes": (path / name).stat().st_size,
+            "sha256": hashlib.sha256((path / name).read_bytes()).hexdigest(),
+        }
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    loaded = SearchEngine.load(path)
+    for thread in threading.enumerate():
+        if thread.name == "latentsearch-kernel-index":
+            thread.join(timeout=60)
+    assert loaded._kernel is not None and loaded._kernel.mu_b.shape == mu.shape
+    np.testing.assert_array_equal(loaded._kernel.mu_b, built.mu_b)
+    z = query_families((mu, log_sigma), 6, seed=13)["prior"]
     _check_exact(loaded, mu, log_sigma, z, 10)
 
 

@@ -11,7 +11,7 @@ One fused loop per query, no Python, numpy temporaries or FAISS heap in it:
    O(P), where a binary heap's build and pops cost 2-3x more); optionally (approximate search)
    first the ``first`` partitions of best centroid posterior (buckets of the centroid score, each
    bucket sorted as it is reached, so the order is exact); the items of each scanned partition
-   scored in float64 (dimension-major blocks, the loop over items vectorises), a partition whose
+   scored in float64 (item-major rows, see :func:`_quad`), a partition whose
    best item is below the k-th score skipped in one vectorised pass, the others into a top-k
    min-heap;
 3. stop when the current bucket's largest bound is below the k-th score (exact; a partition of
@@ -22,10 +22,19 @@ posteriors, d = 10, one core, the other core busy): the bucket order, the skippe
 float32 box and an inlined item loop took the exact search from 790-1,690 us to 500-1,030 us per
 query (1.55-1.65x; box, prior, posterior and uniform [-5, 5] queries, the same partitions scanned
 and the same answers).
-What it costs now, per query: the bounds (~11 ns per partition in L2, ~13-16 beyond), the
-bucket order (~9 ns per partition), then ~0.7-1.2 us per scanned partition (~37 items); exact
-search scans 6-17% of the partitions. The exact box bound with logarithms, once computed for each
-partition about to be scanned, pruned 1 of 785 scans and cost 10%: dropped.
+What it costs now, per query (200k, one core): the bounds (~8-11 ns per partition), the
+bucket order (~5-6 ns per partition), then the scan: ~0.37 us per scanned partition (~37 items)
+while its rows are in cache, 1.3-1.8 us from memory (the same query repeated vs fresh ones); exact
+search scans 6-20% of the partitions. The scan reads each partition's rows as one contiguous,
+item-major run of ``mu`` and ``1/sigma`` (:func:`_quad`): the earlier per-partition ``(d, n_p)``
+blocks, read dimension by dimension, cost 2-4x more per item (18-41 vs 8-9 ns at d = 10, in and
+out of cache) and made the kernel 1.2-1.7x slower at 1M items (box, prior, posterior queries of a
+Fashion-MNIST VAE bank; 1.0-1.3x at 200k, where more of the bank stays in cache). What is left is
+memory latency: partitions are visited in bound order, scattered over the bank; software prefetch
+of the next partitions (llvm.prefetch, 1-4 partitions ahead) gained 0-7% and huge pages 15% in
+a 2M-item test, so fewer bytes per item (compressed scan codes with a rigorous error bound) are the
+next step. The exact box bound with logarithms, once computed for each partition about to be
+scanned, pruned 1 of 785 scans and cost 10%: dropped.
 
 Not done, measured: bounding coarse cells of partitions first (each cell's box the union of its
 partitions' boxes, expanded best bound first through one heap of cells and partitions). On that
@@ -207,19 +216,17 @@ def _top_push(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, n: int, s: float, 
 
 @njit(inline="always")
 def _quad(z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, a: int, b: int, quad: np.ndarray) -> None:
-    """``quad[: b - a]``: ``sum_j ((z_j - mu_j) / sigma_j)^2`` of the positions ``a..b-1`` of one
-    partition, whose block of ``mu_b`` / ``inv_b`` is ``(d, b - a)`` from ``d * a`` (dimension outer,
-    positions inner: the inner loop vectorises)."""
-    n = b - a
-    for i in range(n):
-        quad[i] = 0.0
-    base = z.shape[0] * a
-    for j in range(z.shape[0]):
-        zj = z[j]
-        off = base + j * n
-        for i in range(n):
-            u = (zj - mu_b[off + i]) * inv_b[off + i]
-            quad[i] += u * u
+    """``quad[: b - a]``: ``sum_j ((z_j - mu_j) / sigma_j)^2`` of the positions ``a..b-1``, rows of
+    ``mu_b`` / ``inv_b (M, d)`` (item-major: each partition is one contiguous run of both arrays,
+    read front to back; dimensions summed in ascending order)."""
+    d = z.shape[0]
+    for c in range(b - a):
+        m, v = mu_b[a + c], inv_b[a + c]
+        s = 0.0
+        for j in range(d):
+            u = (z[j] - m[j]) * v[j]
+            s += u * u
+        quad[c] = s
 
 
 @_jit
@@ -248,8 +255,8 @@ def _search(
 
     Args:
         offsets: ``(P + 1,)`` int64, partition p's items are positions ``offsets[p]:offsets[p+1]``.
-        mu_b, inv_b: ``(M d,)`` float64 mu and 1/sigma, partition p's block ``(d, n_p)`` from
-            ``d * offsets[p]``; log_norm ``(M,)`` ``sum(log sigma) + d/2 log 2 pi``.
+        mu_b, inv_b: ``(M, d)`` float64 mu and 1/sigma, partition p's items rows
+            ``offsets[p]:offsets[p+1]``; log_norm ``(M,)`` ``sum(log sigma) + d/2 log 2 pi``.
         rows: ``(M,)`` int64 bank row per position (tie order).
         allowed: ``(M,)`` uint8 (0: filtered out) or ``(0,)`` for no filter.
         box: ``(6, d, P)`` float32 per-partition box (rows ``_LO`` .. ``_LOG_SHI``, rounded
@@ -574,15 +581,6 @@ def _in_order(rows: np.ndarray, scores: np.ndarray) -> bool:
     return True
 
 
-def _blocks(values: np.ndarray, offsets: np.ndarray) -> np.ndarray:
-    """``(M, d)`` per-position values as ``(M d,)``: each partition's ``(d, n_p)`` block, in turn."""
-    out = np.empty(values.size)
-    d = values.shape[1]
-    for a, b in itertools.pairwise(offsets.tolist()):
-        out[d * a : d * b] = values[a:b].T.ravel()
-    return out
-
-
 @dataclass(frozen=True, eq=False)
 class KernelArrays:
     """The bank in the kernel's order: the part of a :class:`KernelIndex` that costs O(N d) to make
@@ -590,7 +588,7 @@ class KernelArrays:
 
     Attributes:
         rows: ``(M,)`` int64 bank row of every position, by partition (the outliers last).
-        mu_b, inv_b: ``(M d,)`` float64 mu and 1/sigma in per-partition ``(d, n_p)`` blocks.
+        mu_b, inv_b: ``(M, d)`` float64 mu and 1/sigma, one row per position.
         log_norm: ``(M,)`` float64 ``sum(log sigma) + d/2 log 2 pi`` per position.
     """
 
@@ -633,8 +631,8 @@ class KernelIndex:
 
     Attributes:
         rows: ``(M,)`` int64 bank row of every position; offsets ``(L + 2,)``.
-        mu_b, inv_b: ``(M d,)`` float64 mu and 1/sigma, partition p's ``(d, n_p)`` block from
-            ``d * offsets[p]``; log_norm ``(M,)``.
+        mu_b, inv_b: ``(M, d)`` float64 mu and 1/sigma, partition p's items rows
+            ``offsets[p]:offsets[p+1]``; log_norm ``(M,)``.
         box: ``(6, d, L + 1)`` float32 per-partition mu and sigma boxes, in the forms the bound
             uses, rounded outward.
     """
@@ -660,9 +658,9 @@ class KernelIndex:
         if arrays is None:
             order = np.argsort(key, kind="stable").astype(np.int64)
             self.rows = order
-            self.mu_b = _blocks(np.asarray(mu, dtype=np.float64)[order], self.offsets)
+            self.mu_b = np.ascontiguousarray(np.asarray(mu, dtype=np.float64)[order])
             ls = np.asarray(log_sigma, dtype=np.float64)[order]
-            self.inv_b = _blocks(np.exp(-ls), self.offsets)
+            self.inv_b = np.exp(-ls)
             self.log_norm = ls.sum(-1) + 0.5 * d * LOG_2PI
         else:  # saved with the engine (memory-mapped on load): checked by the caller
             self.rows, self.mu_b, self.inv_b = arrays.rows, arrays.mu_b, arrays.inv_b

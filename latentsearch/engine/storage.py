@@ -21,8 +21,9 @@ Layout (``FORMAT_VERSION`` 1)::
                          typicality.py); versions written without it load with no reference
     kernel_rows.npy      (N,) int64 bank rows by partition, the compiled kernel's order (kernels.py),
                          only with an approximate index whose engine may use the kernel
-    kernel_mu.npy        (N d,) float64 mu in per-partition (d, n_p) blocks, in that order
-    kernel_inv_sigma.npy (N d,) float64 1/sigma, the same blocks
+    kernel_mu.npy        (N, d) float64 mu, in that order (engines saved with the older
+                         (N d,) per-partition (d, n_p) blocks rebuild them at load, as below)
+    kernel_inv_sigma.npy (N, d) float64 1/sigma, in that order
     kernel_log_norm.npy  (N,) float64 sum(log sigma) + d/2 log 2 pi, in that order; engines saved
                          before these files build them at load, in a background thread
 
@@ -438,11 +439,15 @@ def load_engine(
 
 def _load_kernel(
     path: Path, mu: np.ndarray, log_sigma: np.ndarray, approx: ApproxIndex, mmap: bool
-) -> KernelIndex:
+) -> KernelIndex | None:
     """The compiled kernel's index from its saved arrays (memory-mapped unless ``mmap`` is False),
-    checked in O(N): the rows are a permutation of the bank's, in partition order."""
+    checked in O(N): the rows are a permutation of the bank's, in partition order. None for arrays
+    in the layout engines saved before the item-major rows (the engine rebuilds them)."""
     n, d = mu.shape
-    shapes = {"rows": ((n,), np.int64), "mu_b": ((n * d,), np.float64), "inv_b": ((n * d,), np.float64)}
+    if _load_npy(path, _KERNEL_FILES[1][0], True, np.float64, None).ndim == 1:
+        log.info("%s holds the older per-partition block layout: the kernel's arrays are rebuilt", path)
+        return None
+    shapes = {"rows": ((n,), np.int64), "mu_b": ((n, d), np.float64), "inv_b": ((n, d), np.float64)}
     shapes["log_norm"] = ((n,), np.float64)
     loaded = {field: _load_npy(path, name, mmap, *shapes[field][::-1]) for name, field in _KERNEL_FILES}
     rows = loaded["rows"]
