@@ -130,6 +130,51 @@ def test_exact_kernel_on_random_banks(regime: str, d: int) -> None:
     _check_exact(engine, mu, log_sigma, z, 12)
 
 
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
+@pytest.mark.parametrize("d", [1, 10, 128])
+def test_batched_exact_kernel_equals_brute_force_and_the_per_query_search(regime: str, d: int) -> None:
+    """The partition-by-partition search of a batch (forced on and off) against the float64 brute
+    force: the same rows, certified, on every sigma regime, with ties across partitions."""
+    rng = np.random.default_rng(d * 7 + len(regime))
+    mu, log_sigma = make_bank(2500, d, regime, rng)
+    mu[100:110], log_sigma[100:110] = mu[5], log_sigma[5]  # exact ties across partitions
+    index = _engine(mu, log_sigma, nlist=40).kernel_index()
+    near = mu[[5, 7, 2000]] + 1e-3
+    z = np.concatenate([rng.uniform(-5, 5, size=(20, d)), rng.standard_normal((9, d)), near])
+    scores = log_q(z, mu, log_sigma)  # (B, N)
+    ranked = -np.sort(-scores, axis=1)
+    for k in (1, 12, 3000):  # k past the bank: the whole bank, in order
+        want = top_k(scores, k)
+        # a near tie at the k-th score (mu[5]'s copies, or chance in d = 1) may leave the proof short
+        kth, nxt = ranked[:, min(k, ranked.shape[1]) - 1], ranked[:, min(k, ranked.shape[1] - 1)]
+        tied = (k < ranked.shape[1]) & (kth - nxt <= 1e-9 * (1.0 + np.abs(kth)))
+        results = {b: index.search(z, k, batched=b) for b in (True, False)}
+        for batched, res in results.items():
+            assert res.certified[~tied].all(), (batched, k)
+            for b in np.flatnonzero(res.certified):  # an uncertified answer goes to another exact path
+                got = res.rows[b][res.rows[b] >= 0]
+                np.testing.assert_array_equal(got, want[b], err_msg=f"batched={batched} k={k} query {b}")
+        both = results[True].certified & results[False].certified
+        np.testing.assert_array_equal(results[True].scores[both], results[False].scores[both])
+
+
+def test_batched_exact_kernel_with_a_label_filter(vae_bank, vae_engine: SearchEngine) -> None:
+    mu, log_sigma, labels = vae_bank
+    z = query_families((mu, log_sigma), 40, seed=8)["posterior"]
+    selection = vae_engine._selection([3, 7])
+    allowed = np.isin(labels, [3, 7])
+    want = top_k(log_q(z, mu, log_sigma), 10, allowed)
+    res = vae_engine.kernel_index().search(z, 10, selection=selection, batched=True)
+    assert res.certified.all()
+    for b in range(z.shape[0]):
+        np.testing.assert_array_equal(res.rows[b][res.rows[b] >= 0], want[b])
+
+
+def test_batched_is_only_for_the_exact_search(vae_engine: SearchEngine) -> None:
+    with pytest.raises(ValueError, match="exact search"):
+        vae_engine.kernel_index().search(np.zeros((2, 10)), 3, max_visits=5, batched=True)
+
+
 def test_k_beyond_the_bank_and_the_filter() -> None:
     rng = np.random.default_rng(4)
     mu, log_sigma = make_bank(300, 4, "moderate", rng)
