@@ -188,6 +188,23 @@ class TrainConfig:
     # time, and weight 1 drove the KL to ~50 nats (its -sum log sigma outweighs beta's pull to the prior).
     consistency_weight: float = 0.0
     consistency_shift: int = 1
+    # Contrastive ranking term (model.objective.contrastive_nll; 0: off): the training loss adds this
+    # weight times the batch mean of an InfoNCE cross-entropy in nats whose logits are the search's
+    # score, L[n, m] = log q(mu(x'_n) | x_m) / contrastive_temperature over the batch's items m, x'_n
+    # being item n shifted by a random whole-pixel (dy, dx) in [-contrastive_shift, contrastive_shift]
+    # (a fresh shift per item and step): the shifted copy should rank its own image first. mu(x') is
+    # held fixed unless contrastive_target_grad. One more encoder pass per step. Images only.
+    # Off: in 5-fold CV on the Fashion-MNIST sample (bench/results/model-2026-12-02-contrastive.md;
+    # the default there: top-1 label agreement of log q neighbours 0.768, mu-L2 0.765) weight 3 gave
+    # 0.757 (paired vs default -0.010 +- 0.006), weight 3 / 10 / 20 with the target's gradient 0.763 /
+    # 0.758 / 0.754 (-0.005, -0.010, -0.014 +- 0.006), weight 10 at temperature 0.5 0.752, each below
+    # mu-L2 of the same model (-0.004 to -0.007 +- 0.006), for 1.2x (fixed target) to 1.35x (with its
+    # gradient) the default's training time; weights 10 (fixed target) and 30 disturbed training
+    # (fold 0: -ELBO 258.5 and 308.4 nats).
+    contrastive_weight: float = 0.0
+    contrastive_shift: int = 1
+    contrastive_temperature: float = 1.0
+    contrastive_target_grad: bool = False
     # Stop when validation -ELBO has not improved by `min_delta` nats for `patience` epochs.
     patience: int = 8
     min_delta: float = 0.05
@@ -232,6 +249,21 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"consistency_shift must be >= 1 pixel, got {self.consistency_shift}",
                 field="consistency_shift",
+            )
+        if not 0.0 <= self.contrastive_weight < math.inf:
+            raise InvalidArgumentError(
+                f"contrastive_weight must be a finite number >= 0, got {self.contrastive_weight}",
+                field="contrastive_weight",
+            )
+        if self.contrastive_shift < 1:
+            raise InvalidArgumentError(
+                f"contrastive_shift must be >= 1 pixel, got {self.contrastive_shift}",
+                field="contrastive_shift",
+            )
+        if not 0.0 < self.contrastive_temperature < math.inf:
+            raise InvalidArgumentError(
+                f"contrastive_temperature must be a finite number > 0, got {self.contrastive_temperature}",
+                field="contrastive_temperature",
             )
         if not 0.0 <= self.free_bits < math.inf:
             raise InvalidArgumentError(

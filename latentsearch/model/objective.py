@@ -1,4 +1,5 @@
-"""Terms of the training loss: per-dimension free bits (KL thresholds) and posterior consistency.
+"""Terms of the training loss: per-dimension free bits (KL thresholds), posterior consistency and a
+contrastive ranking term.
 
 With a 10-dimensional latent and the standard ELBO, some dimensions collapse to the prior
 (``q(z_j|x) = N(0, 1)`` for every ``x``): the optimiser finds that the KL they cost early in
@@ -15,6 +16,15 @@ Posterior consistency (:func:`consistency_nll`, off by default) is a training op
 search: a query is ranked against item ``x`` by ``log q(z|x)``, so it adds to the loss the negative
 log density that ``q(z|x)`` gives to the posterior mean of a slightly shifted copy of ``x``, which
 asks each posterior's sigma to cover where near-copies of its image land.
+
+The contrastive term (:func:`contrastive_nll`, off by default) asks for the search's ranking itself:
+among the items of a batch, the posterior mean of a shifted copy of ``x_n`` should rank ``x_n``
+first by ``log q(z|x_m)``, the exact score the engine ranks by. It is the cross-entropy of a softmax
+over the batch (InfoNCE, van den Oord et al. 2018, "Representation Learning with Contrastive
+Predictive Coding"), whose logits are those log densities. Unlike the one-sided consistency term,
+which rewards any density at the target, it compares the candidates at one point: a change of every
+sigma by one factor adds the same ``-d log(factor)`` to every logit, which cancels, and acts on the
+rest as a temperature would.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import math
 
 import torch
 
-__all__ = ["consistency_nll", "kl_penalty"]
+__all__ = ["consistency_nll", "contrastive_nll", "kl_penalty"]
 
 
 def kl_penalty(kl_dims: torch.Tensor, free_bits: float = 0.0) -> torch.Tensor:
@@ -53,3 +63,27 @@ def consistency_nll(mu: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor
     """
     sq = (target - mu).square() * torch.exp(-logvar)
     return 0.5 * (sq + logvar + math.log(2.0 * math.pi)).sum(-1)
+
+
+def contrastive_nll(
+    mu: torch.Tensor, logvar: torch.Tensor, target: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
+    """Per-query InfoNCE loss in nats, ``(N,)``: how far ``target_n`` is from ranking item ``n`` first.
+
+    Args:
+        mu, logvar: ``(N, d)`` posteriors ``q(z|x_m) = N(mu_m, diag(exp(logvar_m)))`` of the batch
+            (the candidates, with gradient).
+        target: ``(N, d)`` query points, ``target_n`` belonging to item ``n`` (the posterior means of
+            shifted copies; the caller decides whether they carry gradient).
+        temperature: ``T > 0``; the logits are divided by it.
+
+    With the logits ``L[n, m] = log q(target_n | x_m)
+    = -0.5 * sum_j ((target_nj - mu_mj)^2 / exp(logvar_mj) + logvar_mj + log(2 pi))``, ``(N, N)``,
+    returns ``-L[n, n] / T + logsumexp_m (L[n, m] / T)``: the cross-entropy of a softmax over the
+    batch with label ``n``. It is ``>= 0``, and ``log N`` when every candidate scores alike.
+    """
+    diff = target[:, None, :] - mu[None, :, :]  # (N, N, d): query n, candidate m
+    inv_var = torch.exp(-logvar)[None, :, :]  # (1, N, d)
+    logits = -0.5 * (diff.square() * inv_var + logvar[None, :, :] + math.log(2.0 * math.pi)).sum(-1)
+    logits = logits / temperature  # (N, N)
+    return torch.logsumexp(logits, dim=1) - logits.diagonal()

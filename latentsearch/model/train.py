@@ -27,7 +27,7 @@ from latentsearch.model.augment import random_shift
 from latentsearch.model.checkpoint import CHECKSUMS_FILE, CONFIG_FILE, WEIGHTS_FILE, save_checkpoint
 from latentsearch.model.config import Normalization, TrainConfig, VAEConfig
 from latentsearch.model.device import configure_cpu_threads, resolve_device
-from latentsearch.model.objective import consistency_nll, kl_penalty
+from latentsearch.model.objective import consistency_nll, contrastive_nll, kl_penalty
 from latentsearch.model.vae import VAE, ElboTerms
 from latentsearch.progress import Progress
 
@@ -373,6 +373,7 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
     eps_gen = torch.Generator(device=dev).manual_seed(cfg.seed * 1_000_033 + epoch)
     aug_gen = torch.Generator().manual_seed(cfg.seed * 1_000_037 + epoch)
     cons_gen = torch.Generator().manual_seed(cfg.seed * 1_000_039 + epoch)
+    contr_gen = torch.Generator().manual_seed(cfg.seed * 1_000_081 + epoch)
     shift = cfg.augment_shift if x_train.ndim == 4 else 0  # images (N, H, W, C) only
     order = torch.randperm(n_train, generator=gen).to(x_train.device)
     sums = np.zeros(3)
@@ -390,6 +391,8 @@ def _train_epoch(run: _Run, epoch: int) -> np.ndarray:
         loss = recon + _kl_weight(cfg, epoch, s, steps) * kl_penalty(terms.kl_dims, cfg.free_bits)
         if cfg.consistency_weight > 0 and x_train.ndim == 4:
             loss = loss + cfg.consistency_weight * _consistency(run, xb, terms, cons_gen)
+        if cfg.contrastive_weight > 0 and x_train.ndim == 4:
+            loss = loss + cfg.contrastive_weight * _contrastive(run, xb, terms, contr_gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -416,6 +419,18 @@ def _consistency(run: _Run, xb: torch.Tensor, terms: ElboTerms, gen: torch.Gener
     with torch.no_grad(), _autocast(run.dev, run.cfg.amp):
         target, _ = run.model.encode_params(random_shift(xb, run.cfg.consistency_shift, gen))
     return consistency_nll(terms.mu, terms.logvar, target.float()).mean()
+
+
+def _contrastive(run: _Run, xb: torch.Tensor, terms: ElboTerms, gen: torch.Generator) -> torch.Tensor:
+    """The batch mean of the InfoNCE term (:func:`model.objective.contrastive_nll`): each image of
+    ``xb`` ``(N, H, W, C)`` shifted at random by up to ``contrastive_shift`` pixels, its posterior mean
+    the query, the batch's posteriors ``terms.mu``, ``terms.logvar`` the candidates."""
+    assert terms.mu is not None and terms.logvar is not None
+    cfg = run.cfg
+    with torch.set_grad_enabled(cfg.contrastive_target_grad), _autocast(run.dev, cfg.amp):
+        target, _ = run.model.encode_params(random_shift(xb, cfg.contrastive_shift, gen))
+    nll = contrastive_nll(terms.mu.float(), terms.logvar.float(), target.float(), cfg.contrastive_temperature)
+    return nll.mean()
 
 
 def _epoch_row(
