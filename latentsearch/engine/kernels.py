@@ -85,7 +85,7 @@ import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -635,10 +635,19 @@ def warm() -> float:
         ls = np.zeros((4, 2))
         box = np.array([[[0.0, 0.0], [-1.0, 2.0]], [[1.0, 0.5], [-1.0, 2.0]]])  # lo, hi per partition
         ones = np.ones((2, 2))
-        index = KernelIndex(mu, ls, np.array([0, 0, 1, -1], dtype=np.int32), 2, box[0], box[1], ones, ones)
-        index.search(mu[:1], 2, max_visits=-1)
-        index.search(mu[:1], 2, max_visits=1, first=1)
-        index.search(mu[:2], 2, batched=True)
+        lists = np.array([0, 0, 1, -1], dtype=np.int32)
+        index = KernelIndex(mu, ls, lists, 2, box[0], box[1], ones, ones)
+        # and as loaded: the saved arrays memory-mapped read-only (another compiled signature,
+        # otherwise compiled in the first query after a load: seconds)
+        frozen = {}
+        for name, value in asdict(index.arrays).items():
+            frozen[name] = value.copy()
+            frozen[name].setflags(write=False)
+        loaded = KernelIndex(mu, ls, lists, 2, box[0], box[1], ones, ones, arrays=KernelArrays(**frozen))
+        for idx in (index, loaded):
+            idx.search(mu[:1], 2, max_visits=-1)
+            idx.search(mu[:1], 2, max_visits=1, first=1)
+            idx.search(mu[:2], 2, batched=True)
         _in_order(np.zeros((1, 2), dtype=np.int64), np.zeros((1, 2)))
         kernel_log_prob(index, mu[0])
         _warmed = True
