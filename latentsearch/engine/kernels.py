@@ -411,9 +411,9 @@ def _search_batched(
     are scanned first, as the per-query search would (a k-th score to prune with); then the
     partitions in memory order, each scanned for every query whose bound for it is not below its
     k-th score at that moment (a partition below it is left out, its bound kept in ``outside``,
-    as in :func:`_search`). Fewer queries prune as well as the best-first order (a partition is
-    judged against the k-th score found so far, not the final one), but the same proof holds.
-    Arguments as :func:`_search`.
+    as in :func:`_search`). A query may scan more partitions than in the best-first order (a
+    partition is judged against the k-th score found so far, not against the one the best-first
+    order would have found by then), but the same proof holds. Arguments as :func:`_search`.
     """
     n_parts = box.shape[2]
     nq = stop - start
