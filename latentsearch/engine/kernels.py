@@ -249,6 +249,24 @@ def _quad(z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, a: int, b: int, qu
         quad[c] = s
 
 
+@njit(inline="always")
+def _scratch(
+    offsets: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A search's per-query scratch for ``P = offsets.size - 1`` partitions: bound ``(P,)``, seen
+    ``(P,)`` bool, order and key ``(P,)`` int64 (:func:`_bucket_order`), bucket starts
+    ``(_BUCKETS + 1,)``, bucket maxima ``(_BUCKETS,)``, and quad, room for the largest partition."""
+    n_parts = offsets.shape[0] - 1
+    largest = 0
+    for p in range(n_parts):
+        largest = max(largest, offsets[p + 1] - offsets[p])
+    return (
+        np.empty(n_parts), np.empty(n_parts, dtype=np.bool_), np.empty(n_parts, dtype=np.int64),
+        np.empty(n_parts, dtype=np.int64), np.empty(_BUCKETS + 1, dtype=np.int64), np.empty(_BUCKETS),
+        np.empty(largest),
+    )  # fmt: skip
+
+
 @_jit
 def _search(
     points: np.ndarray,
@@ -292,17 +310,8 @@ def _search(
         out_visits: ``(B,)`` partitions scanned.
     """
     n_parts = box.shape[2]
-    bound = np.empty(n_parts)
+    bound, seen, order, key, starts, bmax, quad = _scratch(offsets)
     guess = np.empty(n_parts)
-    seen = np.empty(n_parts, dtype=np.bool_)
-    order = np.empty(n_parts, dtype=np.int64)
-    key = np.empty(n_parts, dtype=np.int64)
-    starts = np.empty(_BUCKETS + 1, dtype=np.int64)
-    bmax = np.empty(_BUCKETS)
-    largest = 0
-    for p in range(n_parts):
-        largest = max(largest, offsets[p + 1] - offsets[p])
-    quad = np.empty(largest)
     ts = np.empty(k)
     tp = np.empty(k, dtype=np.int64)
     tr = np.empty(k, dtype=np.int64)
@@ -419,16 +428,7 @@ def _search_batched(
     nq = stop - start
     bounds_t = np.empty((n_parts, nq))  # (P, B): a partition's bound for every query, contiguous
     seen = np.zeros((n_parts, nq), dtype=np.bool_)
-    bound = np.empty(n_parts)
-    seen_q = np.empty(n_parts, dtype=np.bool_)
-    order = np.empty(n_parts, dtype=np.int64)
-    key = np.empty(n_parts, dtype=np.int64)
-    starts = np.empty(_BUCKETS + 1, dtype=np.int64)
-    bmax = np.empty(_BUCKETS)
-    largest = 0
-    for p in range(n_parts):
-        largest = max(largest, offsets[p + 1] - offsets[p])
-    quad = np.empty(largest)
+    bound, seen_q, order, key, starts, bmax, quad = _scratch(offsets)
     ts = np.empty((nq, k))
     tp = np.empty((nq, k), dtype=np.int64)
     tr = np.empty((nq, k), dtype=np.int64)
