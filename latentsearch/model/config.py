@@ -240,26 +240,9 @@ class TrainConfig:
             raise InvalidArgumentError(
                 f"augment_shift must be >= 0 pixels, got {self.augment_shift}", field="augment_shift"
             )
-        if not 0.0 <= self.consistency_weight < math.inf:
-            raise InvalidArgumentError(
-                f"consistency_weight must be a finite number >= 0, got {self.consistency_weight}",
-                field="consistency_weight",
-            )
-        if self.consistency_shift < 1:
-            raise InvalidArgumentError(
-                f"consistency_shift must be >= 1 pixel, got {self.consistency_shift}",
-                field="consistency_shift",
-            )
-        if not 0.0 <= self.contrastive_weight < math.inf:
-            raise InvalidArgumentError(
-                f"contrastive_weight must be a finite number >= 0, got {self.contrastive_weight}",
-                field="contrastive_weight",
-            )
-        if self.contrastive_shift < 1:
-            raise InvalidArgumentError(
-                f"contrastive_shift must be >= 1 pixel, got {self.contrastive_shift}",
-                field="contrastive_shift",
-            )
+        for name in ("consistency", "contrastive"):  # each training term: a weight and a shift
+            _check_loss_weight(f"{name}_weight", getattr(self, f"{name}_weight"))
+            _check_shift(f"{name}_shift", getattr(self, f"{name}_shift"))
         if not 0.0 < self.contrastive_temperature < math.inf:
             raise InvalidArgumentError(
                 f"contrastive_temperature must be a finite number > 0, got {self.contrastive_temperature}",
@@ -279,6 +262,18 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, d)
+
+
+def _check_loss_weight(field: str, value: float) -> None:
+    """Raise InvalidArgumentError naming ``field`` unless the loss weight ``value`` is finite and >= 0."""
+    if not 0.0 <= value < math.inf:
+        raise InvalidArgumentError(f"{field} must be a finite number >= 0, got {value}", field=field)
+
+
+def _check_shift(field: str, value: int) -> None:
+    """Raise InvalidArgumentError naming ``field`` unless the augmentation shift ``value`` is >= 1 pixel."""
+    if value < 1:
+        raise InvalidArgumentError(f"{field} must be >= 1 pixel, got {value}", field=field)
 
 
 def _from_dict(cls: Any, d: dict[str, Any]) -> Any:
