@@ -130,18 +130,24 @@ def test_exact_kernel_on_random_banks(regime: str, d: int) -> None:
     _check_exact(engine, mu, log_sigma, z, 12)
 
 
-@pytest.mark.parametrize("regime", SIGMA_REGIMES)
-@pytest.mark.parametrize("d", [1, 10, 128])
-def test_batched_exact_kernel_equals_brute_force_and_the_per_query_search(regime: str, d: int) -> None:
-    """The partition-by-partition search of a batch (forced on and off) against the float64 brute
-    force: the same rows, certified, on every sigma regime, with ties across partitions."""
-    rng = np.random.default_rng(d * 7 + len(regime))
+def _tied_bank_and_queries(regime: str, d: int, *, seed: int) -> tuple[KernelIndex, np.ndarray, np.ndarray]:
+    """A 2,500-item bank of ``regime`` in 40 partitions with exact ties across partitions, its
+    kernel index, 32 queries (uniform, prior, near items) and their brute-force scores ``(32, N)``."""
+    rng = np.random.default_rng(seed)
     mu, log_sigma = make_bank(2500, d, regime, rng)
     mu[100:110], log_sigma[100:110] = mu[5], log_sigma[5]  # exact ties across partitions
     index = _engine(mu, log_sigma, nlist=40).kernel_index()
     near = mu[[5, 7, 2000]] + 1e-3
     z = np.concatenate([rng.uniform(-5, 5, size=(20, d)), rng.standard_normal((9, d)), near])
-    scores = log_q(z, mu, log_sigma)  # (B, N)
+    return index, z, log_q(z, mu, log_sigma)
+
+
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
+@pytest.mark.parametrize("d", [1, 10, 128])
+def test_batched_exact_kernel_equals_brute_force_and_the_per_query_search(regime: str, d: int) -> None:
+    """The partition-by-partition search of a batch (forced on and off) against the float64 brute
+    force: the same rows, certified, on every sigma regime, with ties across partitions."""
+    index, z, scores = _tied_bank_and_queries(regime, d, seed=d * 7 + len(regime))
     ranked = -np.sort(-scores, axis=1)
     for k in (1, 12, 3000):  # k past the bank: the whole bank, in order
         want = top_k(scores, k)
@@ -170,9 +176,55 @@ def test_batched_exact_kernel_with_a_label_filter(vae_bank, vae_engine: SearchEn
         np.testing.assert_array_equal(res.rows[b][res.rows[b] >= 0], want[b])
 
 
-def test_batched_is_only_for_the_exact_search(vae_engine: SearchEngine) -> None:
-    with pytest.raises(ValueError, match="exact search"):
-        vae_engine.kernel_index().search(np.zeros((2, 10)), 3, max_visits=5, batched=True)
+def _recall(rows: np.ndarray, want: np.ndarray) -> float:
+    hits = [len(set(rows[b][rows[b] >= 0]) & set(want[b])) for b in range(len(want))]
+    return float(np.mean(hits)) / want.shape[1]
+
+
+@pytest.mark.parametrize("regime", SIGMA_REGIMES)
+@pytest.mark.parametrize("d", [1, 10, 128])
+def test_batched_approx_kernel_against_brute_force_and_the_per_query_search(regime: str, d: int) -> None:
+    """The approximate search of a batch partition by partition (forced on) and query by query:
+    certified answers are the float64 brute force's, recall close to the per-query search's, every
+    partition allowed: exact and certified, k past the bank: the whole bank in order."""
+    index, z, scores = _tied_bank_and_queries(regime, d, seed=d * 11 + len(regime))
+    want = top_k(scores, 12)
+    found = {b: index.search(z, 12, max_visits=6, first=2, batched=b) for b in (True, False)}
+    for batched, res in found.items():
+        for b in np.flatnonzero(res.certified):
+            np.testing.assert_array_equal(res.rows[b], want[b], err_msg=f"batched={batched} query {b}")
+        assert (res.visits >= 1).all() and (res.visits <= 6).all(), batched  # 12 items in 2500 / 40
+    assert _recall(found[True].rows, want) >= _recall(found[False].rows, want) - 0.1
+    every = index.search(z, 12, max_visits=41, first=2, batched=True)  # every partition (+ outliers)
+    ranked = -np.sort(-scores, axis=1)
+    tied = ranked[:, 11] - ranked[:, 12] <= 1e-9 * (1.0 + np.abs(ranked[:, 11]))
+    assert every.certified[~tied].all()
+    for b in np.flatnonzero(every.certified):
+        np.testing.assert_array_equal(every.rows[b], want[b])
+    whole = index.search(z[:4], 3000, max_visits=3, first=1, batched=True)  # k past the bank
+    assert whole.certified.all()
+    np.testing.assert_array_equal(whole.rows[:, :2500], top_k(scores[:4], 3000))
+    assert (whole.rows[:, 2500:] == -1).all()
+
+
+def test_batched_approx_kernel_with_a_label_filter_finds_k_items(vae_bank, vae_engine: SearchEngine) -> None:
+    """A filter that leaves few items in the budget's partitions: the batched search goes on by
+    bound until it has k, and what it certifies is the filtered brute force's."""
+    mu, log_sigma, labels = vae_bank
+    z = query_families((mu, log_sigma), 40, seed=8)["posterior"]
+    rare = int(np.argmin(np.bincount(labels)))
+    selection = vae_engine._selection([rare])
+    allowed = labels == rare
+    want = top_k(log_q(z, mu, log_sigma), 10, allowed)
+    index = vae_engine.kernel_index()
+    res = index.search(z, 10, max_visits=2, first=1, selection=selection, batched=True)
+    assert (res.rows >= 0).all()  # k found although 2 partitions may hold fewer
+    assert (res.visits > 2).any()  # ... which they did for some queries: the search went on
+    assert allowed[res.rows].all()
+    for b in np.flatnonzero(res.certified):
+        np.testing.assert_array_equal(res.rows[b], want[b])
+    single = index.search(z, 10, max_visits=2, first=1, selection=selection, batched=False)
+    assert _recall(res.rows, want) >= _recall(single.rows, want) - 0.1
 
 
 def test_k_beyond_the_bank_and_the_filter() -> None:

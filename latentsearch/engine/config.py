@@ -65,7 +65,9 @@ class EngineConfig:
     # (a call's own nprobe: those partitions by centroid only); "scan" probes the
     # nprobe best centroid posteriors with FAISS and reranks; "auto" takes the kernel for calls of
     # fewer than 8 queries and the scan above (at 200k items on one core the kernel was about 2x
-    # faster at B = 1 and about 2x slower per query at B = 64, where FAISS batches its scan).
+    # faster at B = 1 and about 2x slower per query at B = 64, where FAISS batches its scan; the
+    # kernel's batched form, searching a batch partition by partition, is still 2-2.5x slower at
+    # B = 64: 0.67-0.78 vs 0.24-0.38 ms per query, for recall 0.994-1.000 vs 0.95-0.99).
     approx_strategy: Literal["auto", "kernel", "scan"] = "auto"
     # Fraction of the partitions the kernel may scan per approximate query. At 200k items of a
     # Fashion-MNIST VAE (exact search scans 6-17% of them), recall@10 box / prior / posterior: by
@@ -76,7 +78,11 @@ class EngineConfig:
     # 0.998 / 0.995 / 1.000 and 1.000 / 0.995 / 1.000, but on a synthetic bank (vae_like_posteriors,
     # 20k items, 300 partitions) its prior recall fell to 0.15 where the centroid order gives 0.77:
     # the bound alone ranks prior queries by the partitions' smallest sigma, so it is not the default.
-    approx_kernel_budget: float = 0.06
+    # 0.06 (the default until session 9) left prior recall at 0.985-0.986 on two of three banks of
+    # new models (200k items): 0.08 reached 0.993 on one, and 0.998 at 200k and 1M on the third
+    # (0.993 / 0.995 at 0.06), for 15-26% more time per query at 200k and 4-15% at 1M (B = 1, one
+    # core, 192 queries per family, the budgets in turn in one process).
+    approx_kernel_budget: float = 0.08
     # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
     approx_certify: bool = False
     # k-means iterations and training sample used to build the partitions. At 1M items these

@@ -56,7 +56,12 @@ order, each scanned for every query whose bound for it is still at least its k-t
 5-25% more partitions than the best-first order, and at B = 64 it took 0.38 -> 0.23, 1.30 -> 0.52
 and 0.80 -> 0.41 ms per query (box, prior, posterior) at 200k items and 1.28 -> 0.82, 4.16 -> 1.79,
 2.74 -> 1.31 ms at 1M (A/B in one session, Fashion-MNIST VAE bank); ``BATCH_LEAD`` 4-128 changed
-1M figures by under 15% (16-32 best).
+1M figures by under 15% (16-32 best). An approximate batch takes the same pass over the partitions
+each query chose (its ``first`` by centroid, then by bound within ``max_visits``): it gains less,
+0.79 -> 0.69, 0.92 -> 0.78, 0.95 -> 0.67 ms per query at B = 64, 200k items, budget 0.06, the same
+recall (1.000 / 0.994 / 0.999; per-query and batched in turn in one process, one core): each
+approximate query scans fewer partitions (~5%), so fewer are shared, and a third of its cost is
+its own bounds and orders (~0.3 ms at 5,360 partitions on that machine).
 
 Items of a partition are contiguous in a float64 copy of ``mu`` and ``1/sigma`` (:class:`KernelIndex`,
 made once from the bank), the outliers the partitions leave out (small scale groups) in one more
@@ -123,7 +128,7 @@ _LOG_2PI = LOG_2PI
 # per octave of g (g within 2^(1/32) ~ 2.2% share a bucket), _BUCKETS in all (the last holds every
 # g past 2^(_BUCKETS / 32)); bucket 0 holds the partitions that are never pruned (+inf).
 _BUCKETS = 1024
-# Exact searches of at least BATCH_MIN queries per thread run together, partition by partition
+# Searches of at least BATCH_MIN queries per thread run together, partition by partition
 # (_search_batched), in slices of BATCH_MAX queries (its (P, B) bounds: 19 MiB at 38k partitions),
 # each query first scanning its BATCH_LEAD partitions of best bound.
 BATCH_MIN = 8
@@ -328,11 +333,7 @@ def _search(
             n_order = _bucket_order(guess, seen, order, key, starts, bmax)
             i = end = 0
             while i < n_order and visits < first:
-                if i == end:  # a new bucket: its partitions by centroid score, best first
-                    end = starts[key[order[i]]]
-                    _sort_descending(order, i, end, guess)
-                p = order[i]
-                i += 1
+                p, i, end = _next_by_centroid(order, i, end, key, starts, guess)
                 seen[p] = True
                 if n_top == k and bound[p] < ts[0]:
                     outside = max(outside, bound[p])
@@ -403,32 +404,47 @@ def _search_batched(
     rows: np.ndarray,
     allowed: np.ndarray,
     box: np.ndarray,
+    centre_t: np.ndarray,
     counts: np.ndarray,
     k: int,
+    first: int,
+    max_visits: int,
     lead: int,
     out_pos: np.ndarray,
     out_score: np.ndarray,
     out_outside: np.ndarray,
     out_visits: np.ndarray,
 ) -> None:
-    """The exact search of :func:`_search` (``first`` 0, no budget) for queries ``start..stop-1``
-    together, partition by partition: each partition is read from memory once for every query
-    that still needs it, instead of once per query (the per-query search's cost is the latency of
-    partitions scattered over the bank).
+    """The search of :func:`_search` for queries ``start..stop-1`` together, partition by
+    partition: each partition is read from memory once for every query that still needs it,
+    instead of once per query (the per-query search's cost is the latency of partitions scattered
+    over the bank).
 
-    Per query, the bounds of every partition and then its ``lead`` partitions of best bound bucket
-    are scanned first, as the per-query search would (a k-th score to prune with); then the
-    partitions in memory order, each scanned for every query whose bound for it is not below its
-    k-th score at that moment (a partition below it is left out, its bound kept in ``outside``,
-    as in :func:`_search`). A query may scan more partitions than in the best-first order (a
-    partition is judged against the k-th score found so far, not against the one the best-first
-    order would have found by then), but the same proof holds. Arguments as :func:`_search`.
+    Per query, first the partitions it will consider: the bounds of every partition; then its
+    ``lead`` partitions (of best centroid posterior when ``first`` > 0, else of best bound bucket)
+    scanned at once, as the per-query search would (a k-th score to prune with); then the rest of
+    its ``first`` partitions by centroid and, in buckets of the bound, every other partition
+    (exact, ``max_visits`` -1) or (approximate) those whose bound is not below the k-th score so
+    far, until ``max_visits`` partitions in all. Then the partitions in memory order, each scanned
+    for every query that considers it and whose bound for it is not below its k-th score at that
+    moment (a partition below it is left out, its bound kept in ``outside``, as in
+    :func:`_search`). A query that found fewer than k (selected) items goes on alone, best bound
+    first, until it has k; the bound of every partition it never considered is kept in
+    ``outside``.
+
+    A query may scan more partitions than in the best-first order (a partition is judged against
+    the k-th score found so far, not against the one the best-first order would have found by
+    then), and an approximate one may scan fewer (a considered partition pruned in the pass is not
+    replaced by the next by bound, and ``first`` counts the pruned ones), but the same proof
+    holds. Arguments as :func:`_search`, with ``lead`` partitions scanned before the pass.
     """
     n_parts = box.shape[2]
     nq = stop - start
     bounds_t = np.empty((n_parts, nq))  # (P, B): a partition's bound for every query, contiguous
-    seen = np.zeros((n_parts, nq), dtype=np.bool_)
+    # (P, B) 0: not considered, 1: considered, not yet scanned, 2: scanned (or pruned) before the pass
+    state = np.zeros((n_parts, nq), dtype=np.uint8)
     bound, seen_q, order, key, starts, bmax, quad = _scratch(offsets)
+    guess = np.empty(n_parts)
     ts = np.empty((nq, k))
     tp = np.empty((nq, k), dtype=np.int64)
     tr = np.empty((nq, k), dtype=np.int64)
@@ -442,20 +458,59 @@ def _search_batched(
         for p in range(n_parts):
             bounds_t[p, q] = bound[p]
         seen_q[:] = False
+        taken = 0
+        if first > 0:  # the best centroid posteriors first: an approximate search's order
+            _centroid_scores(z, centre_t, bound, guess)
+            n_order = _bucket_order(guess, seen_q, order, key, starts, bmax)
+            i = end = 0
+            while i < n_order and taken < first:
+                p, i, end = _next_by_centroid(order, i, end, key, starts, guess)
+                seen_q[p] = True
+                taken += 1
+                if taken > lead:
+                    state[p, q] = 1
+                    continue
+                state[p, q] = 2
+                if n_top[q] == k and bound[p] < ts[q, 0]:
+                    outside[q] = max(outside[q], bound[p])
+                    continue
+                visits[q] += 1
+                n_top[q], outside[q] = _scan_partition(
+                    z, p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts[q], tp[q],
+                    tr[q], n_top[q], k, outside[q],
+                )  # fmt: skip
         n_order = _bucket_order(bound, seen_q, order, key, starts, bmax)
-        for i in range(min(lead, n_order)):
+        i = 0
+        if first == 0:
+            while i < min(lead, n_order):
+                p = order[i]
+                i += 1
+                state[p, q] = 2
+                taken += 1
+                visits[q] += 1
+                n_top[q], outside[q] = _scan_partition(
+                    z, p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts[q], tp[q],
+                    tr[q], n_top[q], k, outside[q],
+                )  # fmt: skip
+        if max_visits < 0:
+            for j in range(i, n_order):
+                state[order[j], q] = 1
+            continue
+        while i < n_order and taken < max_visits:
             p = order[i]
-            seen[p, q] = True
-            visits[q] += 1
-            n_top[q], outside[q] = _scan_partition(
-                z, p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts[q], tp[q], tr[q],
-                n_top[q], k, outside[q],
-            )  # fmt: skip
+            i += 1
+            if n_top[q] == k:
+                if bmax[key[p]] < ts[q, 0]:  # this bucket and every later one: below the k-th
+                    break
+                if bound[p] < ts[q, 0]:
+                    continue
+            state[p, q] = 1
+            taken += 1
     for p in range(n_parts):
         for q in range(nq):
-            b = bounds_t[p, q]
-            if seen[p, q] or b == -np.inf:
+            if state[p, q] != 1:
                 continue
+            b = bounds_t[p, q]
             if n_top[q] == k and b < ts[q, 0]:
                 outside[q] = max(outside[q], b)
                 continue
@@ -464,6 +519,26 @@ def _search_batched(
                 points[start + q], p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts[q],
                 tp[q], tr[q], n_top[q], k, outside[q],
             )  # fmt: skip
+    if max_visits >= 0:
+        for q in range(nq):
+            if n_top[q] < k:  # too few (selected) items: on alone, by bound, until k are found
+                for p in range(n_parts):
+                    bound[p] = bounds_t[p, q]
+                    seen_q[p] = state[p, q] != 0
+                n_order = _bucket_order(bound, seen_q, order, key, starts, bmax)
+                for i in range(n_order):
+                    if n_top[q] == k:
+                        break
+                    p = order[i]
+                    state[p, q] = 2
+                    visits[q] += 1
+                    n_top[q], outside[q] = _scan_partition(
+                        points[start + q], p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad,
+                        ts[q], tp[q], tr[q], n_top[q], k, outside[q],
+                    )  # fmt: skip
+            for p in range(n_parts):  # what it never considered: bounded by the bound
+                if state[p, q] == 0:
+                    outside[q] = max(outside[q], bounds_t[p, q])
     for q in range(nq):
         out_outside[start + q] = outside[q]
         out_visits[start + q] = visits[q]
@@ -478,6 +553,19 @@ def _sort_descending(order: np.ndarray, a: int, b: int, key: np.ndarray) -> None
         by = np.argsort(-key[part])
         for t in range(b - a):
             order[a + t] = part[by[t]]
+
+
+@njit(inline="always")
+def _next_by_centroid(
+    order: np.ndarray, i: int, end: int, key: np.ndarray, starts: np.ndarray, guess: np.ndarray
+) -> tuple[int, int, int]:
+    """The partition at ``order[i]`` of a bucket order by centroid score (:func:`_bucket_order` of
+    ``guess``), each bucket sorted best first as it is reached (``end``: the end of the bucket
+    sorted so far, 0 at the start), so the order is exact; returns it, ``i + 1`` and ``end``."""
+    if i == end:  # a new bucket: its partitions by centroid score, best first
+        end = starts[key[order[i]]]
+        _sort_descending(order, i, end, guess)
+    return order[i], i + 1, end
 
 
 @njit(inline="always")
@@ -648,6 +736,7 @@ def warm() -> float:
             idx.search(mu[:1], 2, max_visits=-1)
             idx.search(mu[:1], 2, max_visits=1, first=1)
             idx.search(mu[:2], 2, batched=True)
+            idx.search(mu[:2], 2, max_visits=1, first=1, batched=True)
         _in_order(np.zeros((1, 2), dtype=np.int64), np.zeros((1, 2)))
         kernel_log_prob(index, mu[0])
         _warmed = True
@@ -874,20 +963,17 @@ class KernelIndex:
             rescore: the engine's float64 scorer for the returned rows (None: the kernel's scores,
                 certified against themselves: for callers without the engine's formula).
             threads: queries are split into this many slices run in parallel.
-            batched: an exact search (``max_visits`` -1, ``first`` 0) of each thread's queries
-                together, partition by partition (:func:`_search_batched`, in slices of
-                ``BATCH_MAX`` queries); None: when a thread has at least ``BATCH_MIN`` queries.
+            batched: each thread's queries searched together, partition by partition
+                (:func:`_search_batched`, in slices of ``BATCH_MAX`` queries); None: when a thread
+                has at least ``BATCH_MIN`` queries.
         """
         points = np.ascontiguousarray(points, dtype=np.float64)
         nq = points.shape[0]
         if first is None:
             first = max_visits if max_visits >= 0 else EXACT_FIRST
         threads = max(1, min(threads, nq))
-        exact = max_visits < 0 and first == 0
         if batched is None:
-            batched = exact and nq >= BATCH_MIN * threads
-        elif batched and not exact:
-            raise ValueError("batched is for the exact search (max_visits -1, first 0)")
+            batched = nq >= BATCH_MIN * threads
         allowed, counts = self._filter(selection)
         pos = np.empty((nq, k), dtype=np.int64)
         kscore = np.empty((nq, k))
@@ -905,7 +991,8 @@ class KernelIndex:
             for c in range(a, b, BATCH_MAX):
                 _search_batched(
                     points, c, min(b, c + BATCH_MAX), self.offsets, self.mu_b, self.inv_b, self.log_norm,
-                    self.rows, allowed, self.box, counts, k, BATCH_LEAD, pos, kscore, outside, visits,
+                    self.rows, allowed, self.box, self.centre_t, counts, k, first, max_visits, BATCH_LEAD,
+                    pos, kscore, outside, visits,
                 )  # fmt: skip
 
         if threads == 1:
