@@ -85,6 +85,22 @@ def test_kernel_score_is_the_posterior_log_prob() -> None:
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=0, err_msg=regime)
 
 
+def test_kernel_quad_sums_each_item_in_dimension_order() -> None:
+    """The kernel's four-at-a-time sums (and the tail of a partition not a multiple of four) are
+    the one-item loop's bit for bit: ``sum_j u_j^2`` accumulated in ascending j, in Python floats."""
+    rng = np.random.default_rng(3)
+    mu, log_sigma = make_bank(23, 5, "loguniform", rng)  # 23 = 5 * 4 + 3
+    index = KernelIndex(mu, log_sigma, np.full(23, -1, np.int32), 0, *(np.zeros((0, 5)),) * 4)
+    z = rng.uniform(-5, 5, size=5)
+    got = kernel_log_prob(index, z)
+    for c, row in enumerate(index.rows):
+        s = 0.0
+        for j in range(5):
+            u = (float(z[j]) - float(mu[row, j])) * float(index.inv_b[c, j])
+            s += u * u
+        assert got[c] == -0.5 * s - float(index.log_norm[c]), c
+
+
 def test_hand_computed_case() -> None:
     # d = 1: items N(0, 1), N(2, 0.5^2), N(-1, 2^2), N(2, 0.5^2) (a duplicate: the tie goes to row 1).
     mu = np.array([[0.0], [2.0], [-1.0], [2.0]])

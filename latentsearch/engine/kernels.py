@@ -243,15 +243,39 @@ def _top_push(ts: np.ndarray, tp: np.ndarray, tr: np.ndarray, n: int, s: float, 
 def _quad(z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, a: int, b: int, quad: np.ndarray) -> None:
     """``quad[: b - a]``: ``sum_j ((z_j - mu_j) / sigma_j)^2`` of the positions ``a..b-1``, rows of
     ``mu_b`` / ``inv_b (M, d)`` (item-major: each partition is one contiguous run of both arrays,
-    read front to back; dimensions summed in ascending order)."""
+    read front to back; dimensions summed in ascending order).
+
+    Four items at a time, each with its own sum: the sums are the one-item loop's, bit for bit
+    (same terms, same order), but four independent chains of additions instead of one hide the
+    latency of each (5-15% faster searches, exact and approximate, B = 1 and 64, 200k items, in an
+    A/B in one process; ``fastmath`` reassociation gave about the same and changes the bits)."""
     d = z.shape[0]
-    for c in range(b - a):
+    n = b - a
+    c = 0
+    while c + 4 <= n:
+        m0, m1, m2, m3 = mu_b[a + c], mu_b[a + c + 1], mu_b[a + c + 2], mu_b[a + c + 3]
+        v0, v1, v2, v3 = inv_b[a + c], inv_b[a + c + 1], inv_b[a + c + 2], inv_b[a + c + 3]
+        s0 = s1 = s2 = s3 = 0.0
+        for j in range(d):
+            zj = z[j]
+            u0 = (zj - m0[j]) * v0[j]
+            u1 = (zj - m1[j]) * v1[j]
+            u2 = (zj - m2[j]) * v2[j]
+            u3 = (zj - m3[j]) * v3[j]
+            s0 += u0 * u0
+            s1 += u1 * u1
+            s2 += u2 * u2
+            s3 += u3 * u3
+        quad[c], quad[c + 1], quad[c + 2], quad[c + 3] = s0, s1, s2, s3
+        c += 4
+    while c < n:
         m, v = mu_b[a + c], inv_b[a + c]
         s = 0.0
         for j in range(d):
             u = (z[j] - m[j]) * v[j]
             s += u * u
         quad[c] = s
+        c += 1
 
 
 @njit(inline="always")
