@@ -25,6 +25,7 @@ from latentsearch.engine.kernels import (
     KernelIndex,
     _bucket_order,
     _in_order,
+    _quad_t,
     _round_f32,
     kernel_log_prob,
     warm,
@@ -99,6 +100,26 @@ def test_kernel_quad_sums_each_item_in_dimension_order() -> None:
             u = (float(z[j]) - float(mu[row, j])) * float(index.inv_b[c, j])
             s += u * u
         assert got[c] == -0.5 * s - float(index.log_norm[c]), c
+
+
+def test_kernel_dimension_major_quad_matches_the_item_loop_bit_for_bit() -> None:
+    """The batched pass's sums over a partition transposed to ``(d, n)`` (``_quad_t``, vectorised
+    over items) are the one-item loop's bit for bit, on every sigma regime and a partition whose
+    size is no multiple of a vector's width; the scratch past ``n`` is left alone."""
+    rng = np.random.default_rng(5)
+    for regime in SIGMA_REGIMES:
+        mu, log_sigma = make_bank(37, 6, regime, rng)
+        inv = np.exp(-log_sigma)
+        z = rng.uniform(-5, 5, size=6)
+        quad = np.full(40, 7.0)
+        _quad_t(z, np.ascontiguousarray(mu.T), np.ascontiguousarray(inv.T), 37, quad)
+        for c in range(37):
+            s = 0.0
+            for j in range(6):
+                u = (float(z[j]) - float(mu[c, j])) * float(inv[c, j])
+                s += u * u
+            assert quad[c] == s, (regime, c)
+        assert (quad[37:] == 7.0).all()
 
 
 def test_hand_computed_case() -> None:

@@ -56,12 +56,17 @@ order, each scanned for every query whose bound for it is still at least its k-t
 5-25% more partitions than the best-first order, and at B = 64 it took 0.38 -> 0.23, 1.30 -> 0.52
 and 0.80 -> 0.41 ms per query (box, prior, posterior) at 200k items and 1.28 -> 0.82, 4.16 -> 1.79,
 2.74 -> 1.31 ms at 1M (A/B in one session, Fashion-MNIST VAE bank); ``BATCH_LEAD`` 4-128 changed
-1M figures by under 15% (16-32 best). An approximate batch takes the same pass over the partitions
-each query chose (its ``first`` by centroid, then by bound within ``max_visits``): it gains less,
-0.79 -> 0.69, 0.92 -> 0.78, 0.95 -> 0.67 ms per query at B = 64, 200k items, budget 0.06, the same
-recall (1.000 / 0.994 / 0.999; per-query and batched in turn in one process, one core): each
-approximate query scans fewer partitions (~5%), so fewer are shared, and a third of its cost is
-its own bounds and orders (~0.3 ms at 5,360 partitions on that machine).
+1M figures by under 15% (16-32 best). In that pass a partition is copied once, dimension-major,
+for all the queries that scan it (:func:`_quad_t`: the loop over its items vectorises, each sum
+bit for bit the item loop's): 0.73-0.84x the time of exact B = 64 searches and 0.88-0.92x of
+approximate ones, the same rows (``bench.ab_kernel``, 200k items, an A/A copy within 0.98-1.02;
+bench/results/ab-kernel-2026-12-02-n200000-quadt.md). An approximate batch takes the same pass
+over the partitions each query chose (its ``first`` by centroid, then by bound within
+``max_visits``): it gained less (before that copy), 0.79 -> 0.69, 0.92 -> 0.78, 0.95 -> 0.67 ms
+per query at B = 64, 200k items, budget 0.06, the same recall (1.000 / 0.994 / 0.999; per-query
+and batched in turn in one process, one core): each approximate query scans fewer partitions
+(~5%), so fewer are shared, and a third of its cost is its own bounds and orders (~0.3 ms at
+5,360 partitions on that machine).
 
 Items of a partition are contiguous in a float64 copy of ``mu`` and ``1/sigma`` (:class:`KernelIndex`,
 made once from the bank), the outliers the partitions leave out (small scale groups) in one more
@@ -276,6 +281,21 @@ def _quad(z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, a: int, b: int, qu
             s += u * u
         quad[c] = s
         c += 1
+
+
+@njit(inline="always")
+def _quad_t(z: np.ndarray, mu_t: np.ndarray, inv_t: np.ndarray, n: int, quad: np.ndarray) -> None:
+    """``quad[:n]``: ``sum_j ((z_j - mu_j) / sigma_j)^2`` of the ``n`` items of ``mu_t`` / ``inv_t
+    (d, >= n)`` (one partition, dimension-major: the loop over items vectorises). Each item's sum is
+    :func:`_quad`'s bit for bit (the same terms added in the same, ascending order of dimensions)."""
+    for c in range(n):
+        quad[c] = 0.0
+    for j in range(z.shape[0]):
+        zj = z[j]
+        m, v = mu_t[j], inv_t[j]
+        for c in range(n):
+            u = (zj - m[c]) * v[c]
+            quad[c] += u * u
 
 
 @njit(inline="always")
@@ -530,7 +550,12 @@ def _search_batched(
                     continue
             state[p, q] = 1
             taken += 1
+    d = points.shape[1]
+    mu_t = np.empty((d, quad.shape[0]))  # (d, n_p) the partition being scanned, dimension-major
+    inv_t = np.empty((d, quad.shape[0]))
+    need = np.empty(nq, dtype=np.int64)
     for p in range(n_parts):
+        m = 0  # the queries that scan p (a query's check depends on its own top-k only)
         for q in range(nq):
             if state[p, q] != 1:
                 continue
@@ -538,10 +563,22 @@ def _search_batched(
             if n_top[q] == k and b < ts[q, 0]:
                 outside[q] = max(outside[q], b)
                 continue
+            need[m] = q
+            m += 1
+        if m == 0:
+            continue
+        lo_i, hi_i = offsets[p], offsets[p + 1]
+        for c in range(hi_i - lo_i):
+            for j in range(d):
+                mu_t[j, c] = mu_b[lo_i + c, j]
+                inv_t[j, c] = inv_b[lo_i + c, j]
+        for t in range(m):
+            q = need[t]
             visits[q] += 1
-            n_top[q], outside[q] = _scan_partition(
-                points[start + q], p, offsets, mu_b, inv_b, log_norm, rows, allowed, filtered, quad, ts[q],
-                tp[q], tr[q], n_top[q], k, outside[q],
+            _quad_t(points[start + q], mu_t, inv_t, hi_i - lo_i, quad)
+            n_top[q], outside[q] = _take(
+                lo_i, hi_i, log_norm, rows, allowed, filtered, quad, ts[q], tp[q], tr[q], n_top[q], k,
+                outside[q],
             )  # fmt: skip
     if max_visits >= 0:
         for q in range(nq):
@@ -686,8 +723,30 @@ def _scan_partition(
 ) -> tuple[int, float]:
     """Score partition ``p``'s (selected) items into the top-k heap; the new heap size and bound on
     the items left out."""
-    lo_i, hi_i = offsets[p], offsets[p + 1]
-    _quad(z, mu_b, inv_b, lo_i, hi_i, quad)
+    _quad(z, mu_b, inv_b, offsets[p], offsets[p + 1], quad)
+    return _take(
+        offsets[p], offsets[p + 1], log_norm, rows, allowed, filtered, quad, ts, tp, tr, n_top, k, outside
+    )
+
+
+@njit(inline="always")
+def _take(
+    lo_i: int,
+    hi_i: int,
+    log_norm: np.ndarray,
+    rows: np.ndarray,
+    allowed: np.ndarray,
+    filtered: bool,
+    quad: np.ndarray,
+    ts: np.ndarray,
+    tp: np.ndarray,
+    tr: np.ndarray,
+    n_top: int,
+    k: int,
+    outside: float,
+) -> tuple[int, float]:
+    """The (selected) items of positions ``lo_i..hi_i-1``, whose ``quad[: hi_i - lo_i]`` is computed,
+    into the top-k heap; the new heap size and bound on the items left out."""
     if n_top == k and not filtered:  # most scanned partitions hold no item above the k-th score
         best = -np.inf
         top = -np.inf
