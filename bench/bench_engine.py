@@ -26,9 +26,10 @@ every one of ``--rounds`` rounds, every query or batch answered by all systems i
 order (so a loaded machine, or caches warmed by the previous system, favour none), and reported as
 the median over rounds. Recall@10 is over all ``--queries`` queries of a
 family against the float64 numpy brute force, answered in calls of 1 and in calls of B (reported
-for each: the approximate default takes the compiled kernel for small calls and FAISS's scan for
-large ones); ``exact_match`` is the fraction of queries whose top-10 rows equal it exactly, the
-worse of the two call sizes. Resident memory after load is measured in a fresh subprocess.
+for each: the approximate default's path depends on the call's size, see
+``SearchEngine.approx_choice``); ``exact_match`` is the fraction of queries whose top-10 rows
+equal it exactly, the worse of the two call sizes. Resident memory after load is measured in a
+fresh subprocess.
 
 Usage::
 
@@ -42,7 +43,6 @@ Writes ``bench/results/engine-<date>-n<N>-d<d>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -305,9 +305,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def forced(
         strategy: ExactPath | Literal["auto"], mode: SearchMode = "exact", **changes: Any
     ) -> EngineMethod:
-        config = dataclasses.replace(engine.config, exact_strategy=strategy, **changes)
-        twin = SearchEngine(engine.bank, config, exact=engine.exact, approx=engine.approx, costs=engine.costs)
-        return EngineMethod(twin, mode)
+        return EngineMethod(engine.reconfigured(engine.costs, exact_strategy=strategy, **changes), mode)
 
     t = time.perf_counter()
     lifted = np.ascontiguousarray(lift_items(mu, log_sigma), dtype=np.float32)
@@ -335,8 +333,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         methods[f"approx_nprobe{p}"] = EngineMethod(engine, "approx", p)
 
     sizes = (1, min(args.batch, args.queries))
-    # Quality in calls of 1 and of B queries: the approximate default takes the kernel below 8
-    # queries per call and FAISS's scan from 8, so its recall depends on the call's size.
+    # Quality in calls of 1 and of B queries: the approximate default's path (approximate kernel,
+    # FAISS scan or an exact path) depends on the call's size, so may its recall.
     quality: dict[str, dict[str, dict[str, Any]]] = {}
     for fam, zs in families.items():
         quality[fam] = {}
@@ -424,6 +422,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "engine": engine.info(),
         "exact_costs": engine.costs.to_dict(),
         "exact_path_chosen": {str(b): engine.exact_path(b) for b in sizes},
+        "approx_path_chosen": {str(b): " ".join(engine.approx_choice(b)) for b in sizes},
         "ivf_sweep": sweep,
         "ivf_peer": ivf_name,
         "results": results,
@@ -445,6 +444,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             ),
         },
     }
+
+
+def _approx_sentence(report: dict[str, Any]) -> str:
+    """What the approximate default takes per call size, and the recall measured at build."""
+    chosen, costs = report.get("approx_path_chosen"), report["exact_costs"]
+    if not chosen:
+        return ""
+    recall = costs.get("approx_recall") or {}
+    return (
+        "The approximate default takes "
+        + ", ".join(f"{v} at B = {b}" for b, v in chosen.items())
+        + " (recall@10 of the approximate paths on the build's probes: "
+        + ", ".join(f"{p} {r:.4f}" for p, r in recall.items())
+        + ")."
+    )
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -471,7 +485,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"{p} " + ", ".join(f"{1e3 * s:.2f}" for s in secs) + " ms"
             for p, secs in report["exact_costs"]["seconds"].items()
         )
-        + f" per call at B = {report['exact_costs']['batch_sizes']}). FAISS IVF peer: {report['ivf_peer']}.",
+        + f" per call at B = {report['exact_costs']['batch_sizes']}). "
+        + _approx_sentence(report)
+        + f" FAISS IVF peer: {report['ivf_peer']}.",
         "",
         "| family | system | "
         + " | ".join(f"recall@10 B={b}" for b in sizes)

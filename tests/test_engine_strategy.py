@@ -7,7 +7,6 @@ tested with injected costs, never with timings.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -40,13 +39,7 @@ def _engine(mu: np.ndarray, log_sigma: np.ndarray, **config: Any) -> SearchEngin
 
 def _with(engine: SearchEngine, costs: StrategyCosts | None, **config: Any) -> SearchEngine:
     """The same indexes under another config and cost model (nothing rebuilt, nothing measured)."""
-    return SearchEngine(
-        engine.bank,
-        dataclasses.replace(engine.config, **config),
-        exact=engine.exact,
-        approx=engine.approx,
-        costs=costs,
-    )
+    return engine.reconfigured(costs, **config)
 
 
 def _spy_paths(engine: SearchEngine, monkeypatch: pytest.MonkeyPatch) -> list[str]:

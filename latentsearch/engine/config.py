@@ -63,12 +63,17 @@ class EngineConfig:
     # partitions of best centroid posterior, then others in order of their rigorous bound up to
     # `approx_kernel_budget` of them, stopping early, certified, when the bound proves the top-k
     # (a call's own nprobe: those partitions by centroid only); "scan" probes the
-    # nprobe best centroid posteriors with FAISS and reranks; "auto" takes the kernel for calls of
-    # fewer than 8 queries and the scan above (at 200k items on one core the kernel was about 2x
-    # faster at B = 1 and about 2x slower per query at B = 64, where FAISS batches its scan; the
-    # kernel's batched form, searching a batch partition by partition, is still 2-2.5x slower at
-    # B = 64: 0.67-0.78 vs 0.24-0.38 ms per query, for recall 0.994-1.000 vs 0.95-0.99).
+    # nprobe best centroid posteriors with FAISS and reranks; "auto" takes, per call, the cheapest
+    # by the costs measured at build (engine/strategy.py) of the exact paths and of those two whose
+    # recall measured at build reached `approx_min_recall` (measured where approximate mode is the
+    # default or `mode`; elsewhere, and in engines saved without those costs: the kernel below 8
+    # queries per call, the scan from 8). At 200k items of a Fashion-MNIST VAE, one
+    # core: the kernel 1.8 ms per query at B = 1 (recall 0.991-1.000), at B = 64 0.76-0.88 ms,
+    # where the scan cost 0.30-0.37 ms at prior recall 0.915 and the exact flat screen 0.49 ms.
     approx_strategy: Literal["auto", "kernel", "scan"] = "auto"
+    # The least recall@k on the probe families (box, prior, posterior) at which "auto" lets an
+    # approximate path answer; else an exact path does (recall 1). The bar.
+    approx_min_recall: float = 0.99
     # Fraction of the partitions the kernel may scan per approximate query. At 200k items of a
     # Fashion-MNIST VAE (exact search scans 6-17% of them), recall@10 box / prior / posterior: by
     # centroid alone 0.996 / 0.972 / 0.992 at 0.03; by bound alone 0.995 / 0.955 / 0.997 at 0.03 and
@@ -128,6 +133,11 @@ class EngineConfig:
             raise InvalidArgumentError(
                 f"approx_strategy must be auto, kernel or scan, got {self.approx_strategy!r}",
                 field="approx_strategy",
+            )
+        recall = self.approx_min_recall
+        if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0.0 <= recall <= 1.0:
+            raise InvalidArgumentError(
+                f"approx_min_recall must be a fraction in [0, 1], got {recall!r}", field="approx_min_recall"
             )
         budget = self.approx_kernel_budget
         if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 < budget <= 1.0:

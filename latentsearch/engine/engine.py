@@ -28,12 +28,18 @@ from latentsearch.engine.probability import DEFAULT_REL_TOL, PARTITION_MAX_QUERI
 from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
 from latentsearch.engine.strategy import (
+    APPROX_PATHS,
     PATHS,
     PROBE_BATCH_SIZES,
+    PROBE_MIN_QUERIES,
+    ApproxChoice,
+    ApproxPath,
     ExactPath,
     StrategyCosts,
     calibrate,
     family_probes,
+    measure_paths,
+    probe_recall,
 )
 from latentsearch.engine.typicality import TypicalityReference, reference_points
 from latentsearch.errors import InvalidArgumentError
@@ -53,6 +59,14 @@ _KERNELS_LOCK = threading.Lock()
 _PARALLEL_MIN_QUERIES = 8
 # approx_strategy="auto": the compiled kernel below this many queries per call, FAISS's scan from it.
 _APPROX_KERNEL_MAX_QUERIES = 8
+# Calibration times calls of one query on this many probes in all, 16 per family (strategy's
+# PROBE_MIN_QUERIES, 8, gave 2 per family): approximate calls choose between the approximate kernel
+# and the exact one for single queries, whose costs differ by under 2x, and 2 probes misjudged it
+# (200k items: the exact kernel's box queries timed 0.8 ms where 192 took 1.5 ms).
+SINGLE_PROBES = 48
+# The approximate kernel's recall in calls of one query is measured on this many probes per family
+# (its batches on all of them): 384 single calls were a third of a small bank's calibration time.
+SINGLE_RECALL_PROBES = 48
 _DEFAULT_THREADS = faiss.omp_get_max_threads()
 # FAISS flat searches (the exact screens and the approximate index's coarse quantizer) score a batch
 # with one BLAS matrix product from this many queries up, one dot product per (query, item) below.
@@ -88,9 +102,11 @@ class SearchEngine:
       ``costs`` (measured at build, see :mod:`latentsearch.engine.strategy`) predicts cheaper
       for the call's batch size, unless ``config.exact_strategy`` names one; the third measured
       path, ``"kernel"``, is the same branch and bound compiled (:mod:`latentsearch.engine.kernels`).
-    * ``mode="approx"``: small calls of point queries scan the best partitions with the compiled
-      kernel (``config.approx_strategy``), larger ones probe by centroid posterior with FAISS, then
-      an exact float64 rerank (see :mod:`latentsearch.engine.approx`).
+    * ``mode="approx"``: point queries scan the best partitions with the compiled kernel or probe
+      by centroid posterior with FAISS, then an exact float64 rerank (see
+      :mod:`latentsearch.engine.approx`), or take an exact path: under
+      ``config.approx_strategy="auto"`` the cheapest by ``costs`` of the exact paths and of the
+      approximate ones whose recall measured at build reached ``config.approx_min_recall``.
     * ``mode="auto"`` (default): approx when the bank has an approximate index, else exact.
 
     Build with :meth:`build`; persist with :meth:`save` / :meth:`load`. Searches are thread-safe.
@@ -130,6 +146,19 @@ class SearchEngine:
             warm()  # compile (or load) the kernel now, not in the first query
 
     # -- construction -------------------------------------------------------------------------
+    def reconfigured(self, costs: StrategyCosts | None, **changes: Any) -> SearchEngine:
+        """The same bank and indexes, shared (nothing rebuilt or measured), under this config with
+        ``changes`` (``EngineConfig`` fields) and the cost model ``costs`` (None: the fixed rules):
+        to compare paths or settings on one build."""
+        return SearchEngine(
+            self.bank,
+            dataclasses.replace(self.config, **changes),
+            exact=self.exact,
+            approx=self.approx,
+            typicality=self.typicality,
+            costs=costs,
+        )
+
     @classmethod
     def build(
         cls,
@@ -219,7 +248,9 @@ class SearchEngine:
         seconds of exact calls at each of ``PROBE_BATCH_SIZES`` on the partitions, the flat screen
         and the compiled kernel, for probe queries of each family (box, prior, posterior; a fixed
         ``seed``: the same probes every time). ``None`` (nothing to choose) without an approximate
-        index.
+        index. Where approximate mode is the default (``config.approx_min_items`` items or more) or
+        the configured mode, the approximate kernel and FAISS's scan too, with their recall@10 on
+        the same probes (what :meth:`approx_choice` decides by).
 
         :meth:`from_bank` calls it once the approximate index is built, and the result is saved with
         the engine; call it again (and assign ``engine.costs``) to re-measure on another host.
@@ -232,15 +263,50 @@ class SearchEngine:
         def run(path: ExactPath, points: np.ndarray) -> object:
             return self._search_arrays(points, None, k, "exact", None, None, strategy=path)
 
+        def run_approx(path: ApproxPath, points: np.ndarray) -> object:
+            return self._search_arrays(points, None, k, "approx", None, None, approx_path=path)
+
         started = time.perf_counter()
-        costs = calibrate(run, probes, paths=PATHS)
+        # The approximate paths are measured where approximate mode is the default (or the
+        # configured mode); elsewhere approximate calls are rare requests, answered by the call's
+        # size, and the measurement would cost a small bank's build several times over (0.1 ->
+        # 0.6 s at 4,000 items, single calls being per-call overhead).
+        choose_approx = len(self.bank) >= self.config.approx_min_items or self.config.mode == "approx"
+        singles = SINGLE_PROBES if choose_approx else PROBE_MIN_QUERIES
+        costs = calibrate(run, probes, paths=PATHS, min_queries=singles)
+        if choose_approx:
+            approx = measure_paths(run_approx, probes, paths=APPROX_PATHS, query_free=(), min_queries=singles)
+            costs = dataclasses.replace(costs, approx=approx, approx_recall=self._probe_recall(probes, k))
         log.info(
-            "exact strategy costs in %.2f s (s per call at B = %s, per family): %s",
+            "path costs in %.2f s (s per call at B = %s, per family): exact %s, approximate %s; "
+            "approximate recall@%d %s",
             time.perf_counter() - started,
             costs.batch_sizes,
             costs.families,
+            costs.approx,
+            k,
+            costs.approx_recall,
         )
         return costs
+
+    def _probe_recall(self, probes: dict[str, np.ndarray], k: int) -> dict[str, float]:
+        """Each approximate path's recall@k on ``probes`` (``{family: (P, d)}``) against their exact
+        top-k: the least over the families and, for the kernel, over calls of ``P`` and calls of
+        one query (the first :data:`SINGLE_RECALL_PROBES`: it searches a batch partition by
+        partition, which may scan other partitions; FAISS's scan answers a query alike in any
+        batch)."""
+        worst: dict[str, float] = dict.fromkeys(APPROX_PATHS, 1.0)
+
+        def rows(points: np.ndarray, path: ApproxPath) -> np.ndarray:
+            return self._search_arrays(points, None, k, "approx", None, None, approx_path=path).rows
+
+        for points in probes.values():
+            truth = self._search_arrays(points, None, k, "exact", None, None).rows
+            for path in APPROX_PATHS:
+                worst[path] = min(worst[path], probe_recall(rows(points, path), truth))
+            alone = np.concatenate([rows(z[None], "kernel") for z in points[:SINGLE_RECALL_PROBES]])
+            worst["kernel"] = min(worst["kernel"], probe_recall(alone, truth[:SINGLE_RECALL_PROBES]))
+        return worst
 
     # -- properties ---------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -420,8 +486,10 @@ class SearchEngine:
         rel_tol: float | None = None,
         *,
         strategy: ExactPath | None = None,
+        approx_path: ApproxPath | None = None,
     ) -> BatchResult:
-        """The search behind every public method; ``strategy`` forces an exact path (calibration)."""
+        """The search behind every public method; ``strategy`` forces an exact path and
+        ``approx_path`` an approximate one (calibration)."""
         k_eff = self._check_k(k)
         if nprobe is not None and (
             isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer)) or nprobe < 1
@@ -435,7 +503,7 @@ class SearchEngine:
         with _faiss_threads(self._threads_for(points.shape[0])):
             work = SearchWork() if rel_tol is not None else None
             rows, scores, certified = self._run(
-                points, std, queries, k_eff, resolved, selection, rescore, nprobe, work, strategy
+                points, std, queries, k_eff, resolved, selection, rescore, nprobe, work, strategy, approx_path
             )
         kl = None
         if std is not None and np.all(std > 0):
@@ -487,10 +555,17 @@ class SearchEngine:
         nprobe: int | None,
         work: SearchWork | None = None,
         strategy: ExactPath | None = None,
+        approx_path: ApproxPath | None = None,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The top-k and whether each answer is certified; ``work``, when given, receives what the
         probability normaliser can reuse (the partition bounds, the dense screens' scores)."""
         nq = points.shape[0]
+        if resolved == "approx" and approx_path is None and std is None and nprobe is None:
+            choice = self.approx_choice(nq)
+            if choice[0] == "exact":  # cheaper than any approximate path that reaches the recall
+                resolved, strategy = "exact", choice[1]
+            else:
+                approx_path = choice[1]
         auto = strategy is None and self.config.exact_strategy == "auto"
         if auto and work is not None and nq <= PARTITION_MAX_QUERIES:
             # With probabilities, "auto" keeps the partitions for small calls whatever the search
@@ -498,10 +573,11 @@ class SearchEngine:
             # 1M items, bench_probability); the cost model measures the search only.
             strategy = "partitions"
         path = strategy or self.exact_path(nq)
-        approx_kernel = self.config.approx_strategy == "kernel" or (
-            self.config.approx_strategy == "auto" and nq < _APPROX_KERNEL_MAX_QUERIES
+        if approx_path is None:  # query Gaussians, or a call's own nprobe: by the call's size
+            approx_path = self._approx_by_size(nq)
+        kernel = (resolved == "exact" and path == "kernel") or (
+            resolved == "approx" and approx_path == "kernel"
         )
-        kernel = (resolved == "exact" and path == "kernel") or (resolved == "approx" and approx_kernel)
         if kernel and self.approx is not None and std is None:
             return self._run_kernel(points, k_eff, resolved, selection, rescore, nprobe)
         if queries is None:
@@ -601,6 +677,26 @@ class SearchEngine:
         elif not exact and not self.config.approx_certify:
             certified = np.zeros(nq, dtype=bool)  # approximate answers claim nothing unless asked
         return rows, scores, certified
+
+    def approx_choice(self, nq: int) -> ApproxChoice:
+        """What answers an approximate call of ``nq`` point queries at the index's nprobe:
+        ``config.approx_strategy`` when it names a path; else (``"auto"``) the cheapest by the
+        measured costs among the exact paths and the approximate ones whose measured recall reached
+        ``config.approx_min_recall`` (:meth:`StrategyCosts.choose_approx`); else (costs saved
+        without the approximate paths) by the call's size."""
+        strategy = self.config.approx_strategy
+        if strategy != "auto":
+            return ("approx", strategy)
+        found = None if self.costs is None else self.costs.choose_approx(nq, self.config.approx_min_recall)
+        return ("approx", self._approx_by_size(nq)) if found is None else found
+
+    def _approx_by_size(self, nq: int) -> ApproxPath:
+        """The approximate path by the call's size alone (``approx_strategy`` "auto": the kernel
+        below ``_APPROX_KERNEL_MAX_QUERIES`` queries, the scan from there)."""
+        strategy = self.config.approx_strategy
+        if strategy != "auto":
+            return strategy
+        return "kernel" if nq < _APPROX_KERNEL_MAX_QUERIES else "scan"
 
     def exact_path(self, nq: int) -> ExactPath:
         """The exact path a call of ``nq`` queries takes when the bank has an approximate index:

@@ -33,6 +33,21 @@ let one family be 1.6x off at 1M), then the cheaper on average, then the kernel,
 the flat screen. Tables saved before families hold only the interleaved mean and choose the
 cheapest on it; tables saved before the kernel hold only the first two paths. An explicit
 ``EngineConfig.exact_strategy`` always wins over the model.
+
+Approximate calls (``approx_strategy="auto"``, point queries at the index's nprobe) choose the same
+way among the two approximate paths (:data:`APPROX_PATHS`: the compiled kernel and FAISS's scan)
+and the exact ones (:meth:`StrategyCosts.choose_approx`), but an approximate path is a candidate
+only when its recall@k on the probe families, measured at build against their exact top-k
+(:func:`probe_recall`, the least over families and over calls of one and of many queries), reached
+``EngineConfig.approx_min_recall``: an exact answer has recall 1, so approximate mode never returns
+less than that recall on the probes, and an exact path answers where it ranks better than every
+approximate one that qualifies by :data:`EXACT_HANDICAP` (a margin for noise). The engine measures
+the approximate paths where approximate mode is the default. On a Fashion-MNIST VAE
+bank (200k items, one core) the scan's recall on prior queries was 0.915 (the kernel's 0.991), and
+at B = 64 the exact flat screen cost less per query (0.49 ms) than the kernel's batched
+approximate search (0.76-0.88 ms): the rule this replaces (the kernel below 8 queries per call,
+the scan from 8) answered batches with 0.915 recall. Tables saved without the approximate paths'
+costs keep that rule.
 """
 
 from __future__ import annotations
@@ -49,20 +64,30 @@ from latentsearch.engine.typicality import reference_points
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError
 
 __all__ = [
+    "APPROX_PATHS",
     "BASE_PATHS",
     "FAMILIES",
     "PATHS",
     "PROBE_BATCH_SIZES",
     "PROBE_ROUNDS",
+    "ApproxChoice",
+    "ApproxPath",
     "ExactPath",
     "StrategyCosts",
     "calibrate",
     "family_probes",
+    "measure_paths",
     "probe_queries",
+    "probe_recall",
 ]
 
 ExactPath = Literal["partitions", "flat", "kernel"]
 PATHS: tuple[ExactPath, ...] = ("partitions", "flat", "kernel")
+# Approximate mode's paths for point queries: the compiled kernel, FAISS's scan of the partitions.
+ApproxPath = Literal["kernel", "scan"]
+APPROX_PATHS: tuple[ApproxPath, ...] = ("kernel", "scan")
+# What answers an approximate call: ("approx", an approximate path) or ("exact", an exact path).
+ApproxChoice = tuple[Literal["approx"], ApproxPath] | tuple[Literal["exact"], ExactPath]
 # The paths every saved cost table holds (the kernel's is optional: tables older than it lack it).
 BASE_PATHS: tuple[ExactPath, ...] = ("partitions", "flat")
 # Batch sizes probed: single queries, a small batch (below it FAISS scores pair by pair and the
@@ -72,9 +97,11 @@ PROBE_BATCH_SIZES = (1, 16, 64)
 # with other work, one round in two or three was slowed several times over by bursts of load
 # (multi-threaded FAISS calls suffer most), so 2 rounds were not enough to see through them.
 PROBE_ROUNDS = 3
-# No round starts once calibration has taken this long (the first always runs): 3 rounds take
-# about 0.8 s at 200k items on 2 idle cores, one round about 1.2 s at 1M.
-PROBE_BUDGET_S = 1.0
+# No round starts once calibration has taken this long (the first always runs). With 16 single
+# queries per family (the engine's calibration) one round of the exact paths took about 1.1 s at
+# 200k items on one core, so a budget of 1 s left one round, and a burst of load once timed the
+# kernel 5x slower at B = 16 than the rounds before and after: 2.5 s gives 2-3 rounds there.
+PROBE_BUDGET_S = 2.5
 # A round of a small batch size makes several calls, this many queries in all (single queries'
 # costs differ by family: one call would measure one query).
 PROBE_MIN_QUERIES = 8
@@ -89,11 +116,11 @@ PROBE_CELL_BUDGET_S = 0.25
 # which it is this many times slower than the kernel on every family, it is not timed at larger
 # sizes (their cost: its cost per query at the last size timed, which only overstates it).
 SKIP_FACTOR = 1.5
-SKIPPABLE: dict[ExactPath, ExactPath] = {"partitions": "kernel"}
+SKIPPABLE: dict[str, str] = {"partitions": "kernel"}
 # Paths whose cost per query hardly depends on the batch size (each query is searched on its own);
 # one whose call took longer than LONG_CALL_S at a size is not timed at larger sizes either (10M
 # items: one call of 64 single-threaded kernel queries takes about 10 s).
-PER_QUERY_PATHS: tuple[ExactPath, ...] = ("partitions", "kernel")
+PER_QUERY_PATHS: tuple[str, ...] = ("partitions", "kernel")  # the approximate kernel too
 LONG_CALL_S = 1.0
 # The flat screen reads the whole bank once per call, whatever the queries (at 1M items its times
 # for the three families agreed within 1%): with families, its cost at a size is the least over
@@ -101,6 +128,11 @@ LONG_CALL_S = 1.0
 # took over LONG_CALL_S, and holds for all.
 # The order ties are broken in (the compiled kernel first).
 _PREFERENCE: tuple[ExactPath, ...] = ("kernel", "partitions", "flat")
+# An approximate call takes an exact path over an approximate one that reaches the recall only when
+# its rank (worst ratio, mean time) is better by this factor: calibrations of one 200k-item engine
+# timed single queries up to 20% apart, which flipped the choice between the approximate kernel and
+# the exact one (within 2x of each other, one better on box queries, the other on prior ones).
+EXACT_HANDICAP = 1.2
 _CHOICE_CACHE = 4096
 
 
@@ -116,8 +148,18 @@ class StrategyCosts:
     # The same per query family (``{family: {path: per-size seconds}}``, families of
     # :data:`FAMILIES`); None: a table measured on interleaved probes (saved before families were).
     families: dict[str, dict[str, tuple[float, ...]]] | None = None
+    # The approximate paths' seconds per call, per family as ``families`` (``{family: {path:
+    # per-size seconds}}``, paths of :data:`APPROX_PATHS`); None: a table saved before they were
+    # measured (approximate calls then keep the old rule, see the module docstring).
+    approx: dict[str, dict[str, tuple[float, ...]]] | None = None
+    # Each approximate path's recall@k on the probes (:func:`probe_recall`), in [0, 1]; with approx.
+    approx_recall: dict[str, float] | None = None
     # choose()'s answers by batch size (it runs on every exact call): not part of the value.
     _chosen: dict[int, ExactPath] = field(default_factory=dict, init=False, repr=False, compare=False)
+    # choose_approx()'s, by (batch size, recall wanted).
+    _chosen_approx: dict[tuple[int, float], ApproxChoice] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         sizes = self.batch_sizes
@@ -143,19 +185,41 @@ class StrategyCosts:
                 f"family; got {self.batch_sizes!r}, {self.seconds!r}, {self.families!r}",
                 field="costs",
             )
+        if (self.approx is None) != (self.approx_recall is None) or (
+            self.approx is not None and not self._approx_ok()
+        ):
+            raise InvalidArgumentError(
+                f"approximate path costs need the families of the exact table, the same paths of "
+                f"{APPROX_PATHS} in each, one finite time >= 0 per size, and a recall in [0, 1] for "
+                f"each path; got {self.approx!r}, {self.approx_recall!r}",
+                field="costs",
+            )
+
+    def _approx_ok(self) -> bool:
+        approx, recall = self.approx or {}, self.approx_recall or {}
+        paths = set(next(iter(approx.values()), {}))
+        return (
+            self.families is not None
+            and set(approx) == set(self.families)
+            and len(paths) >= 1
+            and paths <= set(APPROX_PATHS)
+            and set(recall) == paths
+            and all(isinstance(r, float) and 0.0 <= r <= 1.0 for r in recall.values())
+            and all(
+                set(t) == paths
+                and all(
+                    len(v) == len(self.batch_sizes) and all(np.isfinite(x) and x >= 0 for x in v)
+                    for v in t.values()
+                )
+                for t in approx.values()
+            )
+        )
 
     def predict(self, path: ExactPath, nq: int, family: str | None = None) -> float:
         """Predicted seconds of one call of ``nq`` queries on ``path`` (of ``family``'s queries
         when given, else the mean over families)."""
-        sizes = self.batch_sizes
         secs = self.seconds[path] if family is None else self._family(family)[path]
-        if nq >= sizes[-1]:
-            return secs[-1] * nq / sizes[-1]
-        i = bisect.bisect_right(sizes, nq)  # plain Python: np.interp took 3 us a call, per query
-        if i == 0:
-            return secs[0]
-        b0, b1 = sizes[i - 1], sizes[i]
-        return secs[i - 1] + (secs[i] - secs[i - 1]) * (nq - b0) / (b1 - b0)
+        return _interpolate(self.batch_sizes, secs, nq)
 
     def _family(self, family: str) -> dict[str, tuple[float, ...]]:
         if self.families is None or family not in self.families:
@@ -187,6 +251,45 @@ class StrategyCosts:
             self._chosen[nq] = found
         return found
 
+    def choose_approx(self, nq: int, min_recall: float) -> ApproxChoice | None:
+        """What answers an approximate call of ``nq`` point queries: the least worst ratio to the
+        best candidate over the families, then the least mean time (as :meth:`choose`), among the
+        approximate paths whose measured recall is at least ``min_recall`` and the exact paths,
+        an exact path's rank counted :data:`EXACT_HANDICAP` times worse while an approximate path
+        qualifies (on a tie the approximate kernel, the scan, then the exact paths in
+        :meth:`choose`'s order).
+        None when the table holds no approximate paths (saved before they were measured)."""
+        if self.approx is None or self.approx_recall is None or self.families is None:
+            return None
+        key = (nq, min_recall)
+        if key in self._chosen_approx:
+            return self._chosen_approx[key]
+        recall = self.approx_recall
+        candidates: list[ApproxChoice] = [
+            ("approx", p) for p in APPROX_PATHS if recall.get(p, -1.0) >= min_recall
+        ]
+        candidates += [("exact", p) for p in _PREFERENCE if p in self.seconds]
+        approx, families = self.approx, self.families
+
+        def cost(c: ApproxChoice, f: str) -> float:
+            table = approx[f] if c[0] == "approx" else families[f]
+            return _interpolate(self.batch_sizes, table[c[1]], nq)
+
+        times = {c: [cost(c, f) for f in families] for c in candidates}
+        best = [min(t[i] for t in times.values()) for i in range(len(families))]
+
+        def rank(c: ApproxChoice) -> tuple[float, float]:
+            ratios = [
+                t / b if b > 0 else (1.0 if t == 0 else np.inf) for t, b in zip(times[c], best, strict=True)
+            ]
+            handicap = EXACT_HANDICAP if c[0] == "exact" and len(candidates) > len(self.seconds) else 1.0
+            return round(max(ratios) * handicap, 9), float(np.mean(times[c])) * handicap
+
+        found = min(candidates, key=rank)
+        if len(self._chosen_approx) < _CHOICE_CACHE:
+            self._chosen_approx[key] = found
+        return found
+
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "batch_sizes": list(self.batch_sizes),
@@ -194,6 +297,9 @@ class StrategyCosts:
         }
         if self.families is not None:
             out["families"] = {f: {k: list(v) for k, v in t.items()} for f, t in self.families.items()}
+        if self.approx is not None:
+            out["approx"] = {f: {k: list(v) for k, v in t.items()} for f, t in self.approx.items()}
+            out["approx_recall"] = dict(self.approx_recall or {})
         return out
 
     @classmethod
@@ -201,11 +307,13 @@ class StrategyCosts:
         """Rebuild from :meth:`to_dict` output (with or without ``families``); CorruptIndexError when
         it is not one."""
         try:
-            families = data.get("families")
+            families, approx, recall = data.get("families"), data.get("approx"), data.get("approx_recall")
             return cls(
                 batch_sizes=tuple(int(b) for b in data["batch_sizes"]),
                 seconds=_table(data["seconds"]),
                 families=None if families is None else {str(f): _table(t) for f, t in families.items()},
+                approx=None if approx is None else {str(f): _table(t) for f, t in approx.items()},
+                approx_recall=None if recall is None else {str(p): float(r) for p, r in recall.items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError, InvalidArgumentError) as exc:
             raise CorruptIndexError(f"bad exact strategy costs {data!r}: {exc}") from exc
@@ -222,6 +330,18 @@ class StrategyCosts:
 
 def _table(data: Any) -> dict[str, tuple[float, ...]]:
     return {str(k): tuple(float(s) for s in v) for k, v in data.items()}
+
+
+def _interpolate(sizes: tuple[int, ...], secs: tuple[float, ...], nq: int) -> float:
+    """Seconds of a call of ``nq`` queries from those measured at ``sizes``: linear between the
+    probed sizes, the first below them, the same cost per query beyond the largest."""
+    if nq >= sizes[-1]:
+        return secs[-1] * nq / sizes[-1]
+    i = bisect.bisect_right(sizes, nq)  # plain Python: np.interp took 3 us a call, per query
+    if i == 0:
+        return secs[0]
+    b0, b1 = sizes[i - 1], sizes[i]
+    return secs[i - 1] + (secs[i] - secs[i - 1]) * (nq - b0) / (b1 - b0)
 
 
 def family_probes(mu: np.ndarray, log_sigma: np.ndarray, n: int, *, seed: int = 0) -> dict[str, np.ndarray]:
@@ -250,21 +370,52 @@ def calibrate(
     rounds: int = PROBE_ROUNDS,
     budget_s: float = PROBE_BUDGET_S,
     paths: tuple[ExactPath, ...] = BASE_PATHS,
+    min_queries: int = PROBE_MIN_QUERIES,
 ) -> StrategyCosts:
-    """Time ``run(path, points)`` (one exact call of ``points (B, d)`` on ``path``) on each path.
+    """The exact paths' cost table: :func:`measure_paths` of ``run(path, points)`` (one exact call
+    of ``points (B, d)`` on ``path``), the flat screen's cost taken as independent of the queries."""
+    tables = measure_paths(
+        run,
+        probes,
+        batch_sizes=batch_sizes,
+        rounds=rounds,
+        budget_s=budget_s,
+        paths=paths,
+        min_queries=min_queries,
+    )
+    if isinstance(probes, dict):
+        return StrategyCosts.of_families(tuple(batch_sizes), tables)
+    return StrategyCosts(batch_sizes=tuple(batch_sizes), seconds=tables["all"])
+
+
+def measure_paths(
+    run: Callable[[Any, np.ndarray], object],
+    probes: np.ndarray | dict[str, np.ndarray],
+    *,
+    batch_sizes: tuple[int, ...] = PROBE_BATCH_SIZES,
+    rounds: int = PROBE_ROUNDS,
+    budget_s: float = PROBE_BUDGET_S,
+    paths: tuple[str, ...] = BASE_PATHS,
+    query_free: tuple[str, ...] = ("flat",),
+    min_queries: int = PROBE_MIN_QUERIES,
+) -> dict[str, dict[str, tuple[float, ...]]]:
+    """Time ``run(path, points)`` (one call of ``points (B, d)`` on ``path``) on each path:
+    ``{family: {path: seconds per call at each of batch_sizes}}`` (family ``"all"`` for an array).
 
     ``probes``: ``{family: (P, d)}`` (:func:`family_probes`), each family timed on its own and the
     table keeping them (:attr:`StrategyCosts.families`); or one ``(P, d)`` array, the families
     interleaved (the older table without families). A call of B queries takes B consecutive probes,
     the next ones for the next call or size (wrapping around). Size B makes
-    ``max(1, PROBE_MIN_QUERIES // B)`` calls (with families: that many over the families, at least
-    one each, a family's stopping after ``PROBE_CELL_BUDGET_S``), the same ones every round, and
+    ``max(1, min_queries // B)`` calls (with families: that many over the families, at least
+    one each, a family's stopping after ``PROBE_CELL_BUDGET_S``; a path of :data:`SKIPPABLE`
+    makes the first of them for :data:`PROBE_MIN_QUERIES` queries), the same ones every round, and
     counts their mean. Rounds stop early once ``budget_s`` seconds have gone (after the first).
     ``paths`` are those timed (``BASE_PATHS`` and optionally the kernel). With families, a path of
     :data:`SKIPPABLE` :data:`SKIP_FACTOR` times slower than its compiled twin on every family, or
     one of :data:`PER_QUERY_PATHS` whose call took over :data:`LONG_CALL_S`, stops being timed at
-    larger sizes (costed per query from the last size timed); the flat screen's cost is the least
-    over the families, the first only once a call took over :data:`LONG_CALL_S`.
+    larger sizes (costed per query from the last size timed); the cost of a path of ``query_free``
+    (whose work does not depend on the queries: the flat screen) is the least over the families,
+    the first only once a call took over :data:`LONG_CALL_S`.
     """
     by_family = isinstance(probes, dict)
     sets = probes if isinstance(probes, dict) else {"all": probes}
@@ -281,11 +432,12 @@ def calibrate(
     for f, pts in sets.items():
         work[f], start = [], 0
         for b in batch_sizes:
-            calls = max(1, PROBE_MIN_QUERIES // (b * share))  # small calls: several, over different probes
+            calls = max(1, min_queries // (b * share))  # small calls: several, over different probes
             rows = np.arange(start, start + calls * b).reshape(calls, b) % len(pts)
             work[f].append([pts[r] for r in rows])
             start += calls * b
-    skipped: dict[ExactPath, int] = {}  # path -> the last size index timed
+    few = [max(1, PROBE_MIN_QUERIES // (b * share)) for b in batch_sizes]
+    skipped: dict[str, int] = {}  # path -> the last size index timed
     shared = next(iter(sets))
     for r in range(rounds):  # each round visits every size and path: a burst of load spoils one round
         if r and time.perf_counter() - started > budget_s:
@@ -295,11 +447,14 @@ def calibrate(
                 if path in skipped:
                     continue
                 for f in sets:
-                    if path not in PER_QUERY_PATHS and f != shared and best[shared][path][i] > LONG_CALL_S:
+                    if path in query_free and f != shared and best[shared][path][i] > LONG_CALL_S:
                         break  # one family's timing of the flat screen is enough for a long call
                     t = time.perf_counter()
                     done = 0
-                    for points in work[f][i]:
+                    # a path with a compiled twin does its twin's work more slowly: the first
+                    # PROBE_MIN_QUERIES queries' calls show whether it is dominated
+                    todo = work[f][i][: few[i]] if path in SKIPPABLE else work[f][i]
+                    for points in todo:
                         run(path, points)
                         done += 1
                         if time.perf_counter() - t > cell_budget:
@@ -319,11 +474,18 @@ def calibrate(
             for i in range(last + 1, len(batch_sizes)):
                 best[f][path][i] = best[f][path][last] * batch_sizes[i] / batch_sizes[last]
     for path in paths:
-        if by_family and path not in PER_QUERY_PATHS:
+        if by_family and path in query_free:
             least = [min(best[f][path][i] for f in sets) for i in range(len(batch_sizes))]
             for f in sets:
                 best[f][path] = list(least)
-    tables = {f: {p: tuple(v) for p, v in t.items()} for f, t in best.items()}
-    if by_family:
-        return StrategyCosts.of_families(tuple(batch_sizes), tables)
-    return StrategyCosts(batch_sizes=tuple(batch_sizes), seconds=tables["all"])
+    return {f: {p: tuple(v) for p, v in t.items()} for f, t in best.items()}
+
+
+def probe_recall(found: np.ndarray, truth: np.ndarray) -> float:
+    """Recall@k of ``found (B, k)`` rows against the exact top-k ``truth (B, k)`` (-1: padding,
+    never counted): the share of the true rows found, over every query."""
+    hits = sum(
+        len(set(f[f >= 0].tolist()) & set(t[t >= 0].tolist())) for f, t in zip(found, truth, strict=True)
+    )
+    wanted = int((truth >= 0).sum())
+    return 1.0 if wanted == 0 else hits / wanted
