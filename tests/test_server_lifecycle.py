@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 from pathlib import Path
@@ -14,6 +15,7 @@ from latentsearch.client import LatentSearchClient
 from latentsearch.errors import LatentSearchError
 from latentsearch.indexer import IndexRoot
 from latentsearch.indexer.root import remove_tree
+from latentsearch.server import app
 from latentsearch.v1 import latentsearch_pb2 as pb
 from latentsearch.v1 import latentsearch_pb2_grpc as pb_grpc
 
@@ -142,3 +144,57 @@ def test_shutdown_lets_in_flight_calls_finish(
         with pytest.raises(grpc.RpcError) as err:
             stub.Nearest(pb.NearestRequest(z=[0.0] * DIM), timeout=2)
         assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+
+def test_drain_serves_new_calls_until_the_calls_in_flight_have_replied(
+    tmp_path: Path, start_server, make_engine, publish, wait_until
+) -> None:
+    """The drain keeps the connections open (no GOAWAY yet) while an earlier call runs: a call
+    arriving then is answered, then the earlier one, then the server stops."""
+    root = tmp_path / "idx"
+    version = publish(root, make_engine(100, seed=2))
+    srv = start_server(index=root, search_threads=2, batching=False)
+    service = srv.server.service
+    release, entered = threading.Event(), threading.Event()
+    original = service.search_group
+    held = [True]
+
+    def blocking(snapshot, key, zs):
+        if held[0]:  # the first call only
+            held[0] = False
+            entered.set()
+            assert release.wait(30)
+        return original(snapshot, key, zs)
+
+    service.search_group = blocking
+    z = np.array([0.1, -0.2, 0.3, 0.0])
+    with grpc.insecure_channel(srv.target) as ch:
+        stub = pb_grpc.LatentSearchStub(ch)
+        first = stub.Nearest.future(pb.NearestRequest(z=z.tolist(), k=3), timeout=30)
+        assert entered.wait(10)
+        stopping = srv.submit(srv.server.stop(20))
+        wait_until(lambda: srv.health_status() == NOT_SERVING)
+        late = stub.Nearest(pb.NearestRequest(z=z.tolist(), k=3), timeout=10)  # answered, not refused
+        assert late.index_version == version and not first.done() and not stopping.done()
+        release.set()
+        assert [n.id for n in first.result(timeout=30).neighbors] == [n.id for n in late.neighbors]
+        stopping.result(30)
+
+
+def test_finish_calls_waits_for_the_calls_then_lingers_within_the_grace(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(app, "DRAIN_LINGER_S", 0.2)
+
+    async def scenario() -> tuple[float, float, bool, float]:
+        short = asyncio.ensure_future(asyncio.sleep(0.05))
+        left = await app._finish_calls({short}, 10.0)  # 0.05 s for the call, 0.2 s of linger
+        long = asyncio.ensure_future(asyncio.sleep(5))
+        cut = await app._finish_calls({long}, 0.1)  # the grace ends first: nothing left, no linger
+        done = long.done()
+        long.cancel()
+        return left, cut, done, await app._finish_calls(set(), 3.0)
+
+    left, cut, done, idle = asyncio.run(scenario())
+    assert 9.0 < left <= 10.0 - 0.25 and cut == 0.0 and not done
+    assert idle == 3.0  # no calls in flight: no wait at all

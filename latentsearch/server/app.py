@@ -13,6 +13,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -55,6 +56,13 @@ SIGBUS_NOTE = (
     "the served version was truncated or rewritten in place; versions are read-only by contract, "
     "publish a new one instead"
 )
+# A drain waits for the calls in flight at the signal to send their replies, then this many seconds
+# more (within the grace) before grpc's stop: that stop sends GOAWAY and closes each connection as
+# soon as its last call is written, and a socket closed with a reply still in its send queue (a
+# client slow to read: the kernel's buffer holds what the client's window has not taken yet) is
+# reset, the reply lost: a starved test client once got UNAVAILABLE "Connection reset by peer" for
+# a call the server had finished. Meanwhile the connections stay open and new calls are served.
+DRAIN_LINGER_S = 1.0
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -133,7 +141,9 @@ class ServerConfig:
     tls_key: str | os.PathLike[str] | None = None
     # Required bearer token (metadata "authorization: Bearer <token>"); None: no auth.
     token: str | None = None
-    # Seconds in-flight calls get to finish at shutdown.
+    # Seconds in-flight calls get to finish at shutdown. The drain: health NOT_SERVING, the calls in
+    # flight finish and send their replies (new ones still served), DRAIN_LINGER_S more, then GOAWAY
+    # and grpc's stop for what is left of the grace.
     grace: float = 5.0
     # Largest request/response message in bytes.
     max_message_bytes: int = 64 * 1024 * 1024
@@ -174,6 +184,18 @@ class ServerConfig:
             raise InvalidArgumentError("token must be non-empty", field="token")
 
 
+async def _finish_calls(calls: set[asyncio.Task[Any]], grace: float) -> float:
+    """Wait at most ``grace`` seconds for ``calls`` (RPC tasks) to end, then :data:`DRAIN_LINGER_S`
+    more (within ``grace``) when there were any; the seconds of grace left."""
+    if not calls:
+        return grace
+    loop = asyncio.get_running_loop()
+    end = loop.time() + max(0.0, grace)
+    await asyncio.wait(calls, timeout=max(0.0, grace))
+    await asyncio.sleep(max(0.0, min(DRAIN_LINGER_S, end - loop.time())))
+    return max(0.0, end - loop.time())
+
+
 def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
     """The grpc.aio server options of ``config`` (shared with the benchmark's echo server)."""
     return [
@@ -207,6 +229,7 @@ class LatentSearchServer:
         self._server: aio.Server | None = None
         self._executor: SearchThreads | None = None
         self._batcher: MicroBatcher | None = None
+        self._servicer: LatentSearchServicer | None = None
         self._admission: AdmissionControl | None = None
         self._reloader: asyncio.Task[None] | None = None
         self._reload_lock = asyncio.Lock()
@@ -268,7 +291,7 @@ class LatentSearchServer:
         self._admission = AdmissionControl(
             executor=self._executor, limit=cfg.queue_size, on_inflight=self.metrics.inflight.set
         )
-        servicer = LatentSearchServicer(
+        servicer = self._servicer = LatentSearchServicer(
             self.service,
             executor=self._executor,
             metrics=self.metrics,
@@ -365,7 +388,10 @@ class LatentSearchServer:
             if self._http is not None:
                 await self._http.stop()
             if self._server is not None:
-                await self._server.stop(self.config.grace if grace is None else grace)
+                left = self.config.grace if grace is None else grace
+                if self._servicer is not None:  # replies of the calls in flight leave first
+                    left = await _finish_calls(self._servicer.calls_in_flight(), left)
+                await self._server.stop(left)
             if self._batcher is not None:
                 await self._batcher.close()
             if self._admission is not None:

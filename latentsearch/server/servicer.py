@@ -76,6 +76,12 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         self.admission = admission or AdmissionControl(executor=executor, limit=1024)
         self.batcher = batcher
         self.metrics = metrics
+        # The tasks of the RPCs that entered a handler, until each task ends (its reply sent).
+        self._calls: set[asyncio.Task[Any]] = set()
+
+    def calls_in_flight(self) -> set[asyncio.Task[Any]]:
+        """The RPCs running now, as the tasks grpc runs them in (done once the reply is sent)."""
+        return set(self._calls)
 
     # -- RPCs ---------------------------------------------------------------------------------
     async def Nearest(self, request: pb.NearestRequest, context: aio.ServicerContext) -> pb.NearestResponse:
@@ -155,6 +161,10 @@ class LatentSearchServicer(pb_grpc.LatentSearchServicer):
         """
         start = time.perf_counter()
         code = "OK"
+        task = asyncio.current_task()
+        if task is not None and task not in self._calls:
+            self._calls.add(task)
+            task.add_done_callback(self._calls.discard)
         try:
             reply = await work
             if not sized:
