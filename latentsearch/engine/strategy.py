@@ -54,9 +54,9 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -134,6 +134,8 @@ _PREFERENCE: tuple[ExactPath, ...] = ("kernel", "partitions", "flat")
 # the exact one (within 2x of each other, one better on box queries, the other on prior ones).
 EXACT_HANDICAP = 1.2
 _CHOICE_CACHE = 4096
+# A candidate of the minimax rank (_worst_ratios): an exact path, or an ApproxChoice.
+_C = TypeVar("_C")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,13 +231,13 @@ class StrategyCosts:
     def worst_ratio(self, path: ExactPath, nq: int) -> float:
         """The largest, over the measured families, of ``path``'s predicted time over the best
         path's for that family (1.0: the best for every family); without families, over the mean."""
+        return _worst_ratios(self._exact_times(nq))[path]
+
+    def _exact_times(self, nq: int) -> dict[ExactPath, list[float]]:
+        """Each exact path's predicted seconds for ``nq`` queries, one per family (or the mean)."""
         families: list[str | None] = list(self.families) if self.families else [None]
-        worst = 1.0
-        for f in families:
-            best = min(self.predict(p, nq, f) for p in self.seconds)  # type: ignore[arg-type]
-            mine = self.predict(path, nq, f)
-            worst = max(worst, mine / best if best > 0 else (1.0 if mine == 0 else np.inf))
-        return worst
+        paths: list[ExactPath] = [p for p in _PREFERENCE if p in self.seconds]
+        return {p: [self.predict(p, nq, f) for f in families] for p in paths}
 
     def choose(self, nq: int) -> ExactPath:
         """The path for a call of ``nq`` queries: the least worst ratio to the best path over the
@@ -245,8 +247,8 @@ class StrategyCosts:
         (interleaved probes) has one ratio, so the cheapest on average wins."""
         if nq in self._chosen:
             return self._chosen[nq]
-        paths = [p for p in _PREFERENCE if p in self.seconds]
-        found = min(paths, key=lambda p: (round(self.worst_ratio(p, nq), 9), self.predict(p, nq)))
+        ratios = _worst_ratios(self._exact_times(nq))
+        found = min(ratios, key=lambda p: (round(ratios[p], 9), self.predict(p, nq)))
         if len(self._chosen) < _CHOICE_CACHE:
             self._chosen[nq] = found
         return found
@@ -276,14 +278,11 @@ class StrategyCosts:
             return _interpolate(self.batch_sizes, table[c[1]], nq)
 
         times = {c: [cost(c, f) for f in families] for c in candidates}
-        best = [min(t[i] for t in times.values()) for i in range(len(families))]
+        ratios = _worst_ratios(times)
 
         def rank(c: ApproxChoice) -> tuple[float, float]:
-            ratios = [
-                t / b if b > 0 else (1.0 if t == 0 else np.inf) for t, b in zip(times[c], best, strict=True)
-            ]
             handicap = EXACT_HANDICAP if c[0] == "exact" and len(candidates) > len(self.seconds) else 1.0
-            return round(max(ratios) * handicap, 9), float(np.mean(times[c])) * handicap
+            return round(ratios[c] * handicap, 9), float(np.mean(times[c])) * handicap
 
         found = min(candidates, key=rank)
         if len(self._chosen_approx) < _CHOICE_CACHE:
@@ -326,6 +325,19 @@ class StrategyCosts:
         tables = list(families.values())
         mean = {p: tuple(np.mean([t[p] for t in tables], axis=0).tolist()) for p in tables[0]}
         return cls(batch_sizes=batch_sizes, seconds=mean, families=families)
+
+
+def _worst_ratios(times: Mapping[_C, Sequence[float]]) -> dict[_C, float]:
+    """Each candidate's largest ratio, over the columns (query families), of its seconds to the
+    column's least: ``times`` maps a candidate to one time per column, in the same column order;
+    1.0 for a candidate that is the best in every column. The minimax rank of :meth:`StrategyCosts.
+    choose` and :meth:`StrategyCosts.choose_approx` (a zero time is 1.0 against a zero best, inf
+    against it otherwise)."""
+    best = [min(column) for column in zip(*times.values(), strict=True)]
+    return {
+        c: max(t / b if b > 0 else (1.0 if t == 0 else np.inf) for t, b in zip(secs, best, strict=True))
+        for c, secs in times.items()
+    }
 
 
 def _table(data: Any) -> dict[str, tuple[float, ...]]:
