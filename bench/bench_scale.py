@@ -32,6 +32,7 @@ import gc
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -244,7 +245,7 @@ def partition_quality(approx: ApproxIndex) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     faiss.omp_set_num_threads(args.threads)
-    report: dict[str, Any] = {"machine": machine(), "args": vars(args)}
+    report: dict[str, Any] = {"machine": machine(), "args": vars(args), "command": args.command}
     steps: dict[str, dict[str, float]] = {}
     with ExitStack() as stack:
         if args.engine:
@@ -295,6 +296,14 @@ def measure(
     report["dim"], report["items"] = engine.dim, len(engine)
     report["partitions"] = partition_quality(engine.approx)
     report["exact_costs"] = None if engine.costs is None else engine.costs.to_dict()
+    report["paths"] = {
+        "exact_b1": engine.exact_path(1),
+        "exact_batch": engine.exact_path(args.batch),
+        "approx_b1": "/".join(engine.approx_choice(1)),
+        "approx_batch": "/".join(engine.approx_choice(args.batch)),
+        "approx_kernel_scale": round(engine.kernel_scale, 4),
+        "approx_probe_recall": None if engine.costs is None else engine.costs.approx_recall,
+    }
     families = query_families((mu, log_sigma), args.batch, seed=args.seed + 1)
     print("loading in a fresh process", flush=True)
     probes = np.concatenate(list(families.values()))[:: max(1, args.batch // 8)]
@@ -341,6 +350,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"at end: other work shared the cores, compare ratios within this run), faiss {m['faiss']} with "
         f"{args['threads']} thread(s) for every system. Bank: {report['source']}.",
         "",
+        *([f"_{args['note']}_", ""] if args.get("note") else []),
+        f"Command: `{report['command']}`.",
+        "",
         "## Build, save, load",
         "",
         "| step | seconds | peak RSS MiB | RSS after MiB |",
@@ -362,6 +374,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"p99 / max {part['items_per_list_min_median_p99_max']}, item-weighted mean log box volume "
         f"{part['mean_log_box_volume_mu']} (mu), {part['mean_log_box_volume_log_sigma']} (log sigma).",
         "",
+        _paths_line(report["paths"], args["batch"]),
+        "",
         f"## Search (ms per query; B = 1: {args['single']} one-query calls per family; B = {args['batch']}: "
         f"one call; median of {args['rounds']} rounds; recall@10 over {args['batch']} queries per family "
         "against the float64 reference)",
@@ -377,6 +391,18 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['speedup_vs_flat_ip_batch']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _paths_line(paths: dict[str, Any], batch: int) -> str:
+    """What the defaults answer with, from the engine's measured costs."""
+    recall = paths["approx_probe_recall"]
+    probe = "not measured" if recall is None else ", ".join(f"{p} {r:.4f}" for p, r in recall.items())
+    return (
+        f"Paths the defaults take: exact B = 1 {paths['exact_b1']}, B = {batch} {paths['exact_batch']}; "
+        f"approx B = 1 {paths['approx_b1']}, B = {batch} {paths['approx_batch']}; the approximate kernel "
+        f"at {paths['approx_kernel_scale']:.3f} of its default work; approximate paths' recall@10 on the "
+        f"build's probes: {probe}."
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -395,7 +421,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", default=None, help="save the engine under this directory and keep it")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     parser.add_argument("--quick", action="store_true", help="100k items, 16 queries, 1 round")
+    parser.add_argument("--note", default="", help="a line for the top of the Markdown summary")
     args = parser.parse_args(argv)
+    args.command = shlex.join(
+        ["python", "-m", "bench.bench_scale", *(sys.argv[1:] if argv is None else argv)]
+    )
     if args.quick:
         args.n, args.batch, args.single, args.rounds = min(args.n, 100_000), 16, 4, 1
     report = run(args)

@@ -18,8 +18,16 @@ import pytest
 from reference import log_q, make_bank, top_k
 
 from latentsearch.engine import EngineConfig, SearchEngine, strategy
-from latentsearch.engine.strategy import EXACT_HANDICAP, PROBE_BATCH_SIZES, StrategyCosts, family_probes
+from latentsearch.engine.engine import SINGLE_RECALL_PROBES
+from latentsearch.engine.strategy import (
+    EXACT_HANDICAP,
+    KERNEL_SCALES,
+    PROBE_BATCH_SIZES,
+    StrategyCosts,
+    family_probes,
+)
 from latentsearch.errors import CorruptIndexError, InvalidArgumentError
+from latentsearch.indexer import parse_index_spec
 
 SIZES = (1, 16, 64)
 FAMILIES = ("box", "prior", "posterior")
@@ -115,6 +123,30 @@ def test_approximate_costs_round_trip_and_reject_bad_values() -> None:
             approx={"box": {"kernel": (1.0,)}},
             approx_recall={"kernel": 1.0},
         )
+
+
+def test_the_kernel_scale_round_trips_and_rejects_bad_values() -> None:
+    half = dataclasses.replace(SHAPE, approx_kernel_scale=0.5)
+    assert StrategyCosts.from_dict(json.loads(json.dumps(half.to_dict()))) == half
+    assert SHAPE.approx_kernel_scale == 1.0  # the default work
+    old = {k: v for k, v in half.to_dict().items() if k != "approx_kernel_scale"}  # saved before it
+    assert StrategyCosts.from_dict(old).approx_kernel_scale == 1.0
+    for bad in (0.0, 1.5, -0.5):
+        with pytest.raises(CorruptIndexError):
+            StrategyCosts.from_dict({**half.to_dict(), "approx_kernel_scale": bad})
+    with pytest.raises(InvalidArgumentError):
+        dataclasses.replace(SHAPE, approx_kernel_scale=True)
+
+
+def test_config_checks_the_kernel_scale() -> None:
+    assert EngineConfig().approx_kernel_scale is None  # measured at build
+    assert EngineConfig(approx_kernel_scale=0.25).approx_kernel_scale == 0.25
+    for bad in (0.0, 1.5, -0.1, True, "half"):
+        with pytest.raises(InvalidArgumentError) as err:
+            EngineConfig(approx_kernel_scale=bad)  # type: ignore[arg-type]
+        assert err.value.field == "approx_kernel_scale"
+    assert parse_index_spec("approx_kernel_scale=0.5").approx_kernel_scale == 0.5
+    assert parse_index_spec("approx_kernel_scale=none").approx_kernel_scale is None
 
 
 def test_probe_recall_counts_the_true_rows_found() -> None:
@@ -222,3 +254,67 @@ def test_banks_searched_exactly_by_default_keep_the_old_rule(built: Built) -> No
         mu, log_sigma=log_sigma, config=dataclasses.replace(config, mode="approx"), build_approx=True
     )
     assert asked.costs is not None and asked.costs.approx is not None  # the configured mode: measured
+
+
+def _kernel_recall(engine: SearchEngine, probes: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> float:
+    """The approximate kernel's recall@10 as the build measures it (the least over families, over
+    calls of every probe and calls of one query on the first SINGLE_RECALL_PROBES), here against
+    the independent brute force."""
+    forced = engine.reconfigured(engine.costs, approx_strategy="kernel")
+    worst = 1.0
+    for f, z in probes.items():
+        worst = min(worst, _recall(forced.search_batch_arrays(z, 10, mode="approx").rows, want[f]))
+        n = SINGLE_RECALL_PROBES
+        alone = np.stack([forced.search_batch_arrays(q[None], 10, mode="approx").rows[0] for q in z[:n]])
+        worst = min(worst, _recall(alone, want[f][:n]))
+    return worst
+
+
+def test_the_kernel_does_its_share_of_the_work(built: Built) -> None:
+    engine, mu, log_sigma = built
+    assert engine.approx is not None and engine.approx.nprobe == 8 and engine.approx.nlist == 40
+    z = family_probes(mu, log_sigma, 40, seed=8)["prior"]
+    want = log_q(z, mu, log_sigma)  # (B, N) float64 brute force
+    kernel = engine.reconfigured(None, approx_strategy="kernel")
+    # a share s scans ceil(8 s) partitions by centroid, then by bound up to ceil(s * 0.08 * 40): at
+    # s = 1/2 four and at most 2 by bound, i.e. exactly a call's own nprobe of 4 (centroids only)
+    for scale, nprobe in ((0.5, 4), (1e-9, 1), (1 / 8, 1)):
+        scaled = engine.reconfigured(None, approx_strategy="kernel", approx_kernel_scale=scale)
+        assert scaled.kernel_scale == scale
+        got = scaled.search_batch_arrays(z, 10, mode="approx")
+        np.testing.assert_array_equal(
+            got.rows, kernel.search_batch_arrays(z, 10, mode="approx", nprobe=nprobe).rows
+        )
+        valid = got.rows >= 0
+        rows = np.where(valid, got.rows, 0)
+        np.testing.assert_allclose(
+            got.scores[valid], np.take_along_axis(want, rows, axis=1)[valid], rtol=1e-12, atol=1e-12
+        )
+    # the whole default work finds at least what a quarter of it finds, on the same queries
+    truth = top_k(want, 10)
+    full = _recall(kernel.search_batch_arrays(z, 10, mode="approx").rows, truth)
+    quarter = engine.reconfigured(None, approx_strategy="kernel", approx_kernel_scale=0.25)
+    assert full >= _recall(quarter.search_batch_arrays(z, 10, mode="approx").rows, truth)
+
+
+@pytest.mark.parametrize(
+    ("changes", "scale"),
+    [
+        ({"approx_min_recall": 0.0}, min(KERNEL_SCALES)),  # every share passes: the smallest
+        ({"approx_min_recall": 1.0}, 1.0),  # no share can clear 1 + the margin: the default work
+        ({"approx_min_recall": 0.0, "approx_kernel_scale": 0.5}, 0.5),  # configured: not measured
+    ],
+)
+def test_build_keeps_the_smallest_kernel_scale_that_reaches_the_recall(
+    built: Built, changes: dict[str, Any], scale: float
+) -> None:
+    _, mu, log_sigma = built
+    config = EngineConfig(approx_nlist=40, approx_min_items=1000, typicality_samples=0, **changes)
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, config=config, build_approx=True)
+    assert engine.costs is not None and engine.costs.approx_recall is not None
+    assert engine.costs.approx_kernel_scale == pytest.approx(scale)
+    assert engine.reconfigured(engine.costs).kernel_scale == pytest.approx(scale)
+    # the kernel's recall in the table is the chosen share's, as an independent brute force finds it
+    probes = family_probes(mu, log_sigma, 2 * max(PROBE_BATCH_SIZES), seed=0)
+    want = {f: top_k(log_q(z, mu, log_sigma), 10) for f, z in probes.items()}
+    assert engine.costs.approx_recall["kernel"] == pytest.approx(_kernel_recall(engine, probes, want))

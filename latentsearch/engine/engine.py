@@ -29,9 +29,11 @@ from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
 from latentsearch.engine.strategy import (
     APPROX_PATHS,
+    KERNEL_SCALES,
     PATHS,
     PROBE_BATCH_SIZES,
     PROBE_MIN_QUERIES,
+    SCALE_MARGIN,
     ApproxChoice,
     ApproxPath,
     ExactPath,
@@ -263,9 +265,6 @@ class SearchEngine:
         def run(path: ExactPath, points: np.ndarray) -> object:
             return self._search_arrays(points, None, k, "exact", None, None, strategy=path)
 
-        def run_approx(path: ApproxPath, points: np.ndarray) -> object:
-            return self._search_arrays(points, None, k, "approx", None, None, approx_path=path)
-
         started = time.perf_counter()
         # The approximate paths are measured where approximate mode is the default (or the
         # configured mode); elsewhere approximate calls are rare requests, answered by the call's
@@ -275,37 +274,77 @@ class SearchEngine:
         singles = SINGLE_PROBES if choose_approx else PROBE_MIN_QUERIES
         costs = calibrate(run, probes, paths=PATHS, min_queries=singles)
         if choose_approx:
+            truth = {f: self._search_arrays(z, None, k, "exact", None, None).rows for f, z in probes.items()}
+            scale = self._choose_kernel_scale(probes, truth, k)
+            scaled = self.reconfigured(self.costs, approx_kernel_scale=scale)
+
+            def run_approx(path: ApproxPath, points: np.ndarray) -> object:
+                return scaled._search_arrays(points, None, k, "approx", None, None, approx_path=path)
+
             approx = measure_paths(run_approx, probes, paths=APPROX_PATHS, query_free=(), min_queries=singles)
-            costs = dataclasses.replace(costs, approx=approx, approx_recall=self._probe_recall(probes, k))
+            costs = dataclasses.replace(
+                costs,
+                approx=approx,
+                approx_recall=scaled._probe_recall(probes, truth, k),
+                approx_kernel_scale=scale,
+            )
         log.info(
             "path costs in %.2f s (s per call at B = %s, per family): exact %s, approximate %s; "
-            "approximate recall@%d %s",
+            "approximate recall@%d %s, kernel scale %.3f",
             time.perf_counter() - started,
             costs.batch_sizes,
             costs.families,
             costs.approx,
             k,
             costs.approx_recall,
+            costs.approx_kernel_scale,
         )
         return costs
 
-    def _probe_recall(self, probes: dict[str, np.ndarray], k: int) -> dict[str, float]:
-        """Each approximate path's recall@k on ``probes`` (``{family: (P, d)}``) against their exact
-        top-k: the least over the families and, for the kernel, over calls of ``P`` and calls of
-        one query (the first :data:`SINGLE_RECALL_PROBES`: it searches a batch partition by
-        partition, which may scan other partitions; FAISS's scan answers a query alike in any
-        batch)."""
-        worst: dict[str, float] = dict.fromkeys(APPROX_PATHS, 1.0)
+    def _choose_kernel_scale(
+        self, probes: dict[str, np.ndarray], truth: dict[str, np.ndarray], k: int
+    ) -> float:
+        """The share of its default work the approximate kernel does (``config.approx_kernel_scale``
+        when set): the smallest of :data:`KERNEL_SCALES`, tried largest first and stopping at the
+        first that fails, whose kernel recall on ``probes`` (against their exact top-k ``truth``)
+        reached ``config.approx_min_recall`` + :data:`SCALE_MARGIN`; 1 when none did."""
+        if self.config.approx_kernel_scale is not None:
+            return float(self.config.approx_kernel_scale)
+        chosen = 1.0
+        for scale in sorted(KERNEL_SCALES, reverse=True):
+            trial = self.reconfigured(self.costs, approx_kernel_scale=scale)
+            found = trial._probe_recall(probes, truth, k, paths=("kernel",))["kernel"]
+            log.debug("approximate kernel at %.3f of its work: recall@%d %.4f", scale, k, found)
+            if found < self.config.approx_min_recall + SCALE_MARGIN:
+                break
+            chosen = scale
+        return chosen
+
+    def _probe_recall(
+        self,
+        probes: dict[str, np.ndarray],
+        truth: dict[str, np.ndarray],
+        k: int,
+        *,
+        paths: tuple[ApproxPath, ...] = APPROX_PATHS,
+    ) -> dict[str, float]:
+        """Each of ``paths``' recall@k on ``probes`` (``{family: (P, d)}``) against their exact
+        top-k ``truth`` (``{family: (P, k)}`` rows): the least over the families and, for the
+        kernel, over calls of ``P`` and calls of one query (the first :data:`SINGLE_RECALL_PROBES`:
+        it searches a batch partition by partition, which may scan other partitions; FAISS's scan
+        answers a query alike in any batch)."""
+        worst: dict[str, float] = dict.fromkeys(paths, 1.0)
 
         def rows(points: np.ndarray, path: ApproxPath) -> np.ndarray:
             return self._search_arrays(points, None, k, "approx", None, None, approx_path=path).rows
 
-        for points in probes.values():
-            truth = self._search_arrays(points, None, k, "exact", None, None).rows
-            for path in APPROX_PATHS:
-                worst[path] = min(worst[path], probe_recall(rows(points, path), truth))
-            alone = np.concatenate([rows(z[None], "kernel") for z in points[:SINGLE_RECALL_PROBES]])
-            worst["kernel"] = min(worst["kernel"], probe_recall(alone, truth[:SINGLE_RECALL_PROBES]))
+        for family, points in probes.items():
+            want = truth[family]
+            for path in paths:
+                worst[path] = min(worst[path], probe_recall(rows(points, path), want))
+            if "kernel" in paths:
+                alone = np.concatenate([rows(z[None], "kernel") for z in points[:SINGLE_RECALL_PROBES]])
+                worst["kernel"] = min(worst["kernel"], probe_recall(alone, want[:SINGLE_RECALL_PROBES]))
         return worst
 
     # -- properties ---------------------------------------------------------------------------
@@ -612,6 +651,14 @@ class SearchEngine:
             certified = np.ones(points.shape[0], dtype=bool)
         return rows, scores, certified
 
+    @property
+    def kernel_scale(self) -> float:
+        """The share of its default work the approximate kernel does: ``config.approx_kernel_scale``
+        when set, else the one measured at build (``costs.approx_kernel_scale``), else 1."""
+        if self.config.approx_kernel_scale is not None:
+            return float(self.config.approx_kernel_scale)
+        return 1.0 if self.costs is None else self.costs.approx_kernel_scale
+
     def kernel_index(self) -> KernelIndex:
         """The bank reordered by partition for the compiled kernel (made once, thread-safe)."""
         if self._kernel is None:
@@ -640,8 +687,9 @@ class SearchEngine:
         Exact: unbounded, and the (rare) queries it cannot certify (a near tie with an item left
         out) are answered again by the flat certified screen. Approx: the index's ``nprobe``
         partitions with the best centroid posterior, then by bound up to
-        ``config.approx_kernel_budget`` of the partitions (a given ``nprobe``: those partitions by
-        centroid only); an answer is certified when the bound stopped the search first.
+        ``config.approx_kernel_budget`` of the partitions, both times :attr:`kernel_scale` (a given
+        ``nprobe``: those partitions by centroid only); an answer is certified when the bound
+        stopped the search first.
         """
         assert self.approx is not None
         nq = points.shape[0]
@@ -649,8 +697,9 @@ class SearchEngine:
         if exact:
             first, visits = 0, -1
         elif nprobe is None:  # the default probes by centroid, then by bound within the budget
-            first = self.approx.nprobe
-            visits = max(first, math.ceil(self.config.approx_kernel_budget * self.approx.nlist))
+            scale = self.kernel_scale
+            first = max(1, math.ceil(scale * self.approx.nprobe))
+            visits = max(first, math.ceil(scale * self.config.approx_kernel_budget * self.approx.nlist))
         else:
             first = visits = int(nprobe)
         found = self.kernel_index().search(

@@ -48,6 +48,15 @@ at B = 64 the exact flat screen cost less per query (0.49 ms) than the kernel's 
 approximate search (0.76-0.88 ms): the rule this replaces (the kernel below 8 queries per call,
 the scan from 8) answered batches with 0.915 recall. Tables saved without the approximate paths'
 costs keep that rule.
+
+How much work the approximate kernel does is measured too (``EngineConfig.approx_kernel_scale``
+None): the share of a query's partitions that hold its top-k falls as the bank grows, so the
+default work (the ``nprobe`` best centroids, then by bound up to ``approx_kernel_budget`` of the
+partitions) is more than a large bank needs. :data:`KERNEL_SCALES` are tried in turn, largest
+first, each the share of that work a query does, and the engine keeps the smallest whose kernel
+recall on the probes reached ``approx_min_recall`` + :data:`SCALE_MARGIN` (stopping at the first
+that fails; 1 when none passes); :attr:`StrategyCosts.approx_kernel_scale` saves it, and the
+kernel's costs and recall in the table are those of that scale.
 """
 
 from __future__ import annotations
@@ -67,9 +76,11 @@ __all__ = [
     "APPROX_PATHS",
     "BASE_PATHS",
     "FAMILIES",
+    "KERNEL_SCALES",
     "PATHS",
     "PROBE_BATCH_SIZES",
     "PROBE_ROUNDS",
+    "SCALE_MARGIN",
     "ApproxChoice",
     "ApproxPath",
     "ExactPath",
@@ -133,6 +144,16 @@ _PREFERENCE: tuple[ExactPath, ...] = ("kernel", "partitions", "flat")
 # timed single queries up to 20% apart, which flipped the choice between the approximate kernel and
 # the exact one (within 2x of each other, one better on box queries, the other on prior ones).
 EXACT_HANDICAP = 1.2
+# Shares of its default work the approximate kernel is tried at, largest first (see the module
+# docstring). Recall@10 of the approximate kernel on a Fashion-MNIST VAE bank (box / prior /
+# posterior; 32 single queries each, one core; by centroid then up to the budget, as shares of the
+# partitions): at 10M items 3% then 8% (the default) 1.000 / 1.000 / 1.000 at 17-23 ms per query,
+# 2% then 5% 1.000 / 1.000 / 1.000 at 12-17 ms, 1% then 3% 1.000 / 0.997 / 1.000 at 11 ms; at 1M
+# items 1.000 / 0.994 / 1.000 at 3.5-4.1 ms, 0.991 on prior queries at 2% / 5%, 0.978 at 1% / 3%.
+KERNEL_SCALES: tuple[float, ...] = (2 / 3, 1 / 2, 1 / 3)
+# A smaller share must clear approx_min_recall by this much on the probes (128 queries per family:
+# an estimate), the default work only the bar itself.
+SCALE_MARGIN = 0.005
 _CHOICE_CACHE = 4096
 # A candidate of the minimax rank (_worst_ratios): an exact path, or an ApproxChoice.
 _C = TypeVar("_C")
@@ -156,6 +177,9 @@ class StrategyCosts:
     approx: dict[str, dict[str, tuple[float, ...]]] | None = None
     # Each approximate path's recall@k on the probes (:func:`probe_recall`), in [0, 1]; with approx.
     approx_recall: dict[str, float] | None = None
+    # The share of its default work the approximate kernel does (EngineConfig.approx_kernel_scale,
+    # chosen at build among KERNEL_SCALES), in (0, 1]; its ``approx`` costs and recall are at it.
+    approx_kernel_scale: float = 1.0
     # choose()'s answers by batch size (it runs on every exact call): not part of the value.
     _chosen: dict[int, ExactPath] = field(default_factory=dict, init=False, repr=False, compare=False)
     # choose_approx()'s, by (batch size, recall wanted).
@@ -195,6 +219,11 @@ class StrategyCosts:
                 f"{APPROX_PATHS} in each, one finite time >= 0 per size, and a recall in [0, 1] for "
                 f"each path; got {self.approx!r}, {self.approx_recall!r}",
                 field="costs",
+            )
+        scale = self.approx_kernel_scale
+        if isinstance(scale, bool) or not isinstance(scale, float) or not 0.0 < scale <= 1.0:
+            raise InvalidArgumentError(
+                f"the approximate kernel's scale must be a fraction in (0, 1], got {scale!r}", field="costs"
             )
 
     def _approx_ok(self) -> bool:
@@ -299,6 +328,7 @@ class StrategyCosts:
         if self.approx is not None:
             out["approx"] = {f: {k: list(v) for k, v in t.items()} for f, t in self.approx.items()}
             out["approx_recall"] = dict(self.approx_recall or {})
+            out["approx_kernel_scale"] = self.approx_kernel_scale
         return out
 
     @classmethod
@@ -313,6 +343,7 @@ class StrategyCosts:
                 families=None if families is None else {str(f): _table(t) for f, t in families.items()},
                 approx=None if approx is None else {str(f): _table(t) for f, t in approx.items()},
                 approx_recall=None if recall is None else {str(p): float(r) for p, r in recall.items()},
+                approx_kernel_scale=float(data.get("approx_kernel_scale", 1.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError, InvalidArgumentError) as exc:
             raise CorruptIndexError(f"bad exact strategy costs {data!r}: {exc}") from exc

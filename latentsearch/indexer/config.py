@@ -197,7 +197,7 @@ def _coerce(key: str, raw: str, default: Any) -> Any:
     try:
         if isinstance(default, int) or (default is None and key in ("approx_nlist", "approx_nprobe")):
             return int(text.replace("_", ""))
-        if isinstance(default, float):
+        if isinstance(default, float) or (default is None and key == "approx_kernel_scale"):
             return float(text)
         if key == "num_threads":
             return int(text)
