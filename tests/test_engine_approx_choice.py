@@ -21,8 +21,10 @@ from latentsearch.engine import EngineConfig, SearchEngine, strategy
 from latentsearch.engine.engine import SINGLE_RECALL_PROBES
 from latentsearch.engine.strategy import (
     EXACT_HANDICAP,
-    KERNEL_SCALES,
+    KERNEL_SCALES_LESS,
+    KERNEL_SCALES_MORE,
     PROBE_BATCH_SIZES,
+    SCALE_MARGIN,
     StrategyCosts,
     family_probes,
 )
@@ -131,7 +133,8 @@ def test_the_kernel_scale_round_trips_and_rejects_bad_values() -> None:
     assert SHAPE.approx_kernel_scale == 1.0  # the default work
     old = {k: v for k, v in half.to_dict().items() if k != "approx_kernel_scale"}  # saved before it
     assert StrategyCosts.from_dict(old).approx_kernel_scale == 1.0
-    for bad in (0.0, 1.5, -0.5):
+    assert dataclasses.replace(SHAPE, approx_kernel_scale=3.0).approx_kernel_scale == 3.0  # more work
+    for bad in (0.0, -0.5, float("inf")):
         with pytest.raises(CorruptIndexError):
             StrategyCosts.from_dict({**half.to_dict(), "approx_kernel_scale": bad})
     with pytest.raises(InvalidArgumentError):
@@ -141,7 +144,8 @@ def test_the_kernel_scale_round_trips_and_rejects_bad_values() -> None:
 def test_config_checks_the_kernel_scale() -> None:
     assert EngineConfig().approx_kernel_scale is None  # measured at build
     assert EngineConfig(approx_kernel_scale=0.25).approx_kernel_scale == 0.25
-    for bad in (0.0, 1.5, -0.1, True, "half"):
+    assert EngineConfig(approx_kernel_scale=2).approx_kernel_scale == 2
+    for bad in (0.0, -0.1, float("inf"), True, "half"):
         with pytest.raises(InvalidArgumentError) as err:
             EngineConfig(approx_kernel_scale=bad)  # type: ignore[arg-type]
         assert err.value.field == "approx_kernel_scale"
@@ -300,8 +304,9 @@ def test_the_kernel_does_its_share_of_the_work(built: Built) -> None:
 @pytest.mark.parametrize(
     ("changes", "scale"),
     [
-        ({"approx_min_recall": 0.0}, min(KERNEL_SCALES)),  # every share passes: the smallest
+        ({"approx_min_recall": 0.0}, min(KERNEL_SCALES_LESS)),  # every share passes: the smallest
         ({"approx_min_recall": 1.0}, 1.0),  # no share can clear 1 + the margin: the default work
+        ({"approx_min_recall": 0.0, "approx_kernel_scale": 2.0}, 2.0),  # more work, configured
         ({"approx_min_recall": 0.0, "approx_kernel_scale": 0.5}, 0.5),  # configured: not measured
     ],
 )
@@ -318,3 +323,25 @@ def test_build_keeps_the_smallest_kernel_scale_that_reaches_the_recall(
     probes = family_probes(mu, log_sigma, 2 * max(PROBE_BATCH_SIZES), seed=0)
     want = {f: top_k(log_q(z, mu, log_sigma), 10) for f, z in probes.items()}
     assert engine.costs.approx_recall["kernel"] == pytest.approx(_kernel_recall(engine, probes, want))
+
+
+def test_build_gives_the_kernel_more_work_where_the_default_falls_short(built: Built) -> None:
+    _, mu, log_sigma = built
+    base = EngineConfig(approx_nlist=40, approx_min_items=1000, typicality_samples=0)
+
+    def recorded(**changes: Any) -> StrategyCosts:
+        engine = SearchEngine.build(
+            mu, log_sigma=log_sigma, config=dataclasses.replace(base, **changes), build_approx=True
+        )
+        assert engine.costs is not None and engine.costs.approx_recall is not None
+        return engine.costs
+
+    # the kernel's recall on the build's probes at the default work and at each larger share
+    recall = {s: recorded(approx_kernel_scale=s).approx_recall["kernel"] for s in (1.0, *KERNEL_SCALES_MORE)}  # type: ignore[index]
+    assert recall[1.0] < 0.99  # this bank's default work falls short of the usual bar
+    bar = recall[1.0] + 0.001  # the default work fails it
+    want = next((s for s in sorted(KERNEL_SCALES_MORE) if recall[s] >= bar + SCALE_MARGIN), 1.0)
+    assert want != 1.0  # some larger share clears it on this bank: the case under test
+    got = recorded(approx_min_recall=bar)
+    assert got.approx_kernel_scale == want and got.approx_recall is not None
+    assert got.approx_recall["kernel"] == recall[want]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -89,13 +90,13 @@ class EngineConfig:
     # core, 192 queries per family, the budgets in turn in one process).
     approx_kernel_budget: float = 0.08
     # The share of that work (the nprobe partitions by centroid, then up to approx_kernel_budget of
-    # them) the approximate kernel does, in (0, 1]: ceil(scale * nprobe) partitions by centroid, then
-    # by bound up to scale * approx_kernel_budget of them. None: measured at build where the
-    # approximate paths are (engine/strategy.py: the least of KERNEL_SCALES whose recall on the
-    # probes still reaches approx_min_recall with a margin, else 1; saved with the costs). The share
-    # a query's top-k spans falls as the bank grows: at 10M items of a Fashion-MNIST VAE a third of
-    # the default work kept recall@10 at 0.997-1.000 and took single queries from 17-23 to 11 ms;
-    # at 1M items the default work is needed (prior recall 0.991 at 2/3 of it).
+    # them) the approximate kernel does, > 0: ceil(scale * nprobe) partitions by centroid, then by
+    # bound up to scale * approx_kernel_budget of them (at most all). None: measured at build where
+    # the approximate paths are (engine/strategy.py: less work while the recall on the probes still
+    # reaches approx_min_recall with a margin, more where the default work falls short; saved with
+    # the costs). The share a query's top-k spans falls as the bank grows: at 10M items of a
+    # Fashion-MNIST VAE half the default work kept recall@10 at 0.998-1.000 and took single queries
+    # from 19-24 to 13-14 ms; at 1M items the default work is needed (prior recall 0.991 at 2/3).
     approx_kernel_scale: float | None = None
     # Compute the rigorous per-partition bound to flag approximate answers proven exact (costly).
     approx_certify: bool = False
@@ -156,10 +157,10 @@ class EngineConfig:
             )
         scale = self.approx_kernel_scale
         if scale is not None and (
-            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale <= 1.0
+            isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0.0 < scale < math.inf
         ):
             raise InvalidArgumentError(
-                f"approx_kernel_scale must be None or a fraction in (0, 1], got {scale!r}",
+                f"approx_kernel_scale must be None or a finite number > 0, got {scale!r}",
                 field="approx_kernel_scale",
             )
         if self.metric != "inner_product":

@@ -29,7 +29,8 @@ from latentsearch.engine.results import BatchResult, SearchResult
 from latentsearch.engine.storage import EngineParts, load_engine, save_engine
 from latentsearch.engine.strategy import (
     APPROX_PATHS,
-    KERNEL_SCALES,
+    KERNEL_SCALES_LESS,
+    KERNEL_SCALES_MORE,
     PATHS,
     PROBE_BATCH_SIZES,
     PROBE_MIN_QUERIES,
@@ -275,17 +276,18 @@ class SearchEngine:
         costs = calibrate(run, probes, paths=PATHS, min_queries=singles)
         if choose_approx:
             truth = {f: self._search_arrays(z, None, k, "exact", None, None).rows for f, z in probes.items()}
-            scale = self._choose_kernel_scale(probes, truth, k)
+            scale, kernel_recall = self._choose_kernel_scale(probes, truth, k)
             scaled = self.reconfigured(self.costs, approx_kernel_scale=scale)
 
             def run_approx(path: ApproxPath, points: np.ndarray) -> object:
                 return scaled._search_arrays(points, None, k, "approx", None, None, approx_path=path)
 
             approx = measure_paths(run_approx, probes, paths=APPROX_PATHS, query_free=(), min_queries=singles)
+            recall = {**scaled._probe_recall(probes, truth, k, paths=("scan",)), "kernel": kernel_recall}
             costs = dataclasses.replace(
                 costs,
                 approx=approx,
-                approx_recall=scaled._probe_recall(probes, truth, k),
+                approx_recall={p: recall[p] for p in APPROX_PATHS},
                 approx_kernel_scale=scale,
             )
         log.info(
@@ -303,21 +305,36 @@ class SearchEngine:
 
     def _choose_kernel_scale(
         self, probes: dict[str, np.ndarray], truth: dict[str, np.ndarray], k: int
-    ) -> float:
-        """The share of its default work the approximate kernel does (``config.approx_kernel_scale``
-        when set): the smallest of :data:`KERNEL_SCALES`, tried largest first and stopping at the
-        first that fails, whose kernel recall on ``probes`` (against their exact top-k ``truth``)
-        reached ``config.approx_min_recall`` + :data:`SCALE_MARGIN`; 1 when none did."""
-        if self.config.approx_kernel_scale is not None:
-            return float(self.config.approx_kernel_scale)
-        chosen = 1.0
-        for scale in sorted(KERNEL_SCALES, reverse=True):
+    ) -> tuple[float, float]:
+        """The share of its default work the approximate kernel does, and the kernel's recall@k at
+        it on ``probes`` (against their exact top-k ``truth``): ``config.approx_kernel_scale`` when
+        set; else, where the default work reaches ``config.approx_min_recall``, the smallest of
+        :data:`KERNEL_SCALES_LESS` (largest first, up to the first that fails) whose recall reached
+        it + :data:`SCALE_MARGIN`; where it does not, the first of :data:`KERNEL_SCALES_MORE` that
+        does; else 1 (see :mod:`latentsearch.engine.strategy`)."""
+
+        def recall_at(scale: float) -> float:
             trial = self.reconfigured(self.costs, approx_kernel_scale=scale)
             found = trial._probe_recall(probes, truth, k, paths=("kernel",))["kernel"]
-            log.debug("approximate kernel at %.3f of its work: recall@%d %.4f", scale, k, found)
-            if found < self.config.approx_min_recall + SCALE_MARGIN:
-                break
-            chosen = scale
+            log.debug("approximate kernel at %.3f of its default work: recall@%d %.4f", scale, k, found)
+            return found
+
+        if self.config.approx_kernel_scale is not None:
+            scale = float(self.config.approx_kernel_scale)
+            return scale, recall_at(scale)
+        bar = self.config.approx_min_recall
+        chosen = (1.0, recall_at(1.0))
+        if chosen[1] >= bar:
+            for scale in sorted(KERNEL_SCALES_LESS, reverse=True):
+                found = recall_at(scale)
+                if found < bar + SCALE_MARGIN:
+                    break
+                chosen = (scale, found)
+            return chosen
+        for scale in sorted(KERNEL_SCALES_MORE):
+            found = recall_at(scale)
+            if found >= bar + SCALE_MARGIN:
+                return scale, found
         return chosen
 
     def _probe_recall(
@@ -697,9 +714,9 @@ class SearchEngine:
         if exact:
             first, visits = 0, -1
         elif nprobe is None:  # the default probes by centroid, then by bound within the budget
-            scale = self.kernel_scale
-            first = max(1, math.ceil(scale * self.approx.nprobe))
-            visits = max(first, math.ceil(scale * self.config.approx_kernel_budget * self.approx.nlist))
+            scale, nlist = self.kernel_scale, self.approx.nlist
+            first = min(nlist, max(1, math.ceil(scale * self.approx.nprobe)))
+            visits = max(first, min(nlist, math.ceil(scale * self.config.approx_kernel_budget * nlist)))
         else:
             first = visits = int(nprobe)
         found = self.kernel_index().search(

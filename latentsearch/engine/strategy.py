@@ -52,10 +52,13 @@ costs keep that rule.
 How much work the approximate kernel does is measured too (``EngineConfig.approx_kernel_scale``
 None): the share of a query's partitions that hold its top-k falls as the bank grows, so the
 default work (the ``nprobe`` best centroids, then by bound up to ``approx_kernel_budget`` of the
-partitions) is more than a large bank needs. :data:`KERNEL_SCALES` are tried in turn, largest
-first, each the share of that work a query does, and the engine keeps the smallest whose kernel
-recall on the probes reached ``approx_min_recall`` + :data:`SCALE_MARGIN` (stopping at the first
-that fails; 1 when none passes); :attr:`StrategyCosts.approx_kernel_scale` saves it, and the
+partitions) is more than a large bank needs, and less than some banks need to reach the recall.
+The kernel's recall on the probes is measured at the default work; where it reaches
+``approx_min_recall``, :data:`KERNEL_SCALES_LESS` are tried in turn (largest first) and the engine
+keeps the smallest whose recall reached ``approx_min_recall`` + :data:`SCALE_MARGIN` (stopping at
+the first that fails); where it does not, :data:`KERNEL_SCALES_MORE` are tried (smallest first) and
+the first that reaches the bar with the margin is kept (none: the default work, and approximate
+calls are answered by the exact paths). :attr:`StrategyCosts.approx_kernel_scale` saves it, and the
 kernel's costs and recall in the table are those of that scale.
 """
 
@@ -76,7 +79,8 @@ __all__ = [
     "APPROX_PATHS",
     "BASE_PATHS",
     "FAMILIES",
-    "KERNEL_SCALES",
+    "KERNEL_SCALES_LESS",
+    "KERNEL_SCALES_MORE",
     "PATHS",
     "PROBE_BATCH_SIZES",
     "PROBE_ROUNDS",
@@ -144,15 +148,20 @@ _PREFERENCE: tuple[ExactPath, ...] = ("kernel", "partitions", "flat")
 # timed single queries up to 20% apart, which flipped the choice between the approximate kernel and
 # the exact one (within 2x of each other, one better on box queries, the other on prior ones).
 EXACT_HANDICAP = 1.2
-# Shares of its default work the approximate kernel is tried at, largest first (see the module
-# docstring). Recall@10 of the approximate kernel on a Fashion-MNIST VAE bank (box / prior /
-# posterior; 32 single queries each, one core; by centroid then up to the budget, as shares of the
-# partitions): at 10M items 3% then 8% (the default) 1.000 / 1.000 / 1.000 at 17-23 ms per query,
-# 2% then 5% 1.000 / 1.000 / 1.000 at 12-17 ms, 1% then 3% 1.000 / 0.997 / 1.000 at 11 ms; at 1M
-# items 1.000 / 0.994 / 1.000 at 3.5-4.1 ms, 0.991 on prior queries at 2% / 5%, 0.978 at 1% / 3%.
-KERNEL_SCALES: tuple[float, ...] = (2 / 3, 1 / 2, 1 / 3)
-# A smaller share must clear approx_min_recall by this much on the probes (128 queries per family:
-# an estimate), the default work only the bar itself.
+# Shares of its default work the approximate kernel is tried at (see the module docstring), when
+# the default work reaches the recall: largest first. Recall@10 of the approximate kernel on a
+# Fashion-MNIST VAE bank (box / prior / posterior; 32 single queries each, one core; by centroid
+# then up to the budget, as shares of the partitions): at 10M items 3% then 8% (the default) 1.000 /
+# 1.000 / 1.000 at 17-23 ms per query, 2% then 5% 1.000 / 1.000 / 1.000 at 12-17 ms, 1% then 3%
+# 1.000 / 0.997 / 1.000 at 11 ms; at 1M items 1.000 / 0.994 / 1.000 at 3.5-4.1 ms, 0.991 on prior
+# queries at 2% / 5%, 0.978 at 1% / 3%.
+KERNEL_SCALES_LESS: tuple[float, ...] = (2 / 3, 1 / 2, 1 / 3)
+# ... and when it does not: smallest first. At 1M d = 32 posteriors of a Fashion-MNIST VAE the
+# default work's probe recall was 0.979, so approximate calls were answered exactly: 12-28 ms per
+# single query, where the approximate kernel took 7.5-9.4 ms.
+KERNEL_SCALES_MORE: tuple[float, ...] = (3 / 2, 2.0, 3.0)
+# Another share than the default must clear approx_min_recall by this much on the probes (128
+# queries per family: an estimate), the default work only the bar itself.
 SCALE_MARGIN = 0.005
 _CHOICE_CACHE = 4096
 # A candidate of the minimax rank (_worst_ratios): an exact path, or an ApproxChoice.
@@ -178,7 +187,7 @@ class StrategyCosts:
     # Each approximate path's recall@k on the probes (:func:`probe_recall`), in [0, 1]; with approx.
     approx_recall: dict[str, float] | None = None
     # The share of its default work the approximate kernel does (EngineConfig.approx_kernel_scale,
-    # chosen at build among KERNEL_SCALES), in (0, 1]; its ``approx`` costs and recall are at it.
+    # chosen at build, see the module docstring), > 0; its ``approx`` costs and recall are at it.
     approx_kernel_scale: float = 1.0
     # choose()'s answers by batch size (it runs on every exact call): not part of the value.
     _chosen: dict[int, ExactPath] = field(default_factory=dict, init=False, repr=False, compare=False)
@@ -221,9 +230,9 @@ class StrategyCosts:
                 field="costs",
             )
         scale = self.approx_kernel_scale
-        if isinstance(scale, bool) or not isinstance(scale, float) or not 0.0 < scale <= 1.0:
+        if isinstance(scale, bool) or not isinstance(scale, float) or not 0.0 < scale < np.inf:
             raise InvalidArgumentError(
-                f"the approximate kernel's scale must be a fraction in (0, 1], got {scale!r}", field="costs"
+                f"the approximate kernel's scale must be a finite number > 0, got {scale!r}", field="costs"
             )
 
     def _approx_ok(self) -> bool:
