@@ -25,6 +25,7 @@ from latentsearch.engine.strategy import (
     KERNEL_SCALES_MORE,
     PROBE_BATCH_SIZES,
     SCALE_MARGIN,
+    SCALE_UP_REACH,
     StrategyCosts,
     family_probes,
 )
@@ -345,3 +346,8 @@ def test_build_gives_the_kernel_more_work_where_the_default_falls_short(built: B
     got = recorded(approx_min_recall=bar)
     assert got.approx_kernel_scale == want and got.approx_recall is not None
     assert got.approx_recall["kernel"] == recall[want]
+    # further below the bar than SCALE_UP_REACH no larger share is tried, although one would clear
+    # it here: the default work
+    far_bar = recall[1.0] + SCALE_UP_REACH + 0.01
+    assert any(recall[s] >= far_bar + SCALE_MARGIN for s in KERNEL_SCALES_MORE)
+    assert recorded(approx_min_recall=far_bar).approx_kernel_scale == 1.0

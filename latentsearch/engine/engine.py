@@ -35,6 +35,7 @@ from latentsearch.engine.strategy import (
     PROBE_BATCH_SIZES,
     PROBE_MIN_QUERIES,
     SCALE_MARGIN,
+    SCALE_UP_REACH,
     ApproxChoice,
     ApproxPath,
     ExactPath,
@@ -310,8 +311,9 @@ class SearchEngine:
         it on ``probes`` (against their exact top-k ``truth``): ``config.approx_kernel_scale`` when
         set; else, where the default work reaches ``config.approx_min_recall``, the smallest of
         :data:`KERNEL_SCALES_LESS` (largest first, up to the first that fails) whose recall reached
-        it + :data:`SCALE_MARGIN`; where it does not, the first of :data:`KERNEL_SCALES_MORE` that
-        does; else 1 (see :mod:`latentsearch.engine.strategy`)."""
+        it + :data:`SCALE_MARGIN`; where it falls short by at most :data:`SCALE_UP_REACH`, the
+        first of :data:`KERNEL_SCALES_MORE` that does; else 1 (see
+        :mod:`latentsearch.engine.strategy`)."""
 
         def recall_at(scale: float) -> float:
             trial = self.reconfigured(self.costs, approx_kernel_scale=scale)
@@ -330,6 +332,8 @@ class SearchEngine:
                 if found < bar + SCALE_MARGIN:
                     break
                 chosen = (scale, found)
+            return chosen
+        if chosen[1] < bar - SCALE_UP_REACH:  # beyond what more work closed on the banks measured
             return chosen
         for scale in sorted(KERNEL_SCALES_MORE):
             found = recall_at(scale)
