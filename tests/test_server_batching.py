@@ -92,9 +92,12 @@ def test_full_queue_is_resource_exhausted(
         running = stub.Nearest.future(req, timeout=60)
         wait_until(lambda: groups)
         waiting_slot = stub.Nearest.future(req, timeout=60)  # taken by the collector, waits for a slot
-        wait_until(lambda: srv.server._batcher.depth == 0 and not waiting_slot.done())
+        # taken: submitted (pending counts it) and out of the queue; depth 0 alone also held before
+        # it arrived, and a queued waiting_slot then made the next call RESOURCE_EXHAUSTED instead
+        batcher = srv.server._batcher
+        wait_until(lambda: batcher.pending == 2 and batcher.depth == 0 and not waiting_slot.done())
         queued = stub.Nearest.future(req, timeout=60)
-        wait_until(lambda: srv.server._batcher.depth == 1)
+        wait_until(lambda: batcher.depth == 1)
         with pytest.raises(grpc.RpcError) as err:
             stub.Nearest(req, timeout=10)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
