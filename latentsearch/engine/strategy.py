@@ -58,9 +58,9 @@ The kernel's recall on the probes is measured at the default work; where it reac
 keeps the smallest whose recall reached ``approx_min_recall`` + :data:`SCALE_MARGIN` (stopping at
 the first that fails); where it falls short by at most :data:`SCALE_UP_REACH`,
 :data:`KERNEL_SCALES_MORE` are tried (smallest first) and the first that reaches the bar with the
-margin is kept (none: the default work, and approximate
-calls are answered by the exact paths). :attr:`StrategyCosts.approx_kernel_scale` saves it, and the
-kernel's costs and recall in the table are those of that scale.
+margin is kept (none: the default work, and approximate calls are answered by the exact paths).
+:attr:`StrategyCosts.approx_kernel_scale` saves it, and the kernel's costs and recall in the table
+are those of that scale.
 """
 
 from __future__ import annotations
@@ -163,8 +163,8 @@ KERNEL_SCALES_LESS: tuple[float, ...] = (2 / 3, 1 / 2, 1 / 3)
 # single query, where the approximate kernel took 7.5-9.4 ms.
 KERNEL_SCALES_MORE: tuple[float, ...] = (3 / 2, 2.0, 3.0)
 # ... and only where the default work's recall came within this of the bar: further below, more
-# work did not close the gap (a 4,000-item test bank: 0.593 at the default work, 0.930 at 3x) and
-# the trials only cost build time (the test suite's engine files took 20% longer).
+# work did not close the gap (a 4,000-item test bank: 0.593 at the default work, 0.930 at 3x), and
+# the three trials would only cost build time.
 SCALE_UP_REACH = 0.05
 # Another share than the default must clear approx_min_recall by this much on the probes (128
 # queries per family: an estimate), the default work only the bar itself.
