@@ -179,3 +179,12 @@ def make_bank(n: int, d: int, regime: str, rng: np.random.Generator) -> tuple[np
     else:
         raise ValueError(f"unknown sigma regime {regime!r}; one of {SIGMA_REGIMES}")
     return mu, log_sigma
+
+
+def assert_batch_is_brute_force(rows: np.ndarray, scores: np.ndarray, ref: np.ndarray, k: int) -> None:
+    """``rows``/``scores (B, k)`` of an exact batch equal the float64 brute force's top-``k`` of
+    ``ref (B, N)`` (rows exactly, ties by row; scores to 1e-12 relative)."""
+    for b in range(ref.shape[0]):
+        want = top_k(ref[b], k)
+        np.testing.assert_array_equal(rows[b], want)
+        np.testing.assert_allclose(scores[b], ref[b][want], rtol=1e-12, atol=1e-9)

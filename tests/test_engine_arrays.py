@@ -9,7 +9,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 import pytest
-from reference import SIGMA_REGIMES, kl_to, log_q, make_bank, top_k
+from reference import SIGMA_REGIMES, assert_batch_is_brute_force, kl_to, log_q, make_bank, top_k
 
 from latentsearch.data.banks import vae_like_posteriors
 from latentsearch.engine import BatchResult, EngineConfig, SearchEngine, SearchMode
@@ -95,10 +95,7 @@ def test_blas_batched_exact_screen_matches_brute_force(regime: str) -> None:
     ref = log_q(z, mu, log_sigma)
     batch = engine.search_batch_arrays(z, k, mode="exact")
     assert batch.certified.all()
-    for b in range(z.shape[0]):
-        want = top_k(ref[b], k)
-        np.testing.assert_array_equal(batch.rows[b], want)
-        np.testing.assert_allclose(batch.scores[b], ref[b][want], rtol=1e-12, atol=1e-9)
+    assert_batch_is_brute_force(batch.rows, batch.scores, ref, k)
 
 
 # -- the dense screen (exact.ScaleGroup.dense_screen) --------------------------------------------
@@ -115,6 +112,7 @@ def _count_dense(monkeypatch) -> list[int]:
         return out
 
     monkeypatch.setattr(exact_mod.ScaleGroup, "dense_screen", spy)
+    monkeypatch.setattr(exact_mod, "BATCH_SCREEN", False)  # batches forced here: not the batch screen
     return calls
 
 

@@ -148,6 +148,7 @@ class SearchEngine:
                 self._kernel = _KERNELS.setdefault(approx, kernel)
         if approx is not None:
             warm()  # compile (or load) the kernel now, not in the first query
+        self.exact.warm(10 + max(10, self.config.exact_extra))  # the batch screen, at k = 10
 
     # -- construction -------------------------------------------------------------------------
     def reconfigured(self, costs: StrategyCosts | None, **changes: Any) -> SearchEngine:

@@ -30,12 +30,14 @@ from __future__ import annotations
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from latentsearch.engine import screen
 from latentsearch.engine.config import exact_group_index
 from latentsearch.engine.gpu import to_gpu
 from latentsearch.engine.lifting import error_coefficient, lift_items
@@ -55,6 +57,11 @@ _LIFT_CHUNK = 262_144
 DENSE_BLOCK = 256
 DENSE_MAX_QUERIES = 1
 DENSE_MAX_ITEMS = 1 << 18
+# Batches of unfiltered queries over groups of (k + extra) * DENSE_BLOCK to DENSE_BATCH_MAX_ITEMS
+# items take the fused block-maximum screen (ScaleGroup.batch_screen); beyond it (the copy of the
+# group it keeps: 84 MB per million d = 10 items) FAISS. BATCH_SCREEN = False: FAISS for every batch.
+DENSE_BATCH_MAX_ITEMS = 1 << 21
+BATCH_SCREEN = True
 
 
 class ScaleGroup:
@@ -87,6 +94,7 @@ class ScaleGroup:
         self._factory = factory
         self._index: faiss.IndexFlat | None = None
         self._gpu_index: faiss.Index | None = None
+        self._tiles: screen.BlockTiles | None = None
         self._device = device
         self._lock = threading.Lock()
 
@@ -123,6 +131,41 @@ class ScaleGroup:
             and nq <= DENSE_MAX_QUERIES
             and kg * DENSE_BLOCK < n <= DENSE_MAX_ITEMS
         )
+
+    def batch_ok(self, nq: int, kg: int) -> bool:
+        """Whether :meth:`batch_screen` serves an unfiltered screen of ``nq`` >= 2 queries."""
+        n = len(self)
+        return (
+            BATCH_SCREEN
+            and nq >= 2
+            and self.batch_width_ok()
+            and kg * max(DENSE_BLOCK, screen.BLOCK) < n <= DENSE_BATCH_MAX_ITEMS
+        )
+
+    def batch_width_ok(self) -> bool:
+        """Whether the group's kind (flat, on the CPU, lifted width) can take the batch screen."""
+        return self._factory == "Flat" and self._device != "cuda" and self.absmax.size <= screen.MAX_WIDTH
+
+    @property
+    def tiles(self) -> screen.BlockTiles:
+        """The group's float32 lifted vectors in :mod:`~latentsearch.engine.screen`'s blocks (a
+        second copy beside FAISS's, made from it on first use, thread-safe)."""
+        if self._tiles is None:
+            index = self.index
+            with self._lock:
+                if self._tiles is None:
+                    m, n = len(self), self.absmax.size
+                    self._tiles = screen.BlockTiles(faiss.rev_swig_ptr(index.get_xb(), m * n).reshape(m, n))
+        return self._tiles
+
+    def batch_screen(
+        self, q32: np.ndarray, kg: int, bounds: np.ndarray, threads: int
+    ) -> tuple[np.ndarray, np.ndarray] | None:
+        """:meth:`dense_screen` for a batch, by the fused block-maximum kernel
+        (:func:`latentsearch.engine.screen.block_screen`; the same return, ``None`` past ``4 kg``
+        candidates for a query). ``bounds``: ``(B,)`` the group's float32 error bound per query.
+        """
+        return screen.block_screen(q32, self.tiles, kg, 2.0 * bounds, 4 * kg, threads)
 
     def dense_screen(
         self, q32: np.ndarray, kg: int, scores_out: list[np.ndarray] | None = None
@@ -259,6 +302,15 @@ class ExactIndex:
         log.debug("exact index: %d scale groups %s", len(groups), [len(g) for g in groups])
         return cls(groups, 2 * mu.shape[1] + 1, group_of_row)
 
+    def warm(self, kg: int) -> float:
+        """Compile (or load) the batch screen's kernel now when a batch of ``kg`` candidates per
+        group would take it (not in the first batch); returns the seconds it took."""
+        if any(g.batch_ok(2, kg) for g in self.groups if not g.direct):
+            t = time.perf_counter()
+            screen.kernel(self.n_lifted)
+            return time.perf_counter() - t
+        return 0.0
+
     def error_bounds(self, queries: np.ndarray) -> np.ndarray:
         """``(B, G)`` float64 bound on the float32 score error of every item of each group."""
         return self.kappa * (np.abs(queries) @ self.absmax)
@@ -324,7 +376,9 @@ class ExactIndex:
                 direct.append(gi)
                 continue
             dense = None
-            if params is None and group.dense_ok(nq, kg):
+            if params is None and screens is None and group.batch_ok(nq, kg):
+                dense = group.batch_screen(q32, kg, bounds[:, gi], faiss.omp_get_max_threads())
+            elif params is None and group.dense_ok(nq, kg):
                 if screens is None:
                     dense = group.dense_screen(q32, kg)
                 else:

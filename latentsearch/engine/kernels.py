@@ -88,13 +88,11 @@ parallel region at once, and a thread pool respects the engine's thread count ex
 
 from __future__ import annotations
 
-import itertools
 import logging
 import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -103,6 +101,7 @@ from numba import njit
 
 from latentsearch.engine.approx import ApproxIndex
 from latentsearch.engine.exact import Rescore, Selection, _topk
+from latentsearch.engine.pool import run_sliced
 from latentsearch.posterior import LOG_2PI
 
 __all__ = [
@@ -853,20 +852,6 @@ class KernelResult:
     visits: np.ndarray
 
 
-_POOL_LOCK = threading.Lock()
-_POOL: ThreadPoolExecutor | None = None
-_POOL_SIZE = 0
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    global _POOL, _POOL_SIZE
-    with _POOL_LOCK:
-        if _POOL is None or threads > _POOL_SIZE:
-            _POOL = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="latentsearch-kernel")
-            _POOL_SIZE = threads
-        return _POOL
-
-
 @_jit
 def _in_order(rows: np.ndarray, scores: np.ndarray) -> bool:
     """Whether every row of ``(B, k)`` results is already best first: score descending, then row
@@ -1078,13 +1063,7 @@ class KernelIndex:
                     pos, kscore, outside, visits,
                 )  # fmt: skip
 
-        if threads == 1:
-            run(0, nq)
-        else:
-            cuts = np.linspace(0, nq, threads + 1).astype(int).tolist()
-            futures = [_pool(threads).submit(run, a, b) for a, b in itertools.pairwise(cuts)]
-            for f in futures:
-                f.result()
+        run_sliced(run, nq, threads)
         rows = np.where(pos >= 0, self.rows[np.maximum(pos, 0)], -1)
         if rescore is None:
             scores = kscore
