@@ -12,17 +12,28 @@ source (one function per width, compiled by numba and cached on disk where a cac
 be written), since a loop that numba compiles generically neither vectorises across items nor
 keeps its accumulators in registers (13x slower, measured).
 
-:func:`block_screen` then takes t, the (kg)-th largest block maximum (at most the (kg)-th largest score:
-the maxima of distinct blocks are scores of distinct items), and scores again only the blocks whose
-maximum reaches t (:func:`_candidates_nb`, a plain vectorised loop). A float32 dot product summed in
-another order can differ from the kernel's by up to twice the group's error bound E (any order is
-within E of the exact score, :func:`~latentsearch.engine.lifting.error_coefficient`), so items of
-those blocks are kept from ``t - slack``: every block's best item is then among the candidates, and
+:func:`block_screen` then takes t, the (kg)-th largest block maximum (at most the (kg)-th largest
+score: the maxima of distinct blocks are scores of distinct items), and scores again only the
+blocks whose maximum reaches t (:func:`_candidates_nb`, a plain vectorised loop). A float32 dot
+product summed in another order can differ from the kernel's by up to twice the group's error
+bound E (any order is within E of the exact score,
+:func:`~latentsearch.engine.lifting.error_coefficient`), so items of those blocks are kept from
+``t - slack``: every block's best item is then among the candidates, and
 every item left out has *some* float32 score below t, hence an exact score below t + E, which is
 what the caller's certification assumes.
 
-Measured (70,000 and 200,000 lifted d = 10 posteriors, one core, B = 64, block maxima only, session
-12 prototype): 66 and 227 us per query against 123 and 394 for FAISS ``IndexFlatIP`` top-20.
+Measured (``bench.ab_screen``, one process, one thread, the exact flat path with this screen and
+with FAISS's flat search in a new random order each round; bench/results/ab-screen-2026-12-03-*):
+on Fashion-MNIST VAE banks (one scale group) 1.17-1.55x at 200k items (B = 8 / 16 / 64; the flat
+path went from 0.84-0.93x to 1.02-1.36x FAISS ``IndexFlatIP`` top-10) and 1.09-1.53x at 1M
+(1.06-1.48x ``IndexFlatIP``); on the synthetic bank of the server benchmark (70k items in scale
+groups of 54,803 and 15,195) 0.91-1.22x, about 1.05x: two screens per call, each with its fixed
+costs. With 2 threads on the 2-core host no path got faster than with one (0.75-1.56x). Where
+the time goes (70k items, B = 64): the block maxima ~75 us per query (~1.5 ns per item and query:
+numba emits 8-wide AVX2 with the query coefficients spilled, about a quarter of the FMA peak), the
+rescan of the ~26 candidate blocks ~23 us (their tiles are out of cache by then). Blocks of 256
+made that rescan cost as much as the maxima; per-lane maxima (16 per block) wrote 16x more and
+lost at 1M.
 """
 
 from __future__ import annotations
