@@ -92,16 +92,14 @@ import logging
 import threading
 import time
 import weakref
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import numpy as np
 from numba import njit
 
 from latentsearch.engine.approx import ApproxIndex
+from latentsearch.engine.compiled import jit, run_sliced
 from latentsearch.engine.exact import Rescore, Selection, _topk
-from latentsearch.engine.pool import run_sliced
 from latentsearch.posterior import LOG_2PI
 
 __all__ = [
@@ -143,22 +141,13 @@ _BUCKET_NATS = 0.25
 _ONE_BITS = 0x3FF0000000000000  # the bits of float64 1.0
 
 
-def _jit(fn: Callable[..., Any]) -> Any:
-    """``njit(cache=True, nogil=True)``; without an on-disk cache where numba finds nowhere to write
-    one (numba raises then, at decoration): the kernel is then compiled once per process."""
-    try:
-        return njit(cache=True, nogil=True, fastmath=False)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(cache=False, nogil=True, fastmath=False)(fn)
-
-
 # -- the compiled part ---------------------------------------------------------------------------
 # Rows of the (6, d, P) float32 per-partition box array (dimension-major: loops over partitions
 # vectorise), each value rounded outward (KernelIndex.__init__).
 _LO, _HI, _INV_SLO2, _INV_SHI2, _LOG_SLO, _LOG_SHI = range(6)
 
 
-@_jit
+@jit
 def _loose_bounds(z: np.ndarray, box: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
     """``out (P,)``: an upper bound of the box bound of each partition for the point ``z (d,)``,
     without logarithms (so the loop over partitions vectorises): where D (the distance from z_j to
@@ -315,7 +304,7 @@ def _scratch(
     )  # fmt: skip
 
 
-@_jit
+@jit
 def _search(
     points: np.ndarray,
     start: int,
@@ -435,7 +424,7 @@ def _emit(
         _top_sift_down(ts, tp, tr, 0, n)
 
 
-@_jit
+@jit
 def _search_batched(
     points: np.ndarray,
     start: int,
@@ -683,7 +672,7 @@ def _bucket_order(
     return n
 
 
-@_jit
+@jit
 def _centroid_scores(z: np.ndarray, centre_t: np.ndarray, bound: np.ndarray, out: np.ndarray) -> None:
     """``out (P,)``: log q(z | centroid posterior) of each partition (``centre_t (2d + 1, P)``, lifted,
     dimension-major), -inf where ``bound`` is (nothing selected), +inf for the outliers (last)."""
@@ -775,7 +764,7 @@ def _take(
     return n_top, outside
 
 
-@_jit
+@jit
 def _log_prob(
     z: np.ndarray, mu_b: np.ndarray, inv_b: np.ndarray, offsets: np.ndarray, log_norm: np.ndarray
 ) -> np.ndarray:
@@ -852,7 +841,7 @@ class KernelResult:
     visits: np.ndarray
 
 
-@_jit
+@jit
 def _in_order(rows: np.ndarray, scores: np.ndarray) -> bool:
     """Whether every row of ``(B, k)`` results is already best first: score descending, then row
     ascending, padding (row -1, score -inf) last (what ``_topk`` would return; it costs ~4x more,

@@ -51,9 +51,8 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from numba import njit
 
-from latentsearch.engine.pool import run_sliced
+from latentsearch.engine.compiled import jit, run_sliced
 
 __all__ = ["BLOCK", "LANES", "MAX_WIDTH", "ROWS", "BlockTiles", "block_maxima", "block_screen"]
 
@@ -94,7 +93,6 @@ class BlockTiles:
         padded[:m] = xb
         padded[m:] = xb[m - 1]
         self.items = m
-        self.width = width
         self.tiles = np.ascontiguousarray(padded.reshape(nb, BLOCK, width).transpose(0, 2, 1)).reshape(
             nb, width * BLOCK
         )
@@ -102,10 +100,6 @@ class BlockTiles:
     @property
     def blocks(self) -> int:
         return int(self.tiles.shape[0])
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.tiles.nbytes)
 
 
 def _source(width: int) -> str:
@@ -236,14 +230,7 @@ def block_maxima(q32: np.ndarray, tiles: BlockTiles, threads: int = 1) -> np.nda
     return out[:nq]
 
 
-def _jit(fn: Callable[..., int]) -> Callable[..., int]:
-    """``njit`` cached on disk where numba finds somewhere to write, else compiled in memory."""
-    try:
-        return njit(cache=True, nogil=True, fastmath={"contract"})(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return njit(cache=False, nogil=True, fastmath={"contract"})(fn)
-
-
+@jit(fastmath={"contract"})
 def _candidates_nb(
     q32: np.ndarray,
     tiles: np.ndarray,
@@ -284,9 +271,6 @@ def _candidates_nb(
                     c += 1
         counts[q] = c
     return -1
-
-
-_candidates_nb = _jit(_candidates_nb)
 
 
 def block_screen(

@@ -1,4 +1,4 @@
-"""The engine's thread pool for compiled kernels that release the GIL (one per process)."""
+"""What the engine's compiled (numba) kernels share: one way to compile, one thread pool."""
 
 from __future__ import annotations
 
@@ -6,10 +6,25 @@ import itertools
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
+from numba import njit
 
-__all__ = ["pool", "run_sliced"]
+__all__ = ["jit", "pool", "run_sliced"]
+
+
+def jit(fn: Callable[..., Any] | None = None, *, fastmath: bool | set[str] = False) -> Any:
+    """``njit(cache=True, nogil=True)``; without an on-disk cache where numba finds nowhere to write
+    one (numba raises then, at decoration): the function is then compiled once per process.
+    Usable bare (``@jit``) or with options (``@jit(fastmath={"contract"})``)."""
+    if fn is None:
+        return lambda f: jit(f, fastmath=fastmath)
+    try:
+        return njit(cache=True, nogil=True, fastmath=fastmath)(fn)
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return njit(cache=False, nogil=True, fastmath=fastmath)(fn)
+
 
 _LOCK = threading.Lock()
 _POOL: ThreadPoolExecutor | None = None
