@@ -80,6 +80,12 @@ log = logging.getLogger(__name__)
 BLOCK = 64
 LANES = 16  # consecutive items scored at once (two AVX2 registers of float32 per query)
 ROWS = 8  # queries per pass over a block
+# Tiles per pass of all the query groups (48 blocks at width 21): a chunk stays in L2 while every
+# group scores it. Measured against one pass per block (random items, width 21, B = 16 and 64,
+# 20k-1M items, one process, alternated): 3-11% faster, 0.79 vs 0.90 ns per item and query with
+# the tiles in L1; the exact flat path 1.05-1.10x on the server's 70k bank and 1.07-1.09x on the
+# 200k VAE bank (B = 8 / 16 / 64, box queries, the two kernels alternated in 7 rounds).
+CHUNK_BYTES = 256 * 1024
 # Widest lifted vector (2 d + 1) served: the generated function grows as ROWS * width lines and
 # its compilation with it (measured: width 21 2.9 s, 33 4.6 s, 65 8.9 s, once per machine when
 # cached); wider groups keep FAISS.
@@ -138,9 +144,12 @@ def _source(width: int) -> str:
     """Source of the :class:`Kernels` for lifted vectors of ``width`` coordinates.
 
     ``block_maxima`` scores :data:`ROWS` queries x :data:`LANES` items at a time with the query
-    coefficients as scalars; ``candidates`` rescans a block for one query, the width unrolled the
+    coefficients as scalars, over chunks of about :data:`CHUNK_BYTES` of tiles (each chunk read from
+    memory once for all the query groups, the coefficients set up once per group and chunk rather
+    than per block); ``candidates`` rescans a block for one query, the width unrolled the
     same way (a loop over the width kept there, as before, cost 4x: ~1 us per block of 64 items).
     """
+    chunk = max(1, CHUNK_BYTES // (width * BLOCK * 4))  # blocks per pass of the query groups
     lines = [
         "import numpy as np",
         "from numba import njit",
@@ -150,33 +159,35 @@ def _source(width: int) -> str:
         "def block_maxima(q32, tiles, out):",
         "    nb = tiles.shape[0]",
         f"    lanes = np.empty(({ROWS}, {LANES}), np.float32)",
-        "    for b in range(nb):",
-        "        t = tiles[b]",
+        f"    for c0 in range(0, nb, {chunk}):",
+        f"        c1 = min(nb, c0 + {chunk})",
         f"        for q in range(0, q32.shape[0], {ROWS}):",
     ]
     for r in range(ROWS):
         lines += [f"            a{r}_{j} = q32[q + {r}, {j}]" for j in range(width)]
     lines += [
-        "            lanes[:, :] = -np.inf",
-        f"            for g in range(0, {BLOCK}, {LANES}):",
-        f"                for l in range({LANES}):",
-        "                    i = g + l",
+        "            for b in range(c0, c1):",
+        "                t = tiles[b]",
+        "                lanes[:, :] = -np.inf",
+        f"                for g in range(0, {BLOCK}, {LANES}):",
+        f"                    for l in range({LANES}):",
+        "                        i = g + l",
     ]
     for j in range(width):
-        lines.append(f"                    x = t[{j * BLOCK} + i]")
+        lines.append(f"                        x = t[{j * BLOCK} + i]")
         for r in range(ROWS):
             op = "=" if j == 0 else "+="
-            lines.append(f"                    s{r} {op} a{r}_{j} * x")
+            lines.append(f"                        s{r} {op} a{r}_{j} * x")
     for r in range(ROWS):
-        lines.append(f"                    v = lanes[{r}, l]")
-        lines.append(f"                    lanes[{r}, l] = s{r} if s{r} > v else v")
+        lines.append(f"                        v = lanes[{r}, l]")
+        lines.append(f"                        lanes[{r}, l] = s{r} if s{r} > v else v")
     lines += [
-        f"            for r in range({ROWS}):",
-        "                best = lanes[r, 0]",
-        f"                for l in range(1, {LANES}):",
-        "                    v = lanes[r, l]",
-        "                    best = v if v > best else best",
-        "                out[q + r, b] = best",
+        f"                for r in range({ROWS}):",
+        "                    best = lanes[r, 0]",
+        f"                    for l in range(1, {LANES}):",
+        "                        v = lanes[r, l]",
+        "                        best = v if v > best else best",
+        "                    out[q + r, b] = best",
         "",
         "",
         '@njit(cache=CACHE, nogil=True, fastmath={"contract"})',
