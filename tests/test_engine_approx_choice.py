@@ -247,14 +247,26 @@ def test_choice_survives_save_and_load(built: Built, tmp_path: Path) -> None:
     assert [loaded.approx_choice(b) for b in (1, 64)] == [("approx", "kernel"), ("exact", "flat")]
 
 
-def test_banks_searched_exactly_by_default_keep_the_old_rule(built: Built) -> None:
+def test_banks_searched_exactly_by_default_answer_approximate_batches_exactly(built: Built) -> None:
+    """Below approx_min_items the build measures the exact paths only: an approximate call of 8
+    queries or more takes the exact path the costs pick (certified, equal to the brute force), a
+    smaller one the approximate kernel; engines saved without costs keep the rule by size."""
     _, mu, log_sigma = built
     config = EngineConfig(approx_nlist=40, typicality_samples=0)  # approx by default from 100k items
     engine = SearchEngine.build(mu, log_sigma=log_sigma, config=config, build_approx=True)
     assert engine.costs is not None and engine.costs.approx is None
-    assert [engine.approx_choice(b) for b in (1, 7, 8, 64)] == [("approx", "kernel")] * 2 + [
-        ("approx", "scan")
-    ] * 2
+    exact = [("exact", engine.exact_path(b)) for b in (8, 64)]
+    assert [engine.approx_choice(b) for b in (1, 7, 8, 64)] == [("approx", "kernel")] * 2 + exact
+    z = family_probes(mu, log_sigma, 24, seed=5)["prior"]
+    got = engine.search_batch_arrays(z, 10, mode="approx")
+    assert got.certified.all()  # an exact path's answer (the call's mode stays the one asked)
+    want = top_k(log_q(z, mu, log_sigma), 10)
+    np.testing.assert_array_equal(got.rows, want)
+    np.testing.assert_allclose(got.scores, np.take_along_axis(log_q(z, mu, log_sigma), want, 1), rtol=1e-12)
+    saved_without = engine.reconfigured(None)
+    assert [saved_without.approx_choice(b) for b in (1, 8)] == [("approx", "kernel"), ("approx", "scan")]
+    past = engine.reconfigured(engine.costs, approx_min_items=1000)  # approx by default: size rule
+    assert past.approx_choice(64) == ("approx", "scan")
     asked = SearchEngine.build(
         mu, log_sigma=log_sigma, config=dataclasses.replace(config, mode="approx"), build_approx=True
     )

@@ -379,12 +379,20 @@ def test_no_costs_keeps_the_old_rule(
     assert taken == ["partitions"] and engine.exact_path(1) == engine.exact_path(1000) == "partitions"
 
 
-def test_approx_mode_ignores_the_exact_strategy(
+def test_approx_batches_on_a_bank_searched_exactly_take_the_exact_path(
     built: tuple[SearchEngine, np.ndarray, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Below approx_min_items (no approximate costs measured) an approximate batch takes the exact
+    path the costs pick; where approximate mode is the default, the costs' exact strategy does not
+    steer it (the scan, by the call's size)."""
+    queries = probe_queries(built[1], built[2], 20, seed=7)
     engine = _with(built[0], FLAT_EVERYWHERE)
     taken = _spy_paths(engine, monkeypatch)
-    engine.search_batch(probe_queries(built[1], built[2], 20, seed=7), 5, mode="approx")
+    engine.search_batch(queries, 5, mode="approx")
+    assert taken == ["flat"]
+    taken.clear()
+    approx_default = _with(built[0], FLAT_EVERYWHERE, approx_min_items=10)
+    approx_default.search_batch(queries, 5, mode="approx")
     assert taken == ["partitions"]
 
 
