@@ -182,8 +182,9 @@ def _tied_bank_and_queries(regime: str, d: int, *, seed: int) -> tuple[KernelInd
 @pytest.mark.parametrize("regime", SIGMA_REGIMES)
 @pytest.mark.parametrize("d", [1, 10, 128])
 def test_batched_exact_kernel_equals_brute_force_and_the_per_query_search(regime: str, d: int) -> None:
-    """The partition-by-partition search of a batch (forced on and off) against the float64 brute
-    force: the same rows, certified, on every sigma regime, with ties across partitions."""
+    """The partition-by-partition search of a batch (forced on and off) and the per-query search
+    split into 2 and 3 shares of the partitions (merged) against the float64 brute force: the same
+    rows, certified, on every sigma regime, with ties across partitions."""
     index, z, scores = _tied_bank_and_queries(regime, d, seed=d * 7 + len(regime))
     ranked = -np.sort(-scores, axis=1)
     for k in (1, 12, 3000):  # k past the bank: the whole bank, in order
@@ -191,14 +192,42 @@ def test_batched_exact_kernel_equals_brute_force_and_the_per_query_search(regime
         # a near tie at the k-th score (mu[5]'s copies, or chance in d = 1) may leave the proof short
         kth, nxt = ranked[:, min(k, ranked.shape[1]) - 1], ranked[:, min(k, ranked.shape[1] - 1)]
         tied = (k < ranked.shape[1]) & (kth - nxt <= 1e-9 * (1.0 + np.abs(kth)))
-        results = {b: index.search(z, k, batched=b) for b in (True, False)}
-        for batched, res in results.items():
-            assert res.certified[~tied].all(), (batched, k)
+        results = {f"batched={b}": index.search(z, k, batched=b) for b in (True, False)}
+        for split in (2, 3):
+            results[f"split={split}"] = index.search(z, k, batched=False, split=split)
+        for how, res in results.items():
+            assert res.certified[~tied].all(), (how, k)
             for b in np.flatnonzero(res.certified):  # an uncertified answer goes to another exact path
                 got = res.rows[b][res.rows[b] >= 0]
-                np.testing.assert_array_equal(got, want[b], err_msg=f"batched={batched} k={k} query {b}")
-        both = results[True].certified & results[False].certified
-        np.testing.assert_array_equal(results[True].scores[both], results[False].scores[both])
+                np.testing.assert_array_equal(got, want[b], err_msg=f"{how} k={k} query {b}")
+        alone = results["batched=False"]
+        for how, res in results.items():
+            both = alone.certified & res.certified
+            np.testing.assert_array_equal(res.scores[both], alone.scores[both], err_msg=how)
+        for split in (2, 3):  # the shares scan what the whole search would, and more: each prunes alone
+            assert (results[f"split={split}"].visits >= results["batched=False"].visits).all()
+
+
+def test_single_queries_split_across_threads_equal_the_brute_force(vae_bank) -> None:
+    """An engine whose bank reaches ``split_min_items`` splits each small approximate call's
+    partitions among its threads (they keep their recall; exact calls, not split, stay the float64
+    brute force's); batches are not split."""
+    mu, log_sigma, labels = vae_bank
+    config = dataclasses.replace(KERNEL, approx_nlist=300, split_min_items=1, num_threads=2)
+    engine = SearchEngine.build(mu, log_sigma=log_sigma, labels=labels, config=config, build_approx=True)
+    assert (engine._split_for(1), engine._split_for(7), engine._split_for(8)) == (2, 2, 1)
+    unsplit = dataclasses.replace(config, split_min_items=len(mu) + 1)
+    assert SearchEngine.build(mu[:50], log_sigma=log_sigma[:50], config=unsplit)._split_for(1) == 1
+    z = query_families((mu, log_sigma), 6, seed=12)
+    points = np.concatenate(list(z.values()))
+    _check_exact(engine, mu, log_sigma, points[:5], 10)
+    _check_exact(engine, mu, log_sigma, points[5:10], 10, np.isin(labels, [1, 4]), [1, 4])
+    want = top_k(log_q(points, mu, log_sigma), 10)
+    single = [engine.search(points[b], 10, mode="approx").rows for b in range(points.shape[0])]
+    whole = dataclasses.replace(config, split_min_items=len(mu) + 1)
+    alone = SearchEngine.build(mu, log_sigma=log_sigma, labels=labels, config=whole, build_approx=True)
+    ref = [alone.search(points[b], 10, mode="approx").rows for b in range(points.shape[0])]
+    assert _recall(np.array(single), want) >= _recall(np.array(ref), want) - 0.1
 
 
 def test_batched_exact_kernel_with_a_label_filter(vae_bank, vae_engine: SearchEngine) -> None:
@@ -232,6 +261,11 @@ def test_batched_approx_kernel_against_brute_force_and_the_per_query_search(regi
             np.testing.assert_array_equal(res.rows[b], want[b], err_msg=f"batched={batched} query {b}")
         assert (res.visits >= 1).all() and (res.visits <= 6).all(), batched  # 12 items in 2500 / 40
     assert _recall(found[True].rows, want) >= _recall(found[False].rows, want) - 0.1
+    halves = index.search(z, 12, max_visits=6, first=2, split=2)  # 3 partitions per share, 1 first
+    for b in np.flatnonzero(halves.certified):
+        np.testing.assert_array_equal(halves.rows[b], want[b], err_msg=f"split query {b}")
+    assert (halves.visits >= 2).all() and (halves.visits <= 6).all()
+    assert _recall(halves.rows, want) >= _recall(found[False].rows, want) - 0.15
     every = index.search(z, 12, max_visits=41, first=2, batched=True)  # every partition (+ outliers)
     ranked = -np.sort(-scores, axis=1)
     tied = ranked[:, 11] - ranked[:, 12] <= 1e-9 * (1.0 + np.abs(ranked[:, 11]))

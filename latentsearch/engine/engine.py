@@ -605,6 +605,14 @@ class SearchEngine:
             return 1
         return self.config.num_threads or _DEFAULT_THREADS
 
+    def _split_for(self, nq: int) -> int:
+        """Shares of the partitions each of ``nq`` queries is split into on the compiled kernel:
+        ``config.num_threads`` (default: all cores) for a small call (run on one thread otherwise)
+        on a bank of at least ``config.split_min_items`` items, else 1."""
+        if nq >= _PARALLEL_MIN_QUERIES or len(self.bank) < self.config.split_min_items:
+            return 1
+        return max(1, self.config.num_threads or _DEFAULT_THREADS)
+
     def _run(
         self,
         points: np.ndarray,
@@ -733,6 +741,7 @@ class SearchEngine:
             selection=selection,
             rescore=rescore,
             threads=self._threads_for(nq),
+            split=1 if exact else self._split_for(nq),
         )
         rows, scores, certified = found.rows, found.scores, found.certified
         bad = np.flatnonzero(~certified)

@@ -83,11 +83,17 @@ falls back to another exact path.
 Threads: the kernel releases the GIL (``nogil``); a batch is split into ``threads`` contiguous
 slices run on a small module thread pool. numba's own ``prange`` was not used: its default
 "workqueue" threading layer aborts when two Python threads (a server's search threads) enter a
-parallel region at once, and a thread pool respects the engine's thread count exactly.
+parallel region at once, and a thread pool respects the engine's thread count exactly. A call of
+a few queries can instead be split (``split``): the partitions cut into contiguous shares, each
+searched as a bank of its own on its own thread, the shares' top-k merged (:func:`_merge_splits`,
+the proof unchanged). At 10M items, 2 cores, single approximate queries 4.9-5.3 -> 3.5-3.9 ms;
+exact ones 0.91-1.20x, since each share prunes with its own k-th score (the engine splits
+approximate calls only, ``EngineConfig.split_min_items``).
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -403,6 +409,59 @@ def _search(
             )  # fmt: skip
         out_outside[b] = outside
         out_visits[b] = visits
+        _emit(ts, tp, tr, n_top, out_pos[b], out_score[b])
+
+
+@jit
+def _merge_splits(
+    pos: np.ndarray,
+    score: np.ndarray,
+    outside: np.ndarray,
+    visits: np.ndarray,
+    rows: np.ndarray,
+    log_norm: np.ndarray,
+    out_pos: np.ndarray,
+    out_score: np.ndarray,
+    out_outside: np.ndarray,
+    out_visits: np.ndarray,
+) -> None:
+    """The top-k of queries searched in ``S`` shares of the partitions (:meth:`KernelIndex.search`'s
+    ``split``, each share searched by :func:`_search` as a bank of its own):
+    ``pos``, ``score (S, B, k)``, ``outside``, ``visits (S, B)`` into ``out_pos``, ``out_score (B,
+    k)``, ``out_outside``, ``out_visits (B,)``, best first, ties by row.
+
+    Every item not returned either was left out by its share (below that share's ``outside``) or is
+    a share's result ranked below the merged k-th (its kernel score plus the slack of an evicted
+    entry, as :func:`_take` keeps it): ``out_outside`` is the maximum of both, so the proof of a
+    split search is the proof of one search over all the partitions."""
+    n_split, nq, k = pos.shape
+    ts = np.empty(k)
+    tp = np.empty(k, dtype=np.int64)
+    tr = np.empty(k, dtype=np.int64)
+    for b in range(nq):
+        n_top = 0
+        worst = -np.inf
+        for t in range(n_split):
+            worst = max(worst, outside[t, b])
+            for c in range(k):
+                i = pos[t, b, c]
+                if i < 0:
+                    break
+                s, r = score[t, b, c], rows[i]
+                if n_top < k:
+                    _top_push(ts, tp, tr, n_top, s, i, r)
+                    n_top += 1
+                    continue
+                if _worse(ts[0], tr[0], s, r):
+                    s, i = ts[0], tp[0]
+                    ts[0], tp[0], tr[0] = score[t, b, c], pos[t, b, c], r
+                    _top_sift_down(ts, tp, tr, 0, k)
+                worst = max(worst, s + SCORE_SLACK * (abs(s) + 2.0 * abs(log_norm[i])))
+        out_outside[b] = worst
+        n_visits = 0
+        for t in range(n_split):
+            n_visits += visits[t, b]
+        out_visits[b] = n_visits
         _emit(ts, tp, tr, n_top, out_pos[b], out_score[b])
 
 
@@ -805,6 +864,7 @@ def warm() -> float:
         loaded = KernelIndex(mu, ls, lists, 2, box[0], box[1], ones, ones, arrays=KernelArrays(**frozen))
         for idx in (index, loaded):
             idx.search(mu[:1], 2, max_visits=-1)
+            idx.search(mu[:1], 2, max_visits=-1, split=2)
             idx.search(mu[:1], 2, max_visits=1, first=1)
             idx.search(mu[:2], 2, batched=True)
             idx.search(mu[:2], 2, max_visits=1, first=1, batched=True)
@@ -888,6 +948,41 @@ def _round_f32(values: np.ndarray, *, down: bool) -> np.ndarray:
     return out
 
 
+@dataclass(frozen=True, eq=False)
+class _Share:
+    """Partitions ``lo..hi-1`` of a :class:`KernelIndex` as an index of their own for :func:`_search`
+    (positions stay the whole index's): their ``offsets (n + 2,)``, ``box (6, d, n + 1)`` and
+    ``centre_t (2d + 1, n + 1)`` copied contiguous, and as their last partition (what
+    :func:`_search` scans always: the outliers) the index's outliers when the share ends the index,
+    else an empty one (never scanned)."""
+
+    lo: int
+    hi: int
+    last: bool
+    offsets: np.ndarray
+    box: np.ndarray
+    centre_t: np.ndarray
+
+    @classmethod
+    def of(cls, index: KernelIndex, lo: int, hi: int) -> _Share:
+        n_parts = index.box.shape[2]
+        if hi == n_parts:
+            return cls(
+                lo, hi, True, index.offsets[lo : hi + 1].copy(),
+                np.ascontiguousarray(index.box[:, :, lo:hi]), np.ascontiguousarray(index.centre_t[:, lo:hi]),
+            )  # fmt: skip
+        offsets = np.append(index.offsets[lo : hi + 1], index.offsets[hi])  # the empty last partition
+        box = np.concatenate([index.box[:, :, lo:hi], index.box[:, :, -1:]], axis=2)
+        centre_t = np.concatenate([index.centre_t[:, lo:hi], index.centre_t[:, -1:]], axis=1)
+        return cls(lo, hi, False, offsets, np.ascontiguousarray(box), np.ascontiguousarray(centre_t))
+
+    def counts(self, counts: np.ndarray) -> np.ndarray:
+        """This share's ``(n + 1,)`` slice of the index's (selected) items per partition."""
+        if self.last:
+            return counts[self.lo : self.hi]
+        return np.append(counts[self.lo : self.hi], 0)
+
+
 class KernelIndex:
     """The bank reordered by partition for :func:`_search`; see the module docstring.
 
@@ -960,6 +1055,7 @@ class KernelIndex:
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
+        self._share_cache: dict[int, list[_Share]] = {}
 
     @classmethod
     def of_approx(
@@ -980,6 +1076,19 @@ class KernelIndex:
     @property
     def nbytes(self) -> int:
         return int(self.mu_b.nbytes + self.inv_b.nbytes + self.log_norm.nbytes + self.rows.nbytes)
+
+    def _shares(self, split: int) -> list[_Share]:
+        """The partitions cut into ``split`` contiguous shares (at most one per partition), made once
+        per count."""
+        with self._lock:
+            found = self._share_cache.get(split)
+        if found is None:
+            n_parts = self.box.shape[2]
+            cuts = np.unique(np.linspace(0, n_parts, min(split, n_parts) + 1).astype(np.int64))
+            found = [_Share.of(self, int(lo), int(hi)) for lo, hi in itertools.pairwise(cuts.tolist())]
+            with self._lock:
+                found = self._share_cache.setdefault(split, found)
+        return found
 
     def _filter(self, selection: Selection | None) -> tuple[np.ndarray, np.ndarray]:
         """``allowed (M,)`` uint8 (``(0,)`` without a filter) and ``counts (L + 1,)`` int64."""
@@ -1007,6 +1116,7 @@ class KernelIndex:
         rescore: Rescore | None = None,
         threads: int = 1,
         batched: bool | None = None,
+        split: int = 1,
     ) -> KernelResult:
         """Top-k of ``points (B, d)`` float64 (see the module docstring).
 
@@ -1022,7 +1132,12 @@ class KernelIndex:
             threads: queries are split into this many slices run in parallel.
             batched: each thread's queries searched together, partition by partition
                 (:func:`_search_batched`, in slices of ``BATCH_MAX`` queries); None: when a thread
-                has at least ``BATCH_MIN`` queries.
+                has at least ``BATCH_MIN`` queries (and ``split`` is 1).
+            split: (not batched) every query searched in this many shares of the partitions, each
+                share on its own thread, and the shares' top-k merged (:func:`_merge_splits`):
+                ``first`` and ``max_visits`` are divided among the shares; ``threads`` is then
+                ignored. For a single query on a large bank, where one query's scan is long enough
+                to pay for a second thread's start (and for every share's own pass over the bounds).
         """
         points = np.ascontiguousarray(points, dtype=np.float64)
         nq = points.shape[0]
@@ -1030,7 +1145,7 @@ class KernelIndex:
             first = max_visits if max_visits >= 0 else EXACT_FIRST
         threads = max(1, min(threads, nq))
         if batched is None:
-            batched = nq >= BATCH_MIN * threads
+            batched = split == 1 and nq >= BATCH_MIN * threads
         allowed, counts = self._filter(selection)
         pos = np.empty((nq, k), dtype=np.int64)
         kscore = np.empty((nq, k))
@@ -1052,7 +1167,30 @@ class KernelIndex:
                     pos, kscore, outside, visits,
                 )  # fmt: skip
 
-        run_sliced(run, nq, threads)
+        if split > 1 and not batched:
+            share_first = -(-first // split)
+            share_visits = max_visits if max_visits < 0 else -(-max_visits // split)
+            shares = self._shares(split)
+            s_pos = np.empty((len(shares), nq, k), dtype=np.int64)
+            s_score = np.empty((len(shares), nq, k))
+            s_outside = np.empty((len(shares), nq))
+            s_visits = np.empty((len(shares), nq), dtype=np.int64)
+
+            def run_shares(a: int, b: int) -> None:
+                for t in range(a, b):
+                    share = shares[t]
+                    _search(
+                        points, 0, nq, share.offsets, self.mu_b, self.inv_b, self.log_norm, self.rows,
+                        allowed, share.box, share.centre_t, share.counts(counts), k, share_first,
+                        share_visits, s_pos[t], s_score[t], s_outside[t], s_visits[t],
+                    )  # fmt: skip
+
+            run_sliced(run_shares, len(shares), len(shares))
+            _merge_splits(
+                s_pos, s_score, s_outside, s_visits, self.rows, self.log_norm, pos, kscore, outside, visits
+            )
+        else:
+            run_sliced(run, nq, threads)
         rows = np.where(pos >= 0, self.rows[np.maximum(pos, 0)], -1)
         if rescore is None:
             scores = kscore
