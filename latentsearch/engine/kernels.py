@@ -1137,7 +1137,8 @@ class KernelIndex:
                 share on its own thread, and the shares' top-k merged (:func:`_merge_splits`):
                 ``first`` and ``max_visits`` are divided among the shares; ``threads`` is then
                 ignored. For a single query on a large bank, where one query's scan is long enough
-                to pay for a second thread's start (and for every share's own pass over the bounds).
+                to pay for a second thread's start (each share bounds and orders only its own
+                partitions, but prunes with its own k-th score).
         """
         points = np.ascontiguousarray(points, dtype=np.float64)
         nq = points.shape[0]
