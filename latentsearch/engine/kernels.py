@@ -99,6 +99,7 @@ import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 from numba import njit
@@ -948,8 +949,7 @@ def _round_f32(values: np.ndarray, *, down: bool) -> np.ndarray:
     return out
 
 
-@dataclass(frozen=True, eq=False)
-class _Share:
+class _Share(NamedTuple):
     """Partitions ``lo..hi-1`` of a :class:`KernelIndex` as an index of their own for :func:`_search`
     (positions stay the whole index's): their ``offsets (n + 2,)``, ``box (6, d, n + 1)`` and
     ``centre_t (2d + 1, n + 1)`` copied contiguous, and as their last partition (what
