@@ -110,15 +110,16 @@ def test_server_scenarios_are_named_by_the_sizes_run() -> None:
     quick = bench_server.build_parser().parse_args(list(server.quick_args))
     assert (quick.n_tiny, quick.n_small, quick.n_large) == (2000, 5000, 50000)
     assert list(bench_server.scenarios(vars(quick))) == [
-        "exact_2k", "exact_5k", "approx_5k", "approx_50k_batched", "approx_50k_unbatched",
+        "exact_2k", "exact_5k", "approx_5k", "approx_50k_batched", "approx_50k_unbatched", "exact_50k",
     ]  # fmt: skip
     full = bench_server.build_parser().parse_args([])
     assert list(bench_server.scenarios(vars(full))) == [
-        "exact_2k", "exact_70k", "approx_70k", "approx_1m_batched", "approx_1m_unbatched",
+        "exact_2k", "exact_70k", "approx_70k", "approx_1m_batched", "approx_1m_unbatched", "exact_1m",
     ]  # fmt: skip
     sizes = {"n_tiny": 300, "n_small": 2500, "n_large": 1_234_567}
     assert list(bench_server.scenarios(sizes)) == [
         "exact_300", "exact_2.5k", "approx_2.5k", "approx_1.23m_batched", "approx_1.23m_unbatched",
+        "exact_1.23m",
     ]  # fmt: skip
 
 
